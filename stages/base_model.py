@@ -1,0 +1,42 @@
+"""Loading the base model's tokenizer (and, later, weights) from a hub id at a pinned revision or a
+local directory; safetensors only, never remote code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.cli import StageError
+from stages.params import ModelParams
+
+
+class ModelLoadError(StageError):
+    """The base model or its tokenizer could not be loaded."""
+
+
+def _is_local(name: str) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def load_tokenizer(model: ModelParams):
+    """The base model's tokenizer; it must carry a chat template, since prompts come from it."""
+    from transformers import AutoTokenizer
+
+    revision = None if _is_local(model.name) else model.revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(Path(model.name).expanduser()) if revision is None else model.name,
+            revision=revision, trust_remote_code=False,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not load the tokenizer of model.name={model.name!r} (revision {model.revision}): {e}. "
+            "If the Hugging Face Hub is unreachable, download the model elsewhere and set model.name "
+            "to its local directory."
+        ) from e
+    if not tokenizer.chat_template:
+        raise ModelLoadError(f"the tokenizer of {model.name!r} has no chat_template: prompts are built "
+                             "from the base model's own template, so use a chat model's tokenizer")
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(f"the tokenizer of {model.name!r} has no eos_token")
+    return tokenizer

@@ -1,0 +1,177 @@
+"""filter: raw Magpie Parquet shards -> data/filtered.parquet of clean, complete math reasoning rows,
+plus metrics/data.json with the funnel (rows in, rows dropped by each rule, rows out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from stages import cli, params
+from stages.artifacts import atomic_file, write_json
+from stages.base_model import load_tokenizer
+from stages.magpie import TEXT_COLUMNS, check_schema, instruction_key, split_response
+from stages.prompts import example_texts
+
+log = logging.getLogger("stages.filter")
+
+# Every rule in the order it is applied; a row is counted under the first rule it breaks.
+RULES = ("null_field", "task_category", "input_quality", "difficulty", "no_think_close",
+         "multiple_think_close", "no_think_open", "empty_reasoning", "empty_answer", "too_long",
+         "duplicate_instruction")
+OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("reasoning", pa.string()),
+                           ("answer", pa.string()), ("difficulty", pa.string()), ("n_tokens", pa.int32())])
+BATCH_ROWS = 2048
+
+TokenCounter = Callable[[list[str], list[str], list[str]], list[int]]
+
+
+class FilterError(cli.StageError):
+    """The input cannot be filtered as asked."""
+
+
+def token_counter(tokenizer) -> TokenCounter:
+    """Count the tokens of whole training examples (prompt + completion), as training will see them."""
+    def count(instructions, reasonings, answers):
+        rows = zip(instructions, reasonings, answers, strict=True)
+        texts = ["".join(example_texts(tokenizer, i, r, a)) for i, r, a in rows]
+        if not texts:
+            return []
+        encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return [len(ids) for ids in encoded]
+    return count
+
+
+def _drop(table: pa.Table, keep, rule: str, dropped: Counter) -> pa.Table:
+    kept = table.filter(keep)
+    dropped[rule] += table.num_rows - kept.num_rows
+    return kept
+
+
+def filter_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, seen: set[bytes],
+                 dropped: Counter, count_tokens: TokenCounter | None) -> pa.Table:
+    """Apply every rule to one batch of raw rows; `seen` carries instruction keys across batches."""
+    id_column = config.id_column
+    columns = (id_column, *TEXT_COLUMNS)
+    complete = functools.reduce(pc.and_, [pc.is_valid(table[c]) for c in columns])
+    blank = pc.equal(pc.utf8_trim_whitespace(pc.cast(table["instruction"], pa.string())), "")
+    table = _drop(table, pc.and_(complete, pc.invert(pc.fill_null(blank, True))), "null_field", dropped)
+    for rule, allowed in (("task_category", config.task_categories),
+                          ("input_quality", config.input_qualities),
+                          ("difficulty", config.difficulties)):
+        table = _drop(table, pc.is_in(pc.cast(table[rule], pa.string()), pa.array(allowed)), rule, dropped)
+
+    ids, instructions, reasonings, answers, difficulties = [], [], [], [], []
+    for row_id, instruction, response, difficulty in zip(
+            pc.cast(table[id_column], pa.string()).to_pylist(), table["instruction"].to_pylist(),
+            table["response"].to_pylist(), pc.cast(table["difficulty"], pa.string()).to_pylist(), strict=True):
+        parsed = split_response(response, config.require_think_open)
+        if isinstance(parsed, str):
+            dropped[parsed] += 1
+            continue
+        ids.append(row_id)
+        instructions.append(instruction)
+        reasonings.append(parsed[0])
+        answers.append(parsed[1])
+        difficulties.append(difficulty)
+
+    n_tokens = count_tokens(instructions, reasonings, answers) if count_tokens else [None] * len(ids)
+    keep = []
+    for i, (instruction, length) in enumerate(zip(instructions, n_tokens, strict=True)):
+        if length is not None and length > max_tokens:
+            dropped["too_long"] += 1
+            continue
+        key = instruction_key(instruction)
+        if config.deduplicate and key in seen:
+            dropped["duplicate_instruction"] += 1
+            continue
+        seen.add(key)
+        keep.append(i)
+    return pa.table([[column[i] for i in keep] for column in
+                     (ids, instructions, reasonings, answers, difficulties, n_tokens)], schema=OUTPUT_SCHEMA)
+
+
+def raw_files(raw: Path) -> list[Path]:
+    if raw.is_file():
+        return [raw]
+    files = sorted(raw.rglob("*.parquet"))
+    if not files:
+        raise FilterError(f"filter: no *.parquet files in {raw} (did the fetch stage run?)")
+    return files
+
+
+def _open(file: Path, id_column: str) -> pq.ParquetFile:
+    try:
+        parquet = pq.ParquetFile(file)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FilterError(f"filter: cannot read {file}: corrupt, empty or not Parquet ({e}); "
+                          "re-run the fetch stage (dvc repro -f fetch) or remove the file") from e
+    check_schema(parquet.schema_arrow, id_column, str(file))
+    return parquet
+
+
+def read_batches(files: list[Path], id_column: str) -> Iterator[pa.Table]:
+    """Stream the needed columns of every file in small batches, so memory stays flat."""
+    parquets = [(file, _open(file, id_column)) for file in files]
+    total = sum(p.metadata.num_rows for _, p in parquets)
+    with tqdm(total=total, unit="rows", desc="filter", mininterval=2) as progress:
+        for file, parquet in parquets:
+            try:
+                for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[id_column, *TEXT_COLUMNS]):
+                    progress.update(batch.num_rows)
+                    yield pa.Table.from_batches([batch])
+            except (pa.ArrowInvalid, OSError) as e:
+                raise FilterError(f"filter: {file} is corrupt ({e}); re-run the fetch stage") from e
+
+
+def funnel_metrics(rows_in: int, dropped: Counter, difficulty_counts: Counter) -> dict:
+    return {"rows_in": rows_in, "rows_out": rows_in - sum(dropped.values()),
+            "dropped": {rule: dropped[rule] for rule in RULES},
+            "difficulty": {d: difficulty_counts[d] for d in params.DIFFICULTIES if difficulty_counts[d]}}
+
+
+def filter_files(files: list[Path], out: Path, config: params.FilterParams, max_tokens: int,
+                 count_tokens: TokenCounter | None) -> dict:
+    """Stream `files` through the rules into `out` (atomically); return the funnel metrics."""
+    dropped, difficulty_counts, seen, rows_in = Counter(), Counter(), set(), 0
+    with atomic_file(out) as tmp, pq.ParquetWriter(tmp, OUTPUT_SCHEMA) as writer:
+        for batch in read_batches(files, config.id_column):
+            rows_in += batch.num_rows
+            kept = filter_batch(batch, config, max_tokens, seen, dropped, count_tokens)
+            difficulty_counts.update(kept["difficulty"].to_pylist())
+            if kept.num_rows:
+                writer.write_table(kept)
+        funnel = funnel_metrics(rows_in, dropped, difficulty_counts)
+        if funnel["rows_out"] == 0:
+            raise FilterError("filter: no row passed the filter; funnel: "
+                              + ", ".join(f"{k}={v}" for k, v in funnel["dropped"].items() if v)
+                              + f" of {rows_in} rows in. Check the filter section of params.yaml.")
+    return funnel
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
+    parser.add_argument("--out", type=Path, default=Path("data/filtered.parquet"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/data.json"))
+    args = parser.parse_args(argv)
+
+    config = params.load("filter")
+    model = params.load("model")
+    count_tokens = token_counter(load_tokenizer(model)) if config.check_length else None
+    funnel = filter_files(raw_files(args.raw), args.out, config, model.max_seq_length, count_tokens)
+    write_json(args.metrics, funnel)
+    log.info("kept %d of %d rows -> %s", funnel["rows_out"], funnel["rows_in"], args.out)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,164 @@
+"""Typed, validated views of params.yaml: one frozen dataclass per section.
+
+Each stage loads only its own section (plus the shared ones), so DVC re-runs exactly what a change touches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from stages.cli import StageError
+
+PARAMS_FILE = "params.yaml"
+DIFFICULTIES = ("very easy", "easy", "medium", "hard", "very hard")
+INPUT_QUALITIES = ("very poor", "poor", "average", "good", "excellent")
+
+
+class ParamsError(StageError):
+    """A params.yaml value is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str  # hub dataset id, or a local Parquet file / directory
+    revision: str  # hub commit; ignored for local sources
+    files: str  # glob of the Parquet shards inside the hub dataset
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str  # hub model id or local directory
+    revision: str  # hub commit; ignored for local directories
+    max_seq_length: int  # tokens of one training example, prompt included
+
+    def __post_init__(self):
+        _require(self.max_seq_length > 0, "model.max_seq_length", "must be a positive number of tokens")
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    id_column: str
+    task_categories: list[str]
+    input_qualities: list[str]
+    difficulties: list[str]
+    require_think_open: bool
+    deduplicate: bool
+    check_length: bool
+
+    def __post_init__(self):
+        _require(bool(self.task_categories), "filter.task_categories", "must list at least one category")
+        for key, allowed in (("input_qualities", INPUT_QUALITIES), ("difficulties", DIFFICULTIES)):
+            values = getattr(self, key)
+            unknown = sorted(set(values) - set(allowed))
+            _require(bool(values) and not unknown, f"filter.{key}",
+                     f"must be a non-empty subset of {list(allowed)}, got unknown {unknown}")
+
+
+@dataclass(frozen=True)
+class StratifyParams:
+    train_fraction: float
+    val_fraction: float
+    test_fraction: float
+    max_per_difficulty: int | None = None
+
+    def __post_init__(self):
+        fractions = (self.train_fraction, self.val_fraction, self.test_fraction)
+        _require(all(0 <= f <= 1 for f in fractions), "stratify.*_fraction", "each must lie in [0, 1]")
+        _require(abs(sum(fractions) - 1) < 1e-9, "stratify.*_fraction",
+                 f"must sum to 1, got {' + '.join(map(str, fractions))} = {sum(fractions):g}")
+        _require(self.train_fraction > 0, "stratify.train_fraction", "must be above 0")
+        _require(self.max_per_difficulty is None or self.max_per_difficulty > 0,
+                 "stratify.max_per_difficulty", "must be null (no cap) or a positive row count")
+
+
+def _require(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise ParamsError(f"params: {key} {what}")
+
+
+def _check_type(value, annotation, key: str):
+    """Return value if it matches annotation (int accepted for float), else raise naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(value, option, key)
+            except ParamsError:
+                continue
+        raise ParamsError(f"params: {key} must be {annotation}, got {value!r}")
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ParamsError(f"params: {key} must be null, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ParamsError(f"params: {key} must be a list, got {value!r}")
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool):
+        raise ParamsError(f"params: {key} must be an integer, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ParamsError(f"params: {key} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def build(cls, raw, section: str):
+    """Build dataclass cls from the mapping raw, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: section '{section}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"params: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)} "
+                          f"(allowed: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        key = f"{section}.{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING:
+                raise ParamsError(f"params: {key} is missing")
+            continue
+        values[name] = _check_type(raw[name], hints[name], key)
+    return cls(**values)
+
+
+def read(path: str | Path = PARAMS_FILE) -> dict:
+    """The raw params mapping; a missing or malformed file is an error naming it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise ParamsError(f"params: {path} not found (run from the project root)") from e
+    except yaml.YAMLError as e:
+        raise ParamsError(f"params: {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: {path} must hold a mapping of sections")
+    return raw
+
+
+SECTIONS = {"data": DataParams, "model": ModelParams, "filter": FilterParams, "stratify": StratifyParams}
+
+
+def load(section: str, path: str | Path = PARAMS_FILE):
+    """One section of params.yaml as its dataclass."""
+    raw = read(path)
+    if section not in raw:
+        raise ParamsError(f"params: section '{section}' missing in {path}")
+    return build(SECTIONS[section], raw[section], section)
+
+
+def load_seed(path: str | Path = PARAMS_FILE) -> int:
+    """The shared seed (top-level key `seed`)."""
+    raw = read(path)
+    if "seed" not in raw:
+        raise ParamsError(f"params: seed missing in {path}")
+    return _check_type(raw["seed"], int, "seed")

@@ -1,0 +1,29 @@
+"""The chat format shared by filtering, training and evaluation: the base model's own template.
+
+The R1-Distill template drops everything before `</think>` from assistant turns, so the assistant
+part is never rendered through it: the template renders the prompt, and the completion is appended.
+"""
+
+from __future__ import annotations
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+
+def prompt_text(tokenizer, instruction: str) -> str:
+    """The exact text the model sees before it answers: template user turn + generation prompt."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def completion_text(prompt: str, reasoning: str, answer: str, eos_token: str) -> str:
+    """What the model should write after `prompt`: reasoning, `</think>`, answer, end of sequence."""
+    opener = "" if prompt.endswith(THINK_OPEN + "\n") else THINK_OPEN + "\n"
+    return f"{opener}{reasoning}\n{THINK_CLOSE}\n\n{answer}{eos_token}"
+
+
+def example_texts(tokenizer, instruction: str, reasoning: str, answer: str) -> tuple[str, str]:
+    """(prompt, completion) of one training example; loss belongs on the completion only."""
+    prompt = prompt_text(tokenizer, instruction)
+    return prompt, completion_text(prompt, reasoning, answer, tokenizer.eos_token)

@@ -1,0 +1,126 @@
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages import filter as filter_stage
+from stages.magpie import SchemaError, split_response
+from tests import magpie_data
+
+MAX_TOKENS = 1024  # the tiny tokenizer spends ~4 tokens per word: the clean rows fit, the long one does not
+
+
+def run_filter(source: Path, out: Path, config, tokenizer, max_tokens=MAX_TOKENS) -> dict:
+    counter = filter_stage.token_counter(tokenizer) if tokenizer is not None else None
+    return filter_stage.filter_files(filter_stage.raw_files(source), out, config, max_tokens, counter)
+
+
+def test_each_messy_row_is_dropped_by_its_rule_and_counted(messy_source, tmp_path, filter_params, tokenizer):
+    source, cases = messy_source
+    out = tmp_path / "filtered.parquet"
+    funnel = run_filter(source, out, filter_params, tokenizer)
+
+    expected = Counter(rule for _, rule in cases)
+    assert funnel["rows_in"] == len(cases)
+    assert funnel["rows_out"] == expected.pop("kept")
+    assert {rule: n for rule, n in funnel["dropped"].items() if n} == dict(expected)
+    assert funnel["rows_in"] == funnel["rows_out"] + sum(funnel["dropped"].values())
+
+    kept = pq.read_table(out)
+    assert kept.num_rows == funnel["rows_out"]
+    assert kept.schema == filter_stage.OUTPUT_SCHEMA
+    kept_ids = set(kept["id"].to_pylist())
+    assert kept_ids == {r["uuid"] for r, rule in cases if rule == "kept"}
+    assert sum(funnel["difficulty"].values()) == funnel["rows_out"]
+    assert Counter(kept["difficulty"].to_pylist()) == Counter(funnel["difficulty"])
+
+
+def test_kept_rows_hold_reasoning_answer_and_training_length(messy_source, tmp_path, filter_params, tokenizer):
+    source, _ = messy_source
+    out = tmp_path / "filtered.parquet"
+    run_filter(source, out, filter_params, tokenizer)
+    first = pq.read_table(out).to_pylist()[0]
+    assert "<think>" not in first["reasoning"] and "</think>" not in first["reasoning"]
+    assert first["answer"].startswith("The answer is")
+    text = "".join(filter_stage.example_texts(tokenizer, first["instruction"], first["reasoning"], first["answer"]))
+    assert first["n_tokens"] == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_length_check_can_be_switched_off(messy_source, tmp_path, filter_params):
+    source, _ = messy_source
+    config = filter_params.__class__(**{**filter_params.__dict__, "check_length": False})
+    funnel = run_filter(source, tmp_path / "f.parquet", config, tokenizer=None)
+    assert funnel["dropped"]["too_long"] == 0
+    assert pq.read_table(tmp_path / "f.parquet")["n_tokens"].null_count == funnel["rows_out"]
+
+
+def test_deduplication_can_be_switched_off(messy_source, tmp_path, filter_params, tokenizer):
+    source, _ = messy_source
+    config = filter_params.__class__(**{**filter_params.__dict__, "deduplicate": False})
+    funnel = run_filter(source, tmp_path / "f.parquet", config, tokenizer)
+    assert funnel["dropped"]["duplicate_instruction"] == 0
+
+
+@pytest.mark.parametrize(("response", "require_open", "expected"), [
+    ("<think>\nr\n</think>\n\na", False, ("r", "a")),
+    ("r</think>a", False, ("r", "a")),
+    ("r</think>a", True, "no_think_open"),
+    ("<think>r", False, "no_think_close"),
+    ("<think>r</think>a</think>", False, "multiple_think_close"),
+    ("<think> </think>a", False, "empty_reasoning"),
+    ("<think>r</think>\n ", False, "empty_answer"),
+])
+def test_split_response(response, require_open, expected):
+    assert split_response(response, require_open) == expected
+
+
+def test_missing_column_names_the_column_and_the_file(tmp_path, filter_params):
+    path = tmp_path / "raw" / "train-00000-of-00001.parquet"
+    path.parent.mkdir()
+    pq.write_table(magpie_data.table(magpie_data.clean_rows(3)).drop_columns(["input_quality"]), path)
+    with pytest.raises(SchemaError, match=r"column 'input_quality' missing in .*train-00000-of-00001\.parquet"):
+        run_filter(path.parent, tmp_path / "f.parquet", filter_params, None)
+    assert not (tmp_path / "f.parquet").exists()
+
+
+def test_wrong_column_type_names_the_column(tmp_path, filter_params):
+    table = magpie_data.table(magpie_data.clean_rows(3))
+    table = table.set_column(table.schema.get_field_index("difficulty"), "difficulty", pa.array([1, 2, 3]))
+    pq.write_table(table, tmp_path / "bad.parquet")
+    with pytest.raises(SchemaError, match=r"column 'difficulty' in .*bad\.parquet has type int64"):
+        run_filter(tmp_path / "bad.parquet", tmp_path / "f.parquet", filter_params, None)
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1 this is not parquet at all PAR1"])
+def test_corrupt_or_empty_parquet_names_the_file_and_writes_nothing(tmp_path, filter_params, content):
+    raw = tmp_path / "raw"
+    magpie_data.write_shards(raw, magpie_data.clean_rows(4), shards=1)
+    (raw / "train-00001-of-00002.parquet").write_bytes(content)
+    out = tmp_path / "f.parquet"
+    with pytest.raises(filter_stage.FilterError, match=r"train-00001-of-00002\.parquet"):
+        run_filter(raw, out, filter_params, None)
+    assert list(tmp_path.glob("*.parquet")) == [] and list(tmp_path.glob(".f.parquet*")) == []
+
+
+def test_a_filter_that_keeps_nothing_shows_the_funnel_and_writes_nothing(messy_source, tmp_path, filter_params):
+    source, _ = messy_source
+    config = filter_params.__class__(**{**filter_params.__dict__, "task_categories": ["Planning"]})
+    out = tmp_path / "f.parquet"
+    with pytest.raises(filter_stage.FilterError, match=r"no row passed.*task_category=\d+"):
+        run_filter(source, out, config, None)
+    assert not out.exists() and not list(tmp_path.glob(".f.parquet*"))
+
+
+def test_empty_source_folder_is_an_error(tmp_path):
+    with pytest.raises(filter_stage.FilterError, match="no \\*.parquet files"):
+        filter_stage.raw_files(tmp_path)
+
+
+def test_integer_ids_are_kept_as_text(tmp_path, filter_params):
+    table = magpie_data.table(magpie_data.clean_rows(3))
+    table = table.set_column(0, "uuid", pa.array([7, 8, 9]))
+    pq.write_table(table, tmp_path / "ids.parquet")
+    run_filter(tmp_path / "ids.parquet", tmp_path / "f.parquet", filter_params, None)
+    assert pq.read_table(tmp_path / "f.parquet")["id"].to_pylist() == ["7", "8", "9"]

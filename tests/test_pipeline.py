@@ -1,0 +1,86 @@
+"""`dvc repro` of the data stages in a throwaway git repo, as a user would run it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import copy_project
+
+pytestmark = pytest.mark.slow
+
+
+def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                        "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t",
+                        "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@example.com"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def set_params(project: Path, **sections) -> None:
+    path = project / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        raw[section].update(values)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def dvc(project: Path, *args: str, check: bool = True):
+    return sh(project, sys.executable, "-m", "dvc", *args, check=check)
+
+
+@pytest.fixture
+def project(tmp_path, messy_source, tiny_model_dir) -> Path:
+    project = copy_project(tmp_path / "project")
+    set_params(project, data={"source": str(messy_source[0])},
+               model={"name": str(tiny_model_dir), "max_seq_length": 1024})
+    sh(project, "git", "init", "-q")
+    dvc(project, "init", "-q")
+    return project
+
+
+def ran_stages(output: str) -> set[str]:
+    return {s for s in ("fetch", "filter", "stratify") if f"Running stage '{s}'" in output}
+
+
+def test_repro_builds_splits_reruns_only_what_changed_and_diffs_metrics(project, messy_source):
+    first = dvc(project, "repro")
+    assert ran_stages(first.stdout) == {"fetch", "filter", "stratify"}
+    for name in ("train", "val", "test"):
+        assert (project / "data" / "splits" / f"{name}.parquet").is_file()
+    funnel = json.loads((project / "metrics" / "data.json").read_text())
+    assert funnel["rows_out"] == sum(1 for _, rule in messy_source[1] if rule == "kept")
+    splits = json.loads((project / "metrics" / "splits.json").read_text())
+    assert sum(s["rows"] for s in splits.values()) == funnel["rows_out"]
+
+    assert ran_stages(dvc(project, "repro").stdout) == set()
+    assert "up to date" in dvc(project, "status").stdout
+
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "baseline")
+    set_params(project, filter={"input_qualities": ["good", "excellent"]})
+    assert ran_stages(dvc(project, "repro").stdout) == {"filter", "stratify"}
+
+    params_diff = json.loads(dvc(project, "params", "diff", "--json").stdout)
+    changed = params_diff["params.yaml"]["filter.input_qualities"]
+    assert changed == {"old": str(["excellent"]), "new": str(["good", "excellent"])}
+    metrics_diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)["metrics/data.json"]
+    assert metrics_diff["rows_out"] == {"old": funnel["rows_out"], "new": funnel["rows_out"] + 1, "diff": 1}
+    assert metrics_diff["dropped.input_quality"]["diff"] == -1
+
+
+def test_a_failing_stage_reports_the_problem_and_leaves_no_output(project):
+    set_params(project, filter={"task_categories": ["Planning"]})
+    result = dvc(project, "repro", check=False)
+    assert result.returncode != 0
+    assert "no row passed the filter" in result.stdout + result.stderr
+    assert not (project / "data" / "filtered.parquet").exists()
+    assert not list((project / "data").glob(".filtered*"))
