@@ -20,7 +20,7 @@ from stages import cli, params
 from stages.artifacts import atomic_file, write_json
 from stages.base_model import load_tokenizer
 from stages.magpie import TEXT_COLUMNS, check_schema, instruction_key, split_response
-from stages.prompts import example_texts
+from stages.prompts import encode_pairs, example_texts
 
 log = logging.getLogger("stages.filter")
 
@@ -29,10 +29,10 @@ RULES = ("null_field", "task_category", "input_quality", "difficulty", "no_think
          "multiple_think_close", "no_think_open", "empty_reasoning", "empty_answer", "too_long",
          "duplicate_instruction")
 OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("reasoning", pa.string()),
-                           ("answer", pa.string()), ("difficulty", pa.string()), ("n_tokens", pa.int32())])
+                           ("answer", pa.string()), ("difficulty", pa.string())])
 BATCH_ROWS = 2048
 
-TokenCounter = Callable[[list[str], list[str], list[str]], list[int]]
+TokenCounter = Callable[[list[str], list[str], list[str], int], list[int]]
 
 
 class FilterError(cli.StageError):
@@ -40,14 +40,20 @@ class FilterError(cli.StageError):
 
 
 def token_counter(tokenizer) -> TokenCounter:
-    """Count the tokens of whole training examples (prompt + completion), as training will see them."""
-    def count(instructions, reasonings, answers):
-        rows = zip(instructions, reasonings, answers, strict=True)
-        texts = ["".join(example_texts(tokenizer, i, r, a)) for i, r, a in rows]
-        if not texts:
-            return []
-        encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        return [len(ids) for ids in encoded]
+    """Token counts of whole training examples (prompt + completion), as training will see them.
+
+    An example of at most max_tokens bytes fits for sure (a byte-level token covers at least one
+    byte), so it is not tokenized and its byte count stands in; longer ones get an exact count.
+    """
+    def count(instructions, reasonings, answers, max_tokens):
+        pairs = [example_texts(tokenizer, *row) for row in zip(instructions, reasonings, answers, strict=True)]
+        counts = [len(prompt.encode()) + len(completion.encode()) for prompt, completion in pairs]
+        long = [i for i, n in enumerate(counts) if n > max_tokens]
+        if long:
+            prompts, completions = encode_pairs(tokenizer, [pairs[i] for i in long])
+            for i, prompt, completion in zip(long, prompts, completions, strict=True):
+                counts[i] = len(prompt) + len(completion)
+        return counts
     return count
 
 
@@ -84,10 +90,10 @@ def filter_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, 
         answers.append(parsed[1])
         difficulties.append(difficulty)
 
-    n_tokens = count_tokens(instructions, reasonings, answers) if count_tokens else [None] * len(ids)
+    n_tokens = count_tokens(instructions, reasonings, answers, max_tokens) if count_tokens else [0] * len(ids)
     keep = []
     for i, (instruction, length) in enumerate(zip(instructions, n_tokens, strict=True)):
-        if length is not None and length > max_tokens:
+        if length > max_tokens:
             dropped["too_long"] += 1
             continue
         key = instruction_key(instruction)
@@ -97,7 +103,7 @@ def filter_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, 
         seen.add(key)
         keep.append(i)
     return pa.table([[column[i] for i in keep] for column in
-                     (ids, instructions, reasonings, answers, difficulties, n_tokens)], schema=OUTPUT_SCHEMA)
+                     (ids, instructions, reasonings, answers, difficulties)], schema=OUTPUT_SCHEMA)
 
 
 def raw_files(raw: Path) -> list[Path]:

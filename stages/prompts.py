@@ -27,3 +27,14 @@ def example_texts(tokenizer, instruction: str, reasoning: str, answer: str) -> t
     """(prompt, completion) of one training example; loss belongs on the completion only."""
     prompt = prompt_text(tokenizer, instruction)
     return prompt, completion_text(prompt, reasoning, answer, tokenizer.eos_token)
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]]):
+    """(prompt encodings, completion encodings) of rendered (prompt, completion) pairs, each a
+    `tokenizers.Encoding` (len() is its token count, .ids its ids). The two parts are encoded apart,
+    as the model meets them: the prompt alone at inference, the completion after it.
+    """
+    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no per-token Python objects
+    prompts = backend.encode_batch([p for p, _ in pairs], add_special_tokens=False)
+    completions = backend.encode_batch([c for _, c in pairs], add_special_tokens=False)
+    return prompts, completions

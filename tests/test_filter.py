@@ -7,6 +7,7 @@ import pytest
 
 from stages import filter as filter_stage
 from stages.magpie import SchemaError, split_response
+from stages.prompts import encode_pairs, example_texts
 from tests import magpie_data
 
 MAX_TOKENS = 1024  # the tiny tokenizer spends ~4 tokens per word: the clean rows fit, the long one does not
@@ -37,15 +38,23 @@ def test_each_messy_row_is_dropped_by_its_rule_and_counted(messy_source, tmp_pat
     assert Counter(kept["difficulty"].to_pylist()) == Counter(funnel["difficulty"])
 
 
-def test_kept_rows_hold_reasoning_answer_and_training_length(messy_source, tmp_path, filter_params, tokenizer):
+def test_kept_rows_hold_reasoning_and_answer(messy_source, tmp_path, filter_params, tokenizer):
     source, _ = messy_source
     out = tmp_path / "filtered.parquet"
     run_filter(source, out, filter_params, tokenizer)
     first = pq.read_table(out).to_pylist()[0]
     assert "<think>" not in first["reasoning"] and "</think>" not in first["reasoning"]
+    assert first["reasoning"].startswith("I add")
     assert first["answer"].startswith("The answer is")
-    text = "".join(filter_stage.example_texts(tokenizer, first["instruction"], first["reasoning"], first["answer"]))
-    assert first["n_tokens"] == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_an_example_of_exactly_max_tokens_fits_and_one_token_more_does_not(tokenizer):
+    example = ("What is 1 + 2?", "I add them. " * 50, "The answer is 3.")
+    prompt, completion = encode_pairs(tokenizer, [example_texts(tokenizer, *example)])
+    exact = len(prompt[0]) + len(completion[0])
+    count = filter_stage.token_counter(tokenizer)
+    assert count(*([part] for part in example), exact - 1) == [exact]
+    assert count(*([part] for part in example), exact)[0] <= exact
 
 
 def test_length_check_can_be_switched_off(messy_source, tmp_path, filter_params):
@@ -53,7 +62,6 @@ def test_length_check_can_be_switched_off(messy_source, tmp_path, filter_params)
     config = filter_params.__class__(**{**filter_params.__dict__, "check_length": False})
     funnel = run_filter(source, tmp_path / "f.parquet", config, tokenizer=None)
     assert funnel["dropped"]["too_long"] == 0
-    assert pq.read_table(tmp_path / "f.parquet")["n_tokens"].null_count == funnel["rows_out"]
 
 
 def test_deduplication_can_be_switched_off(messy_source, tmp_path, filter_params, tokenizer):

@@ -1,4 +1,4 @@
-from stages.prompts import example_texts, prompt_text
+from stages.prompts import encode_pairs, example_texts, prompt_text
 
 
 def test_prompt_is_the_templates_generation_prompt(tokenizer):
@@ -17,3 +17,10 @@ def test_training_example_keeps_the_reasoning_that_the_template_would_drop(token
     assert prompt == prompt_text(tokenizer, "What is 2+2?")
     assert completion == f"{reasoning}\n</think>\n\n{answer}<｜end▁of▁sentence｜>"
     assert (prompt + completion).count("<think>") == 1
+
+
+def test_completion_encodes_the_end_of_sequence_as_its_special_token(tokenizer):
+    prompt, completion = encode_pairs(tokenizer, [example_texts(tokenizer, "What is 2+2?", "2+2=4", "4")])
+    assert completion[0].ids[-1] == tokenizer.eos_token_id
+    assert prompt[0].ids[0] == tokenizer.bos_token_id
+    assert tokenizer.convert_tokens_to_ids("<think>") in prompt[0].ids

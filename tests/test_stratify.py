@@ -15,8 +15,8 @@ def filtered(n: int, seed: int = 0) -> pa.Table:
     rng = random.Random(seed)
     difficulty = rng.choices(params.DIFFICULTIES, weights=[1, 4, 6, 3, 1], k=n)
     return pa.table({"id": [f"id-{i:05d}" for i in range(n)], "instruction": [f"q{i}" for i in range(n)],
-                     "reasoning": ["r"] * n, "answer": ["a"] * n, "difficulty": difficulty,
-                     "n_tokens": pa.array([10] * n, pa.int32())}, schema=OUTPUT_SCHEMA)
+                     "reasoning": ["r"] * n, "answer": ["a"] * n, "difficulty": difficulty},
+                    schema=OUTPUT_SCHEMA)
 
 
 def test_every_split_keeps_difficulty_proportions_within_one_row_per_stratum():
