@@ -77,6 +77,56 @@ class StratifyParams:
                  "stratify.max_per_difficulty", "must be null (no cap) or a positive row count")
 
 
+@dataclass(frozen=True)
+class LoraParams:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str]
+
+    def __post_init__(self):
+        _require(self.r > 0 and self.alpha > 0, "train.lora.r/alpha", "must be positive")
+        _require(0 <= self.dropout < 1, "train.lora.dropout", "must lie in [0, 1)")
+        _require(bool(self.target_modules), "train.lora.target_modules", "must name at least one module")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    backend: typing.Literal["auto", "unsloth", "peft"]
+    load_in_4bit: bool
+    lora: LoraParams
+    sequences_per_step: int
+    micro_batch_size: int | typing.Literal["auto"]
+    learning_rate: float
+    epochs: float
+    warmup: float
+    lr_scheduler: str
+    weight_decay: float
+    optimizer: str
+    eval_every_steps: int
+    max_val_rows: int | None
+    early_stopping_patience: int
+    max_steps: int
+    packing: bool
+    gradient_checkpointing: bool
+    num_gpus: int
+    merge_16bit: bool
+
+    def __post_init__(self):
+        _require(self.sequences_per_step > 0, "train.sequences_per_step", "must be positive")
+        _require(self.micro_batch_size == "auto" or self.micro_batch_size > 0, "train.micro_batch_size",
+                 "must be 'auto' or a positive number of sequences")
+        _require(self.learning_rate > 0, "train.learning_rate", "must be positive")
+        _require(self.epochs > 0, "train.epochs", "must be positive")
+        _require(0 <= self.warmup < 1, "train.warmup", "is a fraction of the optimizer steps, in [0, 1)")
+        _require(self.eval_every_steps > 0, "train.eval_every_steps", "must be positive")
+        _require(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0 (0: off)")
+        _require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", "must be -1 (no cap) or positive")
+        _require(self.num_gpus >= 1, "train.num_gpus", "must be at least 1")
+        _require(self.max_val_rows is None or self.max_val_rows > 0, "train.max_val_rows",
+                 "must be null (all) or positive")
+
+
 def _require(ok: bool, key: str, what: str) -> None:
     if not ok:
         raise ParamsError(f"params: {key} {what}")
@@ -92,6 +142,12 @@ def _check_type(value, annotation, key: str):
             except ParamsError:
                 continue
         raise ParamsError(f"params: {key} must be {annotation}, got {value!r}")
+    if origin is typing.Literal:
+        if value in typing.get_args(annotation):
+            return value
+        raise ParamsError(f"params: {key} must be one of {list(typing.get_args(annotation))}, got {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        return build(annotation, value, key)
     if annotation is type(None):
         if value is None:
             return None
@@ -145,7 +201,8 @@ def read(path: str | Path = PARAMS_FILE) -> dict:
     return raw
 
 
-SECTIONS = {"data": DataParams, "model": ModelParams, "filter": FilterParams, "stratify": StratifyParams}
+SECTIONS = {"data": DataParams, "model": ModelParams, "filter": FilterParams, "stratify": StratifyParams,
+            "train": TrainParams}
 
 
 def load(section: str, path: str | Path = PARAMS_FILE):

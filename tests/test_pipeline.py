@@ -41,19 +41,24 @@ def dvc(project: Path, *args: str, check: bool = True):
 def project(tmp_path, messy_source, tiny_model_dir) -> Path:
     project = copy_project(tmp_path / "project")
     set_params(project, data={"source": str(messy_source[0])},
-               model={"name": str(tiny_model_dir), "max_seq_length": 1024})
+               model={"name": str(tiny_model_dir), "max_seq_length": 1024},
+               train={"max_steps": 2, "eval_every_steps": 1, "sequences_per_step": 4})
     sh(project, "git", "init", "-q")
     dvc(project, "init", "-q")
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "project as cloned")
     return project
 
 
 def ran_stages(output: str) -> set[str]:
-    return {s for s in ("fetch", "filter", "stratify") if f"Running stage '{s}'" in output}
+    return {s for s in ("fetch", "filter", "stratify", "train") if f"Running stage '{s}'" in output}
 
 
-def test_repro_builds_splits_reruns_only_what_changed_and_diffs_metrics(project, messy_source):
+def test_repro_builds_splits_and_adapter_reruns_only_what_changed_and_diffs_metrics(project, messy_source):
     first = dvc(project, "repro")
-    assert ran_stages(first.stdout) == {"fetch", "filter", "stratify"}
+    assert ran_stages(first.stdout) == {"fetch", "filter", "stratify", "train"}
+    assert (project / "models" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((project / "metrics" / "train.json").read_text())["steps"] == 2
     for name in ("train", "val", "test"):
         assert (project / "data" / "splits" / f"{name}.parquet").is_file()
     funnel = json.loads((project / "metrics" / "data.json").read_text())
@@ -67,7 +72,7 @@ def test_repro_builds_splits_reruns_only_what_changed_and_diffs_metrics(project,
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "baseline")
     set_params(project, filter={"input_qualities": ["good", "excellent"]})
-    assert ran_stages(dvc(project, "repro").stdout) == {"filter", "stratify"}
+    assert ran_stages(dvc(project, "repro").stdout) == {"filter", "stratify", "train"}
 
     params_diff = json.loads(dvc(project, "params", "diff", "--json").stdout)
     changed = params_diff["params.yaml"]["filter.input_qualities"]
@@ -84,3 +89,13 @@ def test_a_failing_stage_reports_the_problem_and_leaves_no_output(project):
     assert "no row passed the filter" in result.stdout + result.stderr
     assert not (project / "data" / "filtered.parquet").exists()
     assert not list((project / "data").glob(".filtered*"))
+
+
+def test_changing_a_train_param_reruns_only_train(project):
+    dvc(project, "repro")
+    set_params(project, train={"learning_rate": 1.0e-3})
+    assert ran_stages(dvc(project, "repro").stdout) == {"train"}
+    plots = json.loads(dvc(project, "plots", "show", "--json").stdout)
+    assert {"Loss", "Learning rate"} <= set(plots["data"]) and not plots.get("errors")
+    values = plots["data"]["Loss"][0]["content"]["data"]["values"]
+    assert {str(v["step"]) for v in values} >= {"1", "2"}

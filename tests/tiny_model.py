@@ -45,6 +45,7 @@ def build(out: str | Path, *, with_weights: bool = True, seed: int = 0) -> Path:
         config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=4096, tie_word_embeddings=False,
+                             initializer_range=0.3,  # wide enough logits for LoRA alone to fit data
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(seed)

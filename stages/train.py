@@ -1,0 +1,124 @@
+"""train: data/splits/{train,val}.parquet -> a LoRA adapter of the base model in models/adapter/, with
+metrics/train.json and per-step loss/learning-rate plots (dvclive) in metrics/train/.
+
+Resumes from the last checkpoint in models/checkpoints/ when params and data are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages import cli, params
+from stages.artifacts import atomic_dir, write_json
+
+log = logging.getLogger("stages.train")
+
+
+def read_split(path: Path, limit: int | None = None) -> pa.Table:
+    try:
+        table = pq.read_table(path, columns=["instruction", "reasoning", "answer"])
+    except (pa.ArrowInvalid, OSError) as e:
+        raise cli.StageError(f"train: cannot read {path} ({e}); re-run the stratify stage") from e
+    if table.num_rows == 0:
+        raise cli.StageError(f"train: {path} has no rows; the train split needs examples and early stopping "
+                             "needs validation rows (check stratify.*_fraction and metrics/splits.json)")
+    return table if limit is None else table.slice(0, limit)
+
+
+def relaunch_distributed(num_gpus: int, argv: list[str]) -> int:
+    """Run this stage as num_gpus DDP processes under torchrun (gloo on CPU, NCCL on GPUs)."""
+    env = os.environ | {"NCCL_NVLS_ENABLE": "0"}  # NVLink multicast stays off on the shared machines
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_gpus}",
+               "-m", "stages.train", *argv]
+    log.info("launching %d processes: %s", num_gpus, " ".join(command))
+    return subprocess.call(command, env=env)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--splits", type=Path, default=Path("data/splits"))
+    parser.add_argument("--adapter", type=Path, default=Path("models/adapter"))
+    parser.add_argument("--merged", type=Path, default=Path("models/merged"))
+    parser.add_argument("--checkpoints", type=Path, default=Path("models/checkpoints"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
+    parser.add_argument("--live", type=Path, default=Path("metrics/train"))
+    args = parser.parse_args(argv)
+
+    config = params.load("train")
+    model_params = params.load("model")
+    seed = params.load_seed()
+    if config.num_gpus > 1 and "LOCAL_RANK" not in os.environ:
+        if code := relaunch_distributed(config.num_gpus, sys.argv[1:] if argv is None else argv):
+            raise cli.StageError(f"train: a distributed worker failed (exit code {code}); see its log above")
+        return
+
+    from stages import training  # imports torch only; transformers comes after Unsloth
+
+    backend = training.resolve_backend(config.backend)
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (patches transformers, so before anything imports it)
+    import torch
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
+
+    from stages.base_model import load_tokenizer
+
+    train_file, val_file = args.splits / "train.parquet", args.splits / "val.parquet"
+    train_table, val_table = read_split(train_file), read_split(val_file, config.max_val_rows)
+    if config.merge_16bit and backend == "peft" and config.load_in_4bit and torch.cuda.is_available():
+        raise cli.StageError("train.merge_16bit needs 16-bit base weights with backend peft: set load_in_4bit: "
+                             "false, or use backend unsloth (which dequantizes when merging)")
+    training.check_model_limits(model_params)
+    set_seed(seed)  # LoRA weights are initialized before the Trainer would seed anything
+    if backend == "unsloth":
+        model, tokenizer = training.load_unsloth(model_params, config, seed)
+    else:
+        tokenizer = load_tokenizer(model_params)
+        model = training.load_peft(model_params, config)
+    train_examples = training.tokenize(tokenizer, train_table, model_params.max_seq_length, "train")
+    val_examples = training.tokenize(tokenizer, val_table, model_params.max_seq_length, "val")
+
+    resume = training.resumable_checkpoint(
+        args.checkpoints, training.fingerprint(model_params, config, seed, [train_file, val_file]))
+    memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+    micro = training.micro_batch_size(config, memory)
+    callbacks = [training.live_callback(args.live, resume=resume is not None)]
+    if config.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    trainer = Trainer(model=model, args=training.training_arguments(config, args.checkpoints, micro, seed),
+                      train_dataset=train_examples, eval_dataset=val_examples,
+                      data_collator=training.collator(tokenizer, config.packing), callbacks=callbacks)
+    resumed_from = int(resume.name.rsplit("-", 1)[1]) if resume else 0
+    log.info("%s backend, %d train / %d val examples, micro-batch %d x accumulation %d x %d process(es)%s",
+             backend, len(train_examples), len(val_examples), micro, trainer.args.gradient_accumulation_steps,
+             config.num_gpus, f", resuming from {resume}" if resume else "")
+    tokens_before = 0
+    if resume:
+        from transformers import TrainerState
+
+        tokens_before = TrainerState.load_from_json(str(resume / "trainer_state.json")).num_input_tokens_seen
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall_seconds = time.perf_counter() - started
+
+    if trainer.is_world_process_zero():
+        with atomic_dir(args.adapter) as tmp:  # the best checkpoint's weights (load_best_model_at_end)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        with atomic_dir(args.merged) as tmp:
+            training.export_merged(model, tokenizer, tmp, backend, config.merge_16bit)
+        write_json(args.metrics, training.summary(trainer, output, wall_seconds, resumed_from, tokens_before))
+        log.info("adapter -> %s (best val loss %s at step %s)", args.adapter, trainer.state.best_metric,
+                 trainer.state.best_model_checkpoint)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,226 @@
+"""The train stage on CPU with the tiny random Qwen2 model (PEFT backend), through its real main()."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from stages import cli, params, training
+from stages import train as train_stage
+from stages.filter import OUTPUT_SCHEMA
+from stages.magpie import split_response
+from tests import magpie_data
+from tests.conftest import ROOT
+
+
+def splits_table(rows: list[dict]) -> pa.Table:
+    records = []
+    for row in rows:
+        reasoning, answer = split_response(row["response"], require_think_open=False)
+        records.append({"id": row["uuid"], "instruction": row["instruction"], "reasoning": reasoning,
+                        "answer": answer, "difficulty": row["difficulty"]})
+    return pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA)
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    """A working folder with params for the tiny model and small train/val/test splits."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"].update(name=str(tiny_model_dir), max_seq_length=1024)
+    raw["train"].update(epochs=2, eval_every_steps=2, sequences_per_step=4, learning_rate=1.0e-3)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_splits(tmp_path, magpie_data.clean_rows(24), magpie_data.clean_rows(6, start=500))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_splits(project: Path, train_rows: list[dict], val_rows: list[dict]) -> None:
+    splits = project / "data" / "splits"
+    splits.mkdir(parents=True, exist_ok=True)
+    pq.write_table(splits_table(train_rows), splits / "train.parquet")
+    pq.write_table(splits_table(val_rows), splits / "val.parquet")
+
+
+def set_params(project: Path, section: str, **values) -> None:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def logged(project: Path, name: str) -> list[float]:
+    lines = (project / "metrics" / "train" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()[1:]
+    return [float(line.split("\t")[1]) for line in lines]
+
+
+def train_metrics(project: Path) -> dict:
+    return json.loads((project / "metrics" / "train.json").read_text())
+
+
+def test_loss_goes_down_on_a_small_repeated_data_set(project):
+    write_splits(project, [magpie_data.row(1)] * 16, [magpie_data.row(1)] * 2)
+    set_params(project, "train", learning_rate=5.0e-2, max_steps=30, eval_every_steps=10)
+    train_stage.main([])
+    losses = logged(project, "loss")
+    assert losses[-1] < 0.1 * losses[0]
+    metrics = train_metrics(project)
+    assert metrics["steps"] == 30 and not metrics["stopped_early"]
+    assert metrics["val_loss"]["best"] < losses[0]
+    assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0
+
+
+def test_early_stopping_stops_a_run_whose_val_loss_rises(project):
+    # Memorizing one example at a high learning rate makes the loss on unrelated text climb.
+    write_splits(project, [magpie_data.row(1)] * 16,
+                 [magpie_data.row(i, instruction="Name a prime.", response="<think>zzz qqq</think>xyz")
+                  for i in range(4)])
+    set_params(project, "train", learning_rate=5.0e-2, epochs=50, eval_every_steps=1, early_stopping_patience=2)
+    train_stage.main([])
+    metrics = train_metrics(project)
+    assert metrics["stopped_early"]
+    assert metrics["steps"] < metrics["max_steps"]
+    assert metrics["steps"] == metrics["best_step"] + 2  # two evaluations without improvement
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(project, monkeypatch):
+    set_params(project, "train", max_steps=6, eval_every_steps=2)
+    train_stage.main([])
+    uninterrupted = train_metrics(project)
+    for path in ("models", "metrics"):
+        __import__("shutil").rmtree(project / path)
+
+    from transformers import Trainer
+
+    original_step = Trainer.training_step
+
+    def dies_after_step_3(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt  # Ctrl-C, preemption or OOM, as far as the run is concerned
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", dies_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.main([])
+    assert not (project / "models" / "adapter").exists()
+    assert (project / "models" / "checkpoints" / "checkpoint-2").is_dir()
+
+    monkeypatch.setattr(Trainer, "training_step", original_step)
+    train_stage.main([])
+    resumed = train_metrics(project)
+    assert resumed["resumed_from_step"] == 2
+    assert resumed["steps"] == 6
+    assert resumed["val_loss"]["best"] == pytest.approx(uninterrupted["val_loss"]["best"], abs=1e-3)
+
+
+def test_changed_params_discard_old_checkpoints(project):
+    set_params(project, "train", max_steps=2)
+    train_stage.main([])
+    set_params(project, "train", max_steps=4, learning_rate=2.0e-3)
+    train_stage.main([])
+    assert train_metrics(project)["resumed_from_step"] == 0
+
+
+def test_saved_adapter_reloads_and_changes_the_models_outputs(project, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    set_params(project, "train", learning_rate=1.0e-2, max_steps=4)
+    train_stage.main([])
+    adapter = project / "models" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "tokenizer.json").is_file()
+    inputs = torch.tensor([[0, 2, 30, 31, 32, 3, 4]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        base_logits = base(inputs).logits
+        tuned = PeftModel.from_pretrained(base, adapter).eval()
+        tuned_logits = tuned(inputs).logits
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_merged_export_matches_the_adapted_model(project, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    set_params(project, "train", learning_rate=1.0e-2, max_steps=2, merge_16bit=True)
+    train_stage.main([])
+    merged = AutoModelForCausalLM.from_pretrained(project / "models" / "merged")
+    assert merged.dtype == torch.bfloat16
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [True, False])
+def test_packed_examples_do_not_attend_to_each_other(tokenizer, tiny_model_dir, gradient_checkpointing):
+    config = params.load("train", ROOT / "params.yaml")
+    config = params.TrainParams(**{**config.__dict__, "gradient_checkpointing": gradient_checkpointing})
+    model_params = params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=1024)
+    model = training.load_peft(model_params, config).train()
+    table = splits_table([magpie_data.row(3), magpie_data.row(40), magpie_data.row(77)])
+    examples = training.tokenize(tokenizer, table, 1024, "train")
+    packed = training.collator(tokenizer, packing=True)(examples)
+    assert packed["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        start = 0
+        for example in examples:
+            alone = model(input_ids=torch.tensor([example["input_ids"]])).logits[0]
+            end = start + len(example["input_ids"])
+            assert torch.allclose(packed_logits[start:end], alone, atol=1e-5)
+            start = end
+        packed_loss = model(**packed).loss
+        padded_loss = model(**training.collator(tokenizer, packing=False)(examples)).loss
+    assert packed_loss == pytest.approx(float(padded_loss), rel=1e-5)
+
+
+def test_loss_covers_the_completion_only(tokenizer):
+    table = splits_table([magpie_data.row(7)])
+    (example,) = training.tokenize(tokenizer, table, 1024, "train")
+    prompt_length = example["labels"].count(training.IGNORE_INDEX)
+    prompt = tokenizer.decode(example["input_ids"][:prompt_length])
+    assert prompt.endswith("<｜Assistant｜><think>\n")
+    assert example["labels"][prompt_length:] == example["input_ids"][prompt_length:]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize(("memory_gib", "expected"), [(None, 2), (80.0, 8), (40.0, 4), (16.0, 2)])
+def test_auto_micro_batch_follows_gpu_memory(memory_gib, expected):
+    config = params.load("train", ROOT / "params.yaml")
+    assert training.micro_batch_size(config, memory_gib) == expected
+
+
+def test_micro_batch_must_divide_the_sequences_per_step():
+    config = params.load("train", ROOT / "params.yaml")
+    config = params.TrainParams(**{**config.__dict__, "micro_batch_size": 3})
+    with pytest.raises(training.TrainError, match="micro_batch_size=3"):
+        training.micro_batch_size(config, None)
+
+
+def test_an_empty_train_split_is_a_clear_error_and_leaves_no_adapter(project):
+    write_splits(project, [], [magpie_data.row(1)])
+    with pytest.raises(cli.StageError, match=r"train\.parquet has no rows"):
+        train_stage.main([])
+    assert not (project / "models" / "adapter").exists()
+
+
+def test_a_sequence_length_above_the_models_limit_is_refused(project):
+    set_params(project, "model", max_seq_length=8192)
+    with pytest.raises(training.TrainError, match="above the base model's limit of 4096"):
+        train_stage.main([])
+
+
+def test_an_unknown_target_module_is_named(project):
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"]["lora"]["target_modules"] = ["q_proj", "qkv_proj"]
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(training.TrainError, match=r"\['qkv_proj'\] not found.*q_proj"):
+        train_stage.main([])
+    assert not (project / "models" / "adapter").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_unsloth_backend_without_a_gpu_says_so(project):
+    set_params(project, "train", backend="unsloth")
+    with pytest.raises(training.TrainError, match="needs a CUDA GPU"):
+        train_stage.main([])
