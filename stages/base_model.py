@@ -34,9 +34,14 @@ def load_tokenizer(model: ModelParams):
             "If the Hugging Face Hub is unreachable, download the model elsewhere and set model.name "
             "to its local directory."
         ) from e
+    check_tokenizer(tokenizer, model.name)
+    return tokenizer
+
+
+def check_tokenizer(tokenizer, name: str) -> None:
+    """Prompts come from the base model's own chat template, so the tokenizer must carry one."""
     if not tokenizer.chat_template:
-        raise ModelLoadError(f"the tokenizer of {model.name!r} has no chat_template: prompts are built "
+        raise ModelLoadError(f"the tokenizer of {name!r} has no chat_template: prompts are built "
                              "from the base model's own template, so use a chat model's tokenizer")
     if tokenizer.eos_token is None:
-        raise ModelLoadError(f"the tokenizer of {model.name!r} has no eos_token")
-    return tokenizer
+        raise ModelLoadError(f"the tokenizer of {name!r} has no eos_token")

@@ -36,7 +36,8 @@ def read_split(path: Path, limit: int | None = None) -> pa.Table:
 
 def relaunch_distributed(num_gpus: int, argv: list[str]) -> int:
     """Run this stage as num_gpus DDP processes under torchrun (gloo on CPU, NCCL on GPUs)."""
-    env = os.environ | {"NCCL_NVLS_ENABLE": "0"}  # NVLink multicast stays off on the shared machines
+    # NVLink multicast stays off: on shared hosts it can take every GPU of the machine down.
+    env = os.environ | {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_gpus}",
                "-m", "stages.train", *argv]
     log.info("launching %d processes: %s", num_gpus, " ".join(command))
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     resumed_from = int(resume.name.rsplit("-", 1)[1]) if resume else 0
     log.info("%s backend, %d train / %d val examples, micro-batch %d x accumulation %d x %d process(es)%s",
              backend, len(train_examples), len(val_examples), micro, trainer.args.gradient_accumulation_steps,
-             config.num_gpus, f", resuming from {resume}" if resume else "")
+             trainer.args.world_size, f", resuming from {resume}" if resume else "")
     tokens_before = 0
     if resume:
         from transformers import TrainerState

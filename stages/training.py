@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from stages import params
+from stages.base_model import check_tokenizer
 from stages.cli import StageError
 from stages.prompts import encode_pairs, example_texts
 
@@ -104,6 +105,7 @@ def load_unsloth(model_params: params.ModelParams, config: params.TrainParams, s
         model_name=model_params.name, max_seq_length=model_params.max_seq_length, dtype=None,
         load_in_4bit=config.load_in_4bit, use_exact_model_name=True,
         **({} if local else {"revision": model_params.revision}))
+    check_tokenizer(tokenizer, model_params.name)
     check_target_modules(model, config.lora.target_modules)
     model.config.use_cache = False  # see load_peft
     model = FastLanguageModel.get_peft_model(

@@ -3,52 +3,14 @@
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 
 from stages import cli, params, training
 from stages import train as train_stage
-from stages.filter import OUTPUT_SCHEMA
-from stages.magpie import split_response
 from tests import magpie_data
-from tests.conftest import ROOT
-
-
-def splits_table(rows: list[dict]) -> pa.Table:
-    records = []
-    for row in rows:
-        reasoning, answer = split_response(row["response"], require_think_open=False)
-        records.append({"id": row["uuid"], "instruction": row["instruction"], "reasoning": reasoning,
-                        "answer": answer, "difficulty": row["difficulty"]})
-    return pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA)
-
-
-@pytest.fixture
-def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
-    """A working folder with params for the tiny model and small train/val/test splits."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["model"].update(name=str(tiny_model_dir), max_seq_length=1024)
-    raw["train"].update(epochs=2, eval_every_steps=2, sequences_per_step=4, learning_rate=1.0e-3)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    write_splits(tmp_path, magpie_data.clean_rows(24), magpie_data.clean_rows(6, start=500))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def write_splits(project: Path, train_rows: list[dict], val_rows: list[dict]) -> None:
-    splits = project / "data" / "splits"
-    splits.mkdir(parents=True, exist_ok=True)
-    pq.write_table(splits_table(train_rows), splits / "train.parquet")
-    pq.write_table(splits_table(val_rows), splits / "val.parquet")
-
-
-def set_params(project: Path, section: str, **values) -> None:
-    raw = yaml.safe_load((project / "params.yaml").read_text())
-    raw[section].update(values)
-    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+from tests.conftest import ROOT, set_params, splits_table, train_project, write_splits
 
 
 def logged(project: Path, name: str) -> list[float]:
@@ -58,6 +20,11 @@ def logged(project: Path, name: str) -> list[float]:
 
 def train_metrics(project: Path) -> dict:
     return json.loads((project / "metrics" / "train.json").read_text())
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    return train_project(tmp_path, tiny_model_dir, monkeypatch)
 
 
 def test_loss_goes_down_on_a_small_repeated_data_set(project):
@@ -217,6 +184,19 @@ def test_an_unknown_target_module_is_named(project):
     with pytest.raises(training.TrainError, match=r"\['qkv_proj'\] not found.*q_proj"):
         train_stage.main([])
     assert not (project / "models" / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_sequences_per_step_and_saves_one_adapter(project, capfd):
+    set_params(project, "train", num_gpus=2, max_steps=4, sequences_per_step=8)
+    train_stage.main([])  # relaunches itself under torchrun: 2 processes, gloo on CPU
+    log = capfd.readouterr().err
+    assert log.count("micro-batch 2 x accumulation 2 x 2 process(es)") == 2  # one line per rank
+    assert log.count("adapter -> models/adapter") == 1  # rank 0 alone saves
+    metrics = train_metrics(project)
+    assert metrics["steps"] == 4
+    assert metrics["epochs_run"] == pytest.approx(4 * 8 / 24, abs=1e-3)  # 8 sequences a step, 24 rows
+    assert (project / "models" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")

@@ -34,6 +34,15 @@ def build_tokenizer(out: Path):
     return fast
 
 
+def add_chat_template(model_dir: str | Path) -> None:
+    """Give a tokenizer saved without one (shared/gpu/make_random_model.py's) the real R1 template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = TEMPLATE.read_text()
+    tokenizer.save_pretrained(model_dir)
+
+
 def build(out: str | Path, *, with_weights: bool = True, seed: int = 0) -> Path:
     """Write the tokenizer and (unless with_weights is False) a 2-layer random Qwen2 model to out."""
     out = Path(out)

@@ -1,0 +1,127 @@
+"""Benchmark: training throughput of the HF + PEFT + bitsandbytes 4-bit baseline against the train
+stage's default path, side by side in one run, on the real 1.5B shape (random weights) with ragged
+sequence lengths up to 4096 and 16 sequences per optimizer step.
+
+    python .gpu/make_random_model.py /tmp/r1
+    python -m bench.train_speed /tmp/r1 [--steps 8] [--warmup-steps 2]
+
+Each variant runs in its own process (Unsloth patches transformers on import). Reports tokens/s,
+median step time, peak GPU memory and MFU (6 x non-embedding parameters x tokens/s over the GPU's
+dense bf16 peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from stages import params
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
+# name -> overrides of params.yaml's train section
+VARIANTS = {
+    "baseline: HF + PEFT + bnb 4-bit, 2 x 8, padded": dict(backend="peft", micro_batch_size=2, packing=False),
+    "unsloth 4-bit, 2 x 8, padded": dict(backend="unsloth", micro_batch_size=2, packing=False),
+    "train stage default (params.yaml)": dict(),
+}
+
+
+def synthetic_examples(count: int, vocab: int, max_len: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(count):
+        length = rng.randint(256, max_len)
+        ids = [rng.randrange(10, vocab) for _ in range(length)]
+        examples.append({"input_ids": ids, "labels": [-100] * 100 + ids[100:]})
+    return examples
+
+
+def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int) -> dict:
+    config = params.build(params.TrainParams, params.read(ROOT / "params.yaml")["train"] | overrides, "train")
+    model_params = params.ModelParams(name=model_dir, revision="main", max_seq_length=4096)
+    from stages import training
+
+    backend = training.resolve_backend(config.backend)
+    if backend == "unsloth":
+        import unsloth  # noqa: F401
+    import torch
+    from transformers import AutoTokenizer, Trainer, TrainerCallback, set_seed
+
+    set_seed(0)
+    if backend == "unsloth":
+        model, tokenizer = training.load_unsloth(model_params, config, seed=0)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = training.load_peft(model_params, config)
+    micro = training.micro_batch_size(config, torch.cuda.get_device_properties(0).total_memory / 2**30)
+    examples = synthetic_examples(config.sequences_per_step * steps, model.config.vocab_size, 4096, seed=0)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        args = training.training_arguments(config, Path(out), micro, seed=0)
+        args.max_steps, args.eval_strategy, args.save_strategy = steps, "no", "no"
+        args.load_best_model_at_end, args.logging_steps, args.disable_tqdm = False, 10_000, True
+        trainer = Trainer(model=model, args=args, train_dataset=examples,
+                          data_collator=training.collator(tokenizer, config.packing), callbacks=[timer])
+        torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+    (t0, n0), (t1, n1) = timer.marks[warmup_steps - 1], timer.marks[-1]
+    step_seconds = [b[0] - a[0] for a, b in zip(timer.marks[warmup_steps - 1:], timer.marks[warmup_steps:],
+                                                  strict=False)]
+    embedding = model.get_input_embeddings().weight
+    base_params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+    tokens_per_second = (n1 - n0) / (t1 - t0)
+    gpu = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+    non_embedding = base_params - embedding.numel()
+    return {"backend": backend, "micro_batch": micro, "accumulation": args.gradient_accumulation_steps,
+            "packing": config.packing, "tokens_per_second": round(tokens_per_second),
+            "median_step_seconds": round(statistics.median(step_seconds), 2),
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "mfu": round(6 * non_embedding * tokens_per_second / peak, 3) if peak else None, "gpu": gpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model_dir")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print("RESULT", json.dumps(run_variant(args.model_dir, VARIANTS[args.variant], args.steps, args.warmup_steps)))
+        return
+    results = {}
+    for name in VARIANTS:
+        run = subprocess.run([sys.executable, "-m", "bench.train_speed", args.model_dir, "--steps", str(args.steps),
+                              "--warmup-steps", str(args.warmup_steps), "--variant", name],
+                             capture_output=True, text=True, cwd=ROOT)
+        line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)  # noqa: E741
+        results[name] = json.loads(line[7:]) if line else {"error": run.stderr[-2000:]}
+        print(name, json.dumps(results[name]), flush=True)
+    base = results[next(iter(VARIANTS))].get("tokens_per_second")
+    for result in results.values():
+        if base and "tokens_per_second" in result:
+            result["speedup_vs_baseline"] = round(result["tokens_per_second"] / base, 2)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
