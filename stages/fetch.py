@@ -24,18 +24,18 @@ class FetchError(cli.StageError):
 
 def is_hub_id(source: str) -> bool:
     """A hub id looks like owner/name and is not an existing or explicitly local path."""
-    explicit_path = source.startswith(("/", "./", "../", "~")) or source.endswith(".parquet")
+    explicit_path = source.startswith(("/", "./", "../", "~")) or source.endswith((".parquet", ".jsonl", ".json"))
     return not explicit_path and not Path(source).exists() and bool(HUB_ID.match(source))
 
 
-def local_files(source: Path) -> list[Path]:
-    """The Parquet files of a local file or directory, in a stable order."""
+def local_files(source: Path, key: str = "data.source", suffixes: tuple[str, ...] = (".parquet",)) -> list[Path]:
+    """The data files of a local file or directory, in a stable order."""
     if not source.exists():
-        raise FetchError(f"fetch: data.source {source} does not exist; point it at a Parquet file, a folder "
-                         "of Parquet files, or a hub dataset id (owner/name)")
-    files = [source] if source.is_file() else sorted(source.rglob("*.parquet"))
+        raise FetchError(f"fetch: {key} {source} does not exist; point it at a data file, a folder of them, "
+                         "or a hub dataset id (owner/name)")
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix in suffixes)
     if not files:
-        raise FetchError(f"fetch: no *.parquet files under data.source {source}")
+        raise FetchError(f"fetch: no {' or '.join('*' + s for s in suffixes)} files under {key} {source}")
     return files
 
 
@@ -47,8 +47,8 @@ def copy_local(source: Path, files: list[Path], out: Path) -> None:
         shutil.copyfile(file, target)
 
 
-def download_hub(config: params.DataParams, out: Path) -> None:
-    """Download the shards matching data.files at data.revision; a clear error when the hub is unreachable."""
+def download_hub(config: params.DataParams | params.EvalSetParams, out: Path, key: str = "data") -> None:
+    """Download the files matching config.files at config.revision; a clear error when the hub is unreachable."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
@@ -61,15 +61,15 @@ def download_hub(config: params.DataParams, out: Path) -> None:
             f"Hugging Face Hub ({type(e).__name__}: {e}). The hub is unreachable from this machine or offline "
             "mode is on. Download the Parquet shards elsewhere (e.g. `hf download "
             f"{config.source} --repo-type dataset --revision {config.revision} --local-dir DIR`), copy DIR "
-            "here and set data.source in params.yaml to that local directory; the rest of the pipeline is "
+            f"here and set {key}.source in params.yaml to that local directory; the rest of the pipeline is "
             "unchanged."
         ) from e
     except HfHubHTTPError as e:
         raise FetchError(f"fetch: the hub refused {config.source}@{config.revision}: {e}. Check the id and "
                          "revision in params.yaml, and HF_TOKEN if the dataset is gated.") from e
     shutil.rmtree(out / ".cache", ignore_errors=True)
-    if not any(out.rglob("*.parquet")):
-        raise FetchError(f"fetch: no file of {config.source}@{config.revision} matches data.files={config.files!r}")
+    if not any(p.is_file() for p in out.rglob("*")):
+        raise FetchError(f"fetch: no file of {config.source}@{config.revision} matches {key}.files={config.files!r}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from stages import cli, params
 from stages.artifacts import atomic_file, write_json
 from stages.base_model import load_tokenizer
+from stages.contamination import ContaminationIndex
 from stages.magpie import TEXT_COLUMNS, check_schema, instruction_key, split_response
 from stages.prompts import encode_pairs, example_texts
 
@@ -26,8 +27,8 @@ log = logging.getLogger("stages.filter")
 
 # Every rule in the order it is applied; a row is counted under the first rule it breaks.
 RULES = ("null_field", "task_category", "input_quality", "difficulty", "no_think_close",
-         "multiple_think_close", "no_think_open", "empty_reasoning", "empty_answer", "too_long",
-         "duplicate_instruction")
+         "multiple_think_close", "no_think_open", "empty_reasoning", "empty_answer", "contaminated",
+         "too_long", "duplicate_instruction")
 OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("reasoning", pa.string()),
                            ("answer", pa.string()), ("difficulty", pa.string())])
 BATCH_ROWS = 2048
@@ -64,7 +65,8 @@ def _drop(table: pa.Table, keep, rule: str, dropped: Counter) -> pa.Table:
 
 
 def filter_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, seen: set[bytes],
-                 dropped: Counter, count_tokens: TokenCounter | None) -> pa.Table:
+                 dropped: Counter, count_tokens: TokenCounter | None,
+                 contamination: ContaminationIndex | None = None) -> pa.Table:
     """Apply every rule to one batch of raw rows; `seen` carries instruction keys across batches."""
     id_column = config.id_column
     columns = (id_column, *TEXT_COLUMNS)
@@ -83,6 +85,9 @@ def filter_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, 
         parsed = split_response(response, config.require_think_open)
         if isinstance(parsed, str):
             dropped[parsed] += 1
+            continue
+        if contamination is not None and contamination.contains(instruction):
+            dropped["contaminated"] += 1
             continue
         ids.append(row_id)
         instructions.append(instruction)
@@ -146,13 +151,13 @@ def funnel_metrics(rows_in: int, dropped: Counter, difficulty_counts: Counter) -
 
 
 def filter_files(files: list[Path], out: Path, config: params.FilterParams, max_tokens: int,
-                 count_tokens: TokenCounter | None) -> dict:
+                 count_tokens: TokenCounter | None, contamination: ContaminationIndex | None = None) -> dict:
     """Stream `files` through the rules into `out` (atomically); return the funnel metrics."""
     dropped, difficulty_counts, seen, rows_in = Counter(), Counter(), set(), 0
     with atomic_file(out) as tmp, pq.ParquetWriter(tmp, OUTPUT_SCHEMA) as writer:
         for batch in read_batches(files, config.id_column):
             rows_in += batch.num_rows
-            kept = filter_batch(batch, config, max_tokens, seen, dropped, count_tokens)
+            kept = filter_batch(batch, config, max_tokens, seen, dropped, count_tokens, contamination)
             difficulty_counts.update(kept["difficulty"].to_pylist())
             if kept.num_rows:
                 writer.write_table(kept)
@@ -164,9 +169,20 @@ def filter_files(files: list[Path], out: Path, config: params.FilterParams, max_
     return funnel
 
 
+def contamination_index(eval_sets: Path, ngram: int) -> ContaminationIndex:
+    """Every problem of the evaluation sets (fetch_eval's output) that training must not see."""
+    files = sorted(eval_sets.glob("*.parquet")) if eval_sets.is_dir() else []
+    if not files:
+        raise FilterError(f"filter: filter.decontaminate is on but {eval_sets} holds no evaluation sets; run "
+                          "the fetch_eval stage first (dvc repro fetch_eval) or set filter.decontaminate: false")
+    problems = [p for file in files for p in pq.read_table(file, columns=["problem"])["problem"].to_pylist()]
+    return ContaminationIndex(problems, ngram)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--raw", type=Path, default=Path("data/raw"))
+    parser.add_argument("--eval-sets", type=Path, default=Path("data/eval/sets"))
     parser.add_argument("--out", type=Path, default=Path("data/filtered.parquet"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/data.json"))
     args = parser.parse_args(argv)
@@ -174,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     config = params.load("filter")
     model = params.load("model")
     count_tokens = token_counter(load_tokenizer(model)) if config.check_length else None
-    funnel = filter_files(raw_files(args.raw), args.out, config, model.max_seq_length, count_tokens)
+    contamination = contamination_index(args.eval_sets, config.contamination_ngram) if config.decontaminate else None
+    funnel = filter_files(raw_files(args.raw), args.out, config, model.max_seq_length, count_tokens, contamination)
     write_json(args.metrics, funnel)
     log.info("kept %d of %d rows -> %s", funnel["rows_out"], funnel["rows_in"], args.out)
 

@@ -50,9 +50,12 @@ class FilterParams:
     require_think_open: bool
     deduplicate: bool
     check_length: bool
+    decontaminate: bool
+    contamination_ngram: int
 
     def __post_init__(self):
         _require(bool(self.task_categories), "filter.task_categories", "must list at least one category")
+        _require(self.contamination_ngram >= 5, "filter.contamination_ngram", "must be at least 5 words")
         for key, allowed in (("input_qualities", INPUT_QUALITIES), ("difficulties", DIFFICULTIES)):
             values = getattr(self, key)
             unknown = sorted(set(values) - set(allowed))
@@ -127,6 +130,47 @@ class TrainParams:
                  "must be null (all) or positive")
 
 
+EVAL_FORMATS = ("gsm8k", "math500")
+
+
+@dataclass(frozen=True)
+class EvalSetParams:
+    source: str  # hub dataset id, or a local Parquet / JSON-lines file or folder
+    revision: str
+    files: str  # glob of the file(s) inside the hub dataset
+    format: str  # how to read problem and gold answer: gsm8k | math500
+
+    def __post_init__(self):
+        _require(self.format in EVAL_FORMATS, "eval_data.<set>.format",
+                 f"must be one of {list(EVAL_FORMATS)}, got {self.format!r}")
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    sets: list[str]
+    limit: int | None
+    samples: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    batch_size: int
+    static_cache: bool
+    second_guess_markers: list[str]
+    loop_ngram: int
+    loop_repeats: int
+
+    def __post_init__(self):
+        _require(bool(self.sets), "eval.sets", "must name at least one set")
+        _require(self.limit is None or self.limit > 0, "eval.limit", "must be null (all) or positive")
+        _require(self.samples > 0, "eval.samples", "must be positive")
+        _require(self.temperature >= 0, "eval.temperature", "must be >= 0 (0: greedy)")
+        _require(0 < self.top_p <= 1, "eval.top_p", "must lie in (0, 1]")
+        _require(self.max_new_tokens > 0, "eval.max_new_tokens", "must be positive")
+        _require(self.batch_size > 0, "eval.batch_size", "must be positive")
+        _require(self.loop_ngram > 0 and self.loop_repeats > 1, "eval.loop_ngram/loop_repeats",
+                 "must be positive, and repeats at least 2")
+
+
 def _require(ok: bool, key: str, what: str) -> None:
     if not ok:
         raise ParamsError(f"params: {key} {what}")
@@ -152,6 +196,11 @@ def _check_type(value, annotation, key: str):
         if value is None:
             return None
         raise ParamsError(f"params: {key} must be null, got {value!r}")
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ParamsError(f"params: {key} must be a mapping, got {value!r}")
+        return {_check_type(k, key_type, key): _check_type(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
@@ -202,7 +251,8 @@ def read(path: str | Path = PARAMS_FILE) -> dict:
 
 
 SECTIONS = {"data": DataParams, "model": ModelParams, "filter": FilterParams, "stratify": StratifyParams,
-            "train": TrainParams}
+            "train": TrainParams, "eval": EvalParams}
+HELDOUT = "heldout"  # the evaluation set made from our own test split
 
 
 def load(section: str, path: str | Path = PARAMS_FILE):
@@ -210,6 +260,9 @@ def load(section: str, path: str | Path = PARAMS_FILE):
     raw = read(path)
     if section not in raw:
         raise ParamsError(f"params: section '{section}' missing in {path}")
+    if section == "eval_data":  # a mapping of set name -> set
+        sets = _check_type(raw[section], dict[str, dict], section)
+        return {name: build(EvalSetParams, value, f"{section}.{name}") for name, value in sets.items()}
     return build(SECTIONS[section], raw[section], section)
 
 

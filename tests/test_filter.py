@@ -132,3 +132,19 @@ def test_integer_ids_are_kept_as_text(tmp_path, filter_params):
     pq.write_table(table, tmp_path / "ids.parquet")
     run_filter(tmp_path / "ids.parquet", tmp_path / "f.parquet", filter_params, None)
     assert pq.read_table(tmp_path / "f.parquet")["id"].to_pylist() == ["7", "8", "9"]
+
+
+def test_rows_matching_an_evaluation_problem_are_counted_as_contaminated(tmp_path, filter_params):
+    from stages.contamination import ContaminationIndex
+
+    rows = magpie_data.clean_rows(5)
+    index = ContaminationIndex([rows[1]["instruction"], rows[3]["instruction"]], filter_params.contamination_ngram)
+    pq.write_table(magpie_data.table(rows), tmp_path / "raw.parquet")
+    funnel = filter_stage.filter_files([tmp_path / "raw.parquet"], tmp_path / "f.parquet", filter_params, 4096,
+                                       None, index)
+    assert funnel["dropped"]["contaminated"] == 2 and funnel["rows_out"] == 3
+
+
+def test_decontamination_without_evaluation_sets_says_to_fetch_them(tmp_path):
+    with pytest.raises(filter_stage.FilterError, match="fetch_eval"):
+        filter_stage.contamination_index(tmp_path / "missing", 13)

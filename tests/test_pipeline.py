@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import eval_data
 from tests.conftest import copy_project
 
 pytestmark = pytest.mark.slow
+STAGES = ("fetch", "fetch_eval", "filter", "stratify", "train", "evaluate")
 
 
 def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -40,9 +42,15 @@ def dvc(project: Path, *args: str, check: bool = True):
 @pytest.fixture
 def project(tmp_path, messy_source, tiny_model_dir) -> Path:
     project = copy_project(tmp_path / "project")
+    sources = eval_data.write_all(tmp_path / "eval-sources")
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    for name, source in sources.items():
+        raw["eval_data"][name]["source"] = str(source)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     set_params(project, data={"source": str(messy_source[0])},
                model={"name": str(tiny_model_dir), "max_seq_length": 1024},
-               train={"max_steps": 2, "eval_every_steps": 1, "sequences_per_step": 4})
+               train={"max_steps": 2, "eval_every_steps": 1, "sequences_per_step": 4},
+               eval={"limit": 2, "max_new_tokens": 8})
     sh(project, "git", "init", "-q")
     dvc(project, "init", "-q")
     sh(project, "git", "add", "-A")
@@ -51,14 +59,17 @@ def project(tmp_path, messy_source, tiny_model_dir) -> Path:
 
 
 def ran_stages(output: str) -> set[str]:
-    return {s for s in ("fetch", "filter", "stratify", "train") if f"Running stage '{s}'" in output}
+    return {s for s in STAGES if f"Running stage '{s}'" in output}
 
 
 def test_repro_builds_splits_and_adapter_reruns_only_what_changed_and_diffs_metrics(project, messy_source):
     first = dvc(project, "repro")
-    assert ran_stages(first.stdout) == {"fetch", "filter", "stratify", "train"}
+    assert ran_stages(first.stdout) == set(STAGES)
     assert (project / "models" / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((project / "metrics" / "train.json").read_text())["steps"] == 2
+    evaluation = json.loads((project / "metrics" / "eval.json").read_text())
+    assert set(evaluation["finetuned"]) == {"heldout", "gsm8k", "math500"}
+    assert (project / "data" / "eval" / "samples.parquet").is_file()
     for name in ("train", "val", "test"):
         assert (project / "data" / "splits" / f"{name}.parquet").is_file()
     funnel = json.loads((project / "metrics" / "data.json").read_text())
@@ -72,7 +83,7 @@ def test_repro_builds_splits_and_adapter_reruns_only_what_changed_and_diffs_metr
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "baseline")
     set_params(project, filter={"input_qualities": ["good", "excellent"]})
-    assert ran_stages(dvc(project, "repro").stdout) == {"filter", "stratify", "train"}
+    assert ran_stages(dvc(project, "repro").stdout) == {"filter", "stratify", "train", "evaluate"}
 
     params_diff = json.loads(dvc(project, "params", "diff", "--json").stdout)
     changed = params_diff["params.yaml"]["filter.input_qualities"]
@@ -94,8 +105,8 @@ def test_a_failing_stage_reports_the_problem_and_leaves_no_output(project):
 def test_changing_a_train_param_reruns_only_train(project):
     dvc(project, "repro")
     set_params(project, train={"learning_rate": 1.0e-3})
-    assert ran_stages(dvc(project, "repro").stdout) == {"train"}
+    assert ran_stages(dvc(project, "repro").stdout) == {"train", "evaluate"}
     plots = json.loads(dvc(project, "plots", "show", "--json").stdout)
-    assert {"Loss", "Learning rate"} <= set(plots["data"]) and not plots.get("errors")
+    assert {"Loss", "Learning rate", "Base vs fine-tuned"} <= set(plots["data"]) and not plots.get("errors")
     values = plots["data"]["Loss"][0]["content"]["data"]["values"]
     assert {str(v["step"]) for v in values} >= {"1", "2"}

@@ -1,0 +1,110 @@
+"""Batched generation for evaluation: the base model, or the base model with the LoRA merged into its
+weights, answering many prompts at once, sorted by length; on a GPU with a static KV cache, which makes
+transformers compile the forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from stages import params
+from stages.cli import StageError
+
+log = logging.getLogger("stages.evaluate")
+PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so compiled shapes repeat
+
+
+class GenerationError(StageError):
+    """The model or adapter cannot be used for evaluation as configured."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str  # the generated continuation of the prompt, up to (without) the end-of-sequence token
+    n_tokens: int  # generated tokens, end-of-sequence included when it came
+    hit_max_tokens: bool  # stopped by max_new_tokens instead of ending by itself
+
+
+def check_adapter(adapter: Path, model_params: params.ModelParams) -> None:
+    """The adapter must exist and have been trained on this base model."""
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise GenerationError(f"evaluate: no LoRA adapter at {adapter} (missing adapter_config.json); run the "
+                              "train stage first (dvc repro train) or dvc pull")
+    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    same = base == model_params.name or (
+        Path(str(base)).expanduser().exists() and Path(model_params.name).expanduser().exists()
+        and Path(str(base)).expanduser().resolve() == Path(model_params.name).expanduser().resolve())
+    if not same:
+        raise GenerationError(f"evaluate: the adapter in {adapter} was trained on {base!r}, but model.name is "
+                              f"{model_params.name!r}; retrain (dvc repro train) or set model.name back")
+
+
+def load_model(model_params: params.ModelParams, adapter: Path | None):
+    """The model to generate with: bf16 on CUDA (fp32 on CPU), the adapter merged in when given."""
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_params.name, revision=model_params.revision, dtype=torch.bfloat16 if cuda else torch.float32,
+        use_safetensors=True, trust_remote_code=False, device_map={"": 0} if cuda else None)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()  # no LoRA cost per token
+    return model.eval()
+
+
+def check_context(model, longest_prompt: int, max_new_tokens: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and longest_prompt + max_new_tokens > limit:
+        raise GenerationError(f"eval.max_new_tokens={max_new_tokens} plus the longest prompt ({longest_prompt} "
+                              f"tokens) exceeds the model's context of {limit} tokens; lower eval.max_new_tokens")
+
+
+def _bucket(length: int) -> int:
+    return -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
+
+
+def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, seed: int,
+             desc: str = "generate") -> list[Generation]:
+    """Generate one response per prompt, in batches of prompts of similar length."""
+    cuda = torch.cuda.is_available()
+    static = cuda and config.static_cache
+    batch_size = config.batch_size if cuda else min(config.batch_size, 16)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    check_context(model, max(map(len, encoded), default=0), config.max_new_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    results: list[Generation | None] = [None] * len(prompts)
+    torch.manual_seed(seed)
+    with tqdm(total=len(prompts), desc=desc, unit="prompt") as progress:
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            rows = [encoded[i] for i in indices]
+            if static:  # full batches and bucketed lengths: the compiled graphs are reused
+                rows += [rows[0]] * (batch_size - len(rows))
+            width = _bucket(max(map(len, rows))) if static else max(map(len, rows))
+            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+            attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+            sample = config.temperature > 0
+            with torch.inference_mode():
+                output = model.generate(
+                    input_ids=input_ids, attention_mask=attention, max_new_tokens=config.max_new_tokens,
+                    do_sample=sample, temperature=config.temperature if sample else None,
+                    top_p=config.top_p if sample else None, top_k=None, pad_token_id=pad, eos_token_id=eos,
+                    cache_implementation="static" if static else None)
+            for i, new_tokens in zip(indices, output[:, width:].tolist(), strict=False):
+                ended = eos in new_tokens
+                cut = new_tokens.index(eos) if ended else len(new_tokens)
+                results[i] = Generation(text=tokenizer.decode(new_tokens[:cut], skip_special_tokens=False),
+                                        n_tokens=cut + 1 if ended else cut, hit_max_tokens=not ended)
+            progress.update(len(indices))
+    return results
