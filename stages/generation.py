@@ -18,6 +18,7 @@ from stages.cli import StageError
 
 log = logging.getLogger("stages.evaluate")
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so compiled shapes repeat
+ATTENTION = "sdpa_grouped"
 
 
 class GenerationError(StageError):
@@ -29,6 +30,39 @@ class Generation:
     text: str  # the generated continuation of the prompt, up to (without) the end-of-sequence token
     n_tokens: int  # generated tokens, end-of-sequence included when it came
     hit_max_tokens: bool  # stopped by max_new_tokens instead of ending by itself
+
+
+def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA for grouped-query attention with a padding mask, without copying K/V per query head.
+
+    transformers' SDPA path repeats K and V for every query head whenever a mask is given (always, in
+    batched generation), so each decode step copies the whole KV cache several times (6x for the
+    R1-Distill-1.5B's 12 query / 2 KV heads). Folding each group's query heads into the query length
+    instead gives SDPA the same arithmetic on the cache as it is.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, q_heads, q_length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    groups = q_heads // kv_heads
+    if attention_mask is None or groups == 1 or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    folded = query.reshape(batch, kv_heads, groups * q_length, head_dim)  # heads are ordered kv-major
+    mask = attention_mask[:, :, -q_length:, : key.shape[2]]
+    mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * q_length, -1)
+    output = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+    return output.reshape(batch, q_heads, q_length, head_dim).transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> str:
+    """Make ATTENTION loadable by name (attn_implementation=...), with SDPA's masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, grouped_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+    return ATTENTION
 
 
 def check_adapter(adapter: Path, model_params: params.ModelParams) -> None:
@@ -53,7 +87,8 @@ def load_model(model_params: params.ModelParams, adapter: Path | None):
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
         model_params.name, revision=model_params.revision, dtype=torch.bfloat16 if cuda else torch.float32,
-        use_safetensors=True, trust_remote_code=False, device_map={"": 0} if cuda else None)
+        use_safetensors=True, trust_remote_code=False, device_map={"": 0} if cuda else None,
+        attn_implementation=register_attention())
     if adapter is not None:
         from peft import PeftModel
 
@@ -72,25 +107,42 @@ def _bucket(length: int) -> int:
     return -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
 
 
+def batch_size(config: params.EvalParams, model, longest_prompt: int) -> int:
+    """eval.batch_size, or for 'auto' the most sequences whose KV cache fits in 60% of free GPU memory
+    (at most 512: beyond that a step no longer gets cheaper per token); 16 on CPU."""
+    if config.batch_size != "auto":
+        return config.batch_size if torch.cuda.is_available() else min(config.batch_size, 16)
+    if not torch.cuda.is_available():
+        return 16
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize
+    free, _ = torch.cuda.mem_get_info()
+    sequence_bytes = kv_bytes_per_token * (_bucket(longest_prompt) + config.max_new_tokens)
+    return max(8, min(512, int(0.6 * free // sequence_bytes) // 8 * 8))
+
+
 def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, seed: int,
              desc: str = "generate") -> list[Generation]:
     """Generate one response per prompt, in batches of prompts of similar length."""
-    cuda = torch.cuda.is_available()
-    static = cuda and config.static_cache
-    batch_size = config.batch_size if cuda else min(config.batch_size, 16)
+    static = torch.cuda.is_available() and config.static_cache
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    check_context(model, max(map(len, encoded), default=0), config.max_new_tokens)
+    longest = max(map(len, encoded), default=0)
+    check_context(model, longest, config.max_new_tokens)
+    size = batch_size(config, model, longest)
+    log.info("%s: %d prompts in batches of %d, up to %d new tokens each", desc, len(prompts), size,
+             config.max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
     results: list[Generation | None] = [None] * len(prompts)
     torch.manual_seed(seed)
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as progress:
-        for start in range(0, len(order), batch_size):
-            indices = order[start:start + batch_size]
+        for start in range(0, len(order), size):
+            indices = order[start:start + size]
             rows = [encoded[i] for i in indices]
             if static:  # full batches and bucketed lengths: the compiled graphs are reused
-                rows += [rows[0]] * (batch_size - len(rows))
+                rows += [rows[0]] * (size - len(rows))
             width = _bucket(max(map(len, rows))) if static else max(map(len, rows))
             input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
             attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)

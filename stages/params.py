@@ -153,7 +153,7 @@ class EvalParams:
     temperature: float
     top_p: float
     max_new_tokens: int
-    batch_size: int
+    batch_size: int | typing.Literal["auto"]
     static_cache: bool
     second_guess_markers: list[str]
     loop_ngram: int
@@ -166,7 +166,7 @@ class EvalParams:
         _require(self.temperature >= 0, "eval.temperature", "must be >= 0 (0: greedy)")
         _require(0 < self.top_p <= 1, "eval.top_p", "must lie in (0, 1]")
         _require(self.max_new_tokens > 0, "eval.max_new_tokens", "must be positive")
-        _require(self.batch_size > 0, "eval.batch_size", "must be positive")
+        _require(self.batch_size == "auto" or self.batch_size > 0, "eval.batch_size", "must be 'auto' or positive")
         _require(self.loop_ngram > 0 and self.loop_repeats > 1, "eval.loop_ngram/loop_repeats",
                  "must be positive, and repeats at least 2")
 

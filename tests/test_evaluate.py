@@ -149,3 +149,31 @@ def test_an_unknown_eval_set_is_named(project):
     set_params(project, "eval", sets=["heldout", "aime"])
     with pytest.raises(evaluate.cli.StageError, match="'aime'"):
         evaluate.main([])
+
+
+def test_grouped_attention_matches_transformers_sdpa_on_padded_batches(tiny_model_dir, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    grouped = generation.load_model(params.ModelParams(str(tiny_model_dir), "main", 1024), None)
+    assert grouped.config._attn_implementation == generation.ATTENTION
+    assert grouped.config.num_attention_heads > grouped.config.num_key_value_heads  # the case that matters
+    ids = torch.tensor([[1, 1, 1, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+        actual = grouped(input_ids=ids, attention_mask=mask).logits
+        assert torch.allclose(actual[0, 3:], expected[0, 3:], atol=1e-5)
+        assert torch.allclose(actual[1], expected[1], atol=1e-5)
+        greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=1, eos_token_id=-1)
+        assert torch.equal(grouped.generate(input_ids=ids, attention_mask=mask, **greedy),
+                           reference.generate(input_ids=ids, attention_mask=mask, **greedy))
+
+
+def test_batch_size_on_cpu_is_at_most_16():
+    config = params.load("eval", ROOT / "params.yaml")
+    assert config.batch_size == "auto"
+    assert generation.batch_size(config, model=None, longest_prompt=100) == 16
+    fixed = params.EvalParams(**{**config.__dict__, "batch_size": 4})
+    assert generation.batch_size(fixed, model=None, longest_prompt=100) == 4

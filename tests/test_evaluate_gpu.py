@@ -1,0 +1,41 @@
+"""The evaluate stage on a CUDA GPU with a random-weight model of the real 1.5B shape.
+
+    python .gpu/make_random_model.py /tmp/r1 && R1_RANDOM_MODEL=/tmp/r1 pytest -m gpu
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from stages import evaluate
+from tests import tiny_model
+from tests.conftest import set_params
+from tests.test_evaluate import make_adapter, project  # noqa: F401  (project: the CPU tests' fixture)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif("R1_RANDOM_MODEL" not in os.environ, reason="set R1_RANDOM_MODEL to a model directory"),
+]
+
+
+@pytest.fixture
+def tiny_model_dir():  # the evaluate project fixture, pointed at the 1.5B-shaped model
+    model_dir = os.environ["R1_RANDOM_MODEL"]
+    tiny_model.add_chat_template(model_dir)
+    return model_dir
+
+
+@pytest.fixture
+def tiny_adapter(tiny_model_dir, tmp_path_factory):
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"))
+
+
+def test_evaluate_runs_end_to_end_on_the_gpu_with_a_static_cache(project):  # noqa: F811
+    set_params(project, "eval", limit=8, max_new_tokens=32, batch_size=8, static_cache=True)
+    evaluate.main([])
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert metrics["finetuned"]["gsm8k"]["samples"] == 6  # 3 problems x 2 samples
+    assert metrics["base"]["math500"]["response_tokens_mean"] <= 32
