@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from stages import params
+from stages.artifacts import atomic_file
 from stages.base_model import check_tokenizer
 from stages.cli import StageError
 from stages.prompts import encode_pairs, example_texts
@@ -164,7 +165,8 @@ def resumable_checkpoint(checkpoints: Path, current: str) -> Path | None:
         log.info("params or data changed since the checkpoints in %s were written: starting over", checkpoints)
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"fingerprint": current}) + "\n")
+    with atomic_file(stamp) as tmp:  # never write into a file that may be a link into the DVC cache
+        tmp.write_text(json.dumps({"fingerprint": current}) + "\n")
     return None
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from tests import eval_data
-from tests.conftest import copy_project
+from tests.conftest import ROOT, copy_project
 
 pytestmark = pytest.mark.slow
 STAGES = ("fetch", "fetch_eval", "filter", "stratify", "train", "evaluate")
@@ -39,23 +40,28 @@ def dvc(project: Path, *args: str, check: bool = True):
     return sh(project, sys.executable, "-m", "dvc", *args, check=check)
 
 
-@pytest.fixture
-def project(tmp_path, messy_source, tiny_model_dir) -> Path:
-    project = copy_project(tmp_path / "project")
-    sources = eval_data.write_all(tmp_path / "eval-sources")
+def make_project(target: Path, magpie_source: Path, model_dir: Path, eval_sources: Path) -> Path:
+    """A git + DVC repo of the pipeline, as cloned, with params pointing at fixture data and the tiny model."""
+    project = copy_project(target)
     raw = yaml.safe_load((project / "params.yaml").read_text())
-    for name, source in sources.items():
+    for name, source in eval_data.write_all(eval_sources).items():
         raw["eval_data"][name]["source"] = str(source)
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    set_params(project, data={"source": str(messy_source[0])},
-               model={"name": str(tiny_model_dir), "max_seq_length": 1024},
+    set_params(project, data={"source": str(magpie_source)},
+               model={"name": str(model_dir), "max_seq_length": 1024},
                train={"max_steps": 2, "eval_every_steps": 1, "sequences_per_step": 4},
                eval={"limit": 2, "max_new_tokens": 8})
     sh(project, "git", "init", "-q")
     dvc(project, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")  # the repo's cache settings
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "project as cloned")
     return project
+
+
+@pytest.fixture
+def project(tmp_path, messy_source, tiny_model_dir) -> Path:
+    return make_project(tmp_path / "project", messy_source[0], tiny_model_dir, tmp_path / "eval-sources")
 
 
 def ran_stages(output: str) -> set[str]:
@@ -86,11 +92,12 @@ def test_repro_builds_splits_and_adapter_reruns_only_what_changed_and_diffs_metr
     assert ran_stages(dvc(project, "repro").stdout) == {"filter", "stratify", "train", "evaluate"}
 
     params_diff = json.loads(dvc(project, "params", "diff", "--json").stdout)
-    changed = params_diff["params.yaml"]["filter.input_qualities"]
-    assert changed == {"old": str(["excellent"]), "new": str(["good", "excellent"])}
+    assert params_diff["params.yaml"] == {
+        "filter.input_qualities": {"old": str(["excellent"]), "new": str(["good", "excellent"])}}
     metrics_diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)["metrics/data.json"]
     assert metrics_diff["rows_out"] == {"old": funnel["rows_out"], "new": funnel["rows_out"] + 1, "diff": 1}
     assert metrics_diff["dropped.input_quality"]["diff"] == -1
+    assert "rows_in" not in metrics_diff and "dropped.null_field" not in metrics_diff  # unchanged: not shown
 
 
 def test_a_failing_stage_reports_the_problem_and_leaves_no_output(project):
