@@ -1,10 +1,11 @@
-"""`dvc repro` of the data stages in a throwaway git repo, as a user would run it."""
+"""`dvc repro` of the whole pipeline in a throwaway git repo, as a user would run it, and experiments."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,32 @@ def test_changing_a_train_param_reruns_only_train(project):
     assert {"Loss", "Learning rate", "Base vs fine-tuned"} <= set(plots["data"]) and not plots.get("errors")
     values = plots["data"]["Loss"][0]["content"]["data"]["values"]
     assert {str(v["step"]) for v in values} >= {"1", "2"}
+
+
+def test_experiments_run_alone_and_queued_and_show_as_a_table(project):
+    dvc(project, "repro")
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "baseline run")
+    single = dvc(project, "exp", "run", "-n", "rank16", "-S", "train.lora.r=16")
+    assert ran_stages(single.stdout) == {"train", "evaluate"}
+    dvc(project, "exp", "run", "--queue", "-S", "train.lora.r=4,32")
+    dvc(project, "queue", "start")
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            status = dvc(project, "queue", "status").stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(2)
+    finally:
+        dvc(project, "queue", "stop", check=False)  # no worker outlives the test
+    assert status.count("Success") == 2, status
+    rows = json.loads(dvc(project, "exp", "show", "--json").stdout)
+    ranks = set()
+    for commit in rows:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                ranks.add(rev["data"]["params"]["params.yaml"]["data"]["train"]["lora"]["r"])
+    assert {16, 4, 32} <= ranks
+    table = dvc(project, "exp", "show", "--only-changed", "--md").stdout
+    assert "train.lora.r" in table and "rank16" in table
