@@ -125,6 +125,43 @@ def summarize(samples: pd.DataFrame, without_gold: int) -> tuple[dict, dict[str,
     return metrics, plot
 
 
+def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_params: params.ModelParams, seed: int,
+                 adapter: Path, cache_dir: Path, tokenizer) -> list[pd.DataFrame]:
+    """Sample rows of every (model, set): generated now, or reused from cache_dir when a file with the
+    same fingerprint (model, adapter, problems, sampling, seed) is there. Stale files are removed."""
+    from stages import generation
+    from stages.prompts import prompt_text
+
+    sampling = {k: v for k, v in dataclasses.asdict(config).items()
+                if k in ("samples", "temperature", "top_p", "max_new_tokens", "batch_size", "static_cache")}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    frames, kept = [], set()
+    for model_name in MODELS:
+        model_adapter = adapter if model_name == "finetuned" else None
+        model = None
+        for set_name, problems in sets.items():
+            key = fingerprint(dataclasses.asdict(model_params), sampling, seed, model_name,
+                              problems.to_pylist(), *([model_adapter] if model_adapter else []))
+            cached = cache_dir / f"{model_name}-{set_name}-{key}.parquet"
+            kept.add(cached.name)
+            if cached.is_file():
+                log.info("%s / %s: reusing %s", model_name, set_name, cached)
+            else:
+                model = model or generation.load_model(model_params, model_adapter)
+                prompts = [prompt_text(tokenizer, p) for p in problems["problem"].to_pylist()] * config.samples
+                outputs = generation.generate(model, tokenizer, prompts, config, seed, desc=f"{model_name}/{set_name}")
+                with atomic_file(cached) as tmp:
+                    pq.write_table(pa.Table.from_pylist([dataclasses.asdict(o) for o in outputs]), tmp)
+            outputs = [generation.Generation(**row) for row in pq.read_table(cached).to_pylist()]
+            frames.append(sample_rows(model_name, set_name, problems, outputs, config.samples, config, tokenizer))
+        del model
+        gc.collect()
+    for stale in cache_dir.glob("*.parquet"):
+        if stale.name not in kept:
+            stale.unlink()
+    return frames
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sets", type=Path, default=Path("data/eval/sets"))
@@ -141,39 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     seed = params.load_seed()
     from stages import generation
     from stages.base_model import load_tokenizer
-    from stages.prompts import prompt_text
 
     generation.check_adapter(args.adapter, model_params)
     sets, without_gold = load_sets(config, args.sets, args.test_split)
     tokenizer = load_tokenizer(model_params)
-    sampling = {k: v for k, v in dataclasses.asdict(config).items()
-                if k in ("samples", "temperature", "top_p", "max_new_tokens", "batch_size", "static_cache")}
-    args.generations.mkdir(parents=True, exist_ok=True)
-    frames, kept = [], set()
-    for model_name in MODELS:
-        adapter = args.adapter if model_name == "finetuned" else None
-        model = None
-        for set_name, problems in sets.items():
-            key = fingerprint(dataclasses.asdict(model_params), sampling, seed, model_name,
-                              problems.to_pylist(), *([adapter] if adapter else []))
-            cached = args.generations / f"{model_name}-{set_name}-{key}.parquet"
-            kept.add(cached.name)
-            if cached.is_file():
-                log.info("%s / %s: reusing %s", model_name, set_name, cached)
-            else:
-                model = model or generation.load_model(model_params, adapter)
-                prompts = [prompt_text(tokenizer, p) for p in problems["problem"].to_pylist()] * config.samples
-                outputs = generation.generate(model, tokenizer, prompts, config, seed, desc=f"{model_name}/{set_name}")
-                with atomic_file(cached) as tmp:
-                    pq.write_table(pa.Table.from_pylist([dataclasses.asdict(o) for o in outputs]), tmp)
-            outputs = [generation.Generation(**row) for row in pq.read_table(cached).to_pylist()]
-            frames.append(sample_rows(model_name, set_name, problems, outputs, config.samples, config, tokenizer))
-        del model
-        gc.collect()
-    for stale in args.generations.glob("*.parquet"):
-        if stale.name not in kept:
-            stale.unlink()
-
+    frames = generate_all(sets, config, model_params, seed, args.adapter, args.generations, tokenizer)
     samples = pd.concat(frames, ignore_index=True)
     metrics, plot = summarize(samples, without_gold)
     with atomic_file(args.samples) as tmp:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests import eval_data
+from tests import conftest, eval_data
 from tests.conftest import ROOT, copy_project
 
 pytestmark = pytest.mark.slow
@@ -30,11 +30,8 @@ def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess
 
 
 def set_params(project: Path, **sections) -> None:
-    path = project / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
     for section, values in sections.items():
-        raw[section].update(values)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        conftest.set_params(project, section, **values)
 
 
 def dvc(project: Path, *args: str, check: bool = True):

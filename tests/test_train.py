@@ -204,3 +204,13 @@ def test_unsloth_backend_without_a_gpu_says_so(project):
     set_params(project, "train", backend="unsloth")
     with pytest.raises(training.TrainError, match="needs a CUDA GPU"):
         train_stage.main([])
+
+
+def test_training_prompt_tokens_are_exactly_what_evaluation_feeds_the_model(tokenizer):
+    from stages.prompts import prompt_text
+
+    table = splits_table([magpie_data.row(5)])
+    (example,) = training.tokenize(tokenizer, table, 1024, "train")
+    prompt_length = example["labels"].count(training.IGNORE_INDEX)
+    evaluation_prompt = prompt_text(tokenizer, table["instruction"][0].as_py())  # as stages.evaluate builds it
+    assert example["input_ids"][:prompt_length] == tokenizer(evaluation_prompt, add_special_tokens=False)["input_ids"]
