@@ -13,6 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -62,20 +63,39 @@ def micro_batch_size(config: params.TrainParams, cuda_memory_gib: float | None) 
     return max(size, 1)
 
 
-def tokenize(tokenizer, table: pa.Table, max_seq_length: int, split: str) -> list[dict]:
+class Examples(torch.utils.data.Dataset):
+    """Tokenized examples kept as int32 arrays: 4 bytes a token, where Python lists of ints take ~10x
+    that (a real train split holds ~10^8 tokens)."""
+
+    def __init__(self, ids: list[np.ndarray], prompt_lengths: list[int]):
+        self.ids, self.prompt_lengths = ids, prompt_lengths
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        ids = self.ids[index].tolist()
+        prompt = self.prompt_lengths[index]
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]}
+
+
+def tokenize(tokenizer, table: pa.Table, max_seq_length: int, split: str, chunk_rows: int = 1024) -> Examples:
     """Examples as input ids + labels, the prompt masked out of the loss. Nothing is truncated."""
-    rows = zip(table["instruction"].to_pylist(), table["reasoning"].to_pylist(), table["answer"].to_pylist(),
-               strict=True)
-    prompts, completions = encode_pairs(tokenizer, [example_texts(tokenizer, *row) for row in rows])
-    examples = []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        ids = prompt.ids + completion.ids
-        if len(ids) > max_seq_length:
-            raise TrainError(f"train: a {split} example has {len(ids)} tokens, above model.max_seq_length="
-                             f"{max_seq_length}; re-run the filter stage with this model's tokenizer "
-                             "(filter.check_length: true) so such examples are dropped, not truncated")
-        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt.ids) + completion.ids})
-    return examples
+    ids, prompt_lengths = [], []
+    for start in range(0, table.num_rows, chunk_rows):
+        chunk = table.slice(start, chunk_rows)
+        rows = zip(chunk["instruction"].to_pylist(), chunk["reasoning"].to_pylist(), chunk["answer"].to_pylist(),
+                   strict=True)
+        prompts, completions = encode_pairs(tokenizer, [example_texts(tokenizer, *row) for row in rows])
+        for prompt, completion in zip(prompts, completions, strict=True):
+            length = len(prompt) + len(completion)
+            if length > max_seq_length:
+                raise TrainError(f"train: a {split} example has {length} tokens, above model.max_seq_length="
+                                 f"{max_seq_length}; re-run the filter stage with this model's tokenizer "
+                                 "(filter.check_length: true) so such examples are dropped, not truncated")
+            ids.append(np.array(prompt.ids + completion.ids, dtype=np.int32))
+            prompt_lengths.append(len(prompt))
+    return Examples(ids, prompt_lengths)
 
 
 def check_model_limits(model_params: params.ModelParams) -> None:

@@ -126,6 +126,7 @@ def test_packed_examples_do_not_attend_to_each_other(tokenizer, tiny_model_dir, 
     model = training.load_peft(model_params, config).train()
     table = splits_table([magpie_data.row(3), magpie_data.row(40), magpie_data.row(77)])
     examples = training.tokenize(tokenizer, table, 1024, "train")
+    examples = list(examples)
     packed = training.collator(tokenizer, packing=True)(examples)
     assert packed["input_ids"].shape[0] == 1
     with torch.no_grad():
@@ -139,6 +140,14 @@ def test_packed_examples_do_not_attend_to_each_other(tokenizer, tiny_model_dir, 
         packed_loss = model(**packed).loss
         padded_loss = model(**training.collator(tokenizer, packing=False)(examples)).loss
     assert packed_loss == pytest.approx(float(padded_loss), rel=1e-5)
+
+
+def test_tokenized_examples_keep_every_token_at_4_bytes_each(tokenizer):
+    table = splits_table(magpie_data.clean_rows(5))
+    examples = training.tokenize(tokenizer, table, 1024, "train", chunk_rows=2)  # chunks must not lose rows
+    assert len(examples) == 5
+    assert all(ids.dtype.itemsize == 4 for ids in examples.ids)
+    assert [e["input_ids"][-1] for e in examples] == [tokenizer.eos_token_id] * 5
 
 
 def test_loss_covers_the_completion_only(tokenizer):
