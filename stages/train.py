@@ -34,6 +34,10 @@ def read_split(path: Path, limit: int | None = None) -> pa.Table:
     return table if limit is None else table.slice(0, limit)
 
 
+def rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def relaunch_distributed(num_gpus: int, argv: list[str]) -> int:
     """Run this stage as num_gpus DDP processes under torchrun (gloo on CPU, NCCL on GPUs)."""
     # NVLink multicast stays off: on shared hosts it can take every GPU of the machine down.
@@ -57,12 +61,17 @@ def main(argv: list[str] | None = None) -> None:
     config = params.load("train")
     model_params = params.load("model")
     seed = params.load_seed()
-    if config.num_gpus > 1 and "LOCAL_RANK" not in os.environ:
+    from stages import training  # imports torch only; transformers comes after Unsloth
+
+    train_file, val_file = args.splits / "train.parquet", args.splits / "val.parquet"
+    worker = "LOCAL_RANK" in os.environ  # one of several processes started by torchrun
+    if not worker:
+        training.prepare_checkpoints(args.checkpoints, training.fingerprint(model_params, config, seed,
+                                                                            [train_file, val_file]))
+    if config.num_gpus > 1 and not worker:
         if code := relaunch_distributed(config.num_gpus, sys.argv[1:] if argv is None else argv):
             raise cli.StageError(f"train: a distributed worker failed (exit code {code}); see its log above")
         return
-
-    from stages import training  # imports torch only; transformers comes after Unsloth
 
     backend = training.resolve_backend(config.backend)
     if backend == "unsloth":
@@ -72,7 +81,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from stages.base_model import load_tokenizer
 
-    train_file, val_file = args.splits / "train.parquet", args.splits / "val.parquet"
     train_table, val_table = read_split(train_file), read_split(val_file, config.max_val_rows)
     if config.merge_16bit and backend == "peft" and config.load_in_4bit and torch.cuda.is_available():
         raise cli.StageError("train.merge_16bit needs 16-bit base weights with backend peft: set load_in_4bit: "
@@ -87,11 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     train_examples = training.tokenize(tokenizer, train_table, model_params.max_seq_length, "train")
     val_examples = training.tokenize(tokenizer, val_table, model_params.max_seq_length, "val")
 
-    resume = training.resumable_checkpoint(
-        args.checkpoints, training.fingerprint(model_params, config, seed, [train_file, val_file]))
+    resume = training.latest_checkpoint(args.checkpoints)
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
     micro = training.micro_batch_size(config, memory)
-    callbacks = [training.live_callback(args.live, resume=resume is not None)]
+    # Rank 0 alone logs: dvclive clears and writes its folder, which ranks must not do at once.
+    callbacks = [training.live_callback(args.live, resume=resume is not None)] if rank_zero() else []
     if config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = Trainer(model=model, args=training.training_arguments(config, args.checkpoints, micro, seed),

@@ -172,22 +172,27 @@ def fingerprint(model_params: params.ModelParams, config: params.TrainParams, se
     return digest.hexdigest()
 
 
-def resumable_checkpoint(checkpoints: Path, current: str) -> Path | None:
-    """The newest complete checkpoint of a run with the same fingerprint; otherwise start clean."""
+def prepare_checkpoints(checkpoints: Path, current: str) -> None:
+    """Keep the checkpoints of a run with the same fingerprint (minus any left half-written by a kill);
+    clear them otherwise. Runs once, before any training process starts: it deletes files."""
     stamp = checkpoints / FINGERPRINT
     if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == current:
-        complete = [d for d in checkpoints.glob("checkpoint-*") if (d / "trainer_state.json").exists()]
-        for partial in set(checkpoints.glob("checkpoint-*")) - set(complete):
-            shutil.rmtree(partial)  # killed while saving
-        if complete:
-            return max(complete, key=lambda d: int(d.name.rsplit("-", 1)[1]))
-    elif checkpoints.exists():
+        for partial in checkpoints.glob("checkpoint-*"):
+            if not (partial / "trainer_state.json").exists():
+                shutil.rmtree(partial)
+        return
+    if checkpoints.exists():
         log.info("params or data changed since the checkpoints in %s were written: starting over", checkpoints)
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
     with atomic_file(stamp) as tmp:  # never write into a file that may be a link into the DVC cache
         tmp.write_text(json.dumps({"fingerprint": current}) + "\n")
-    return None
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint (trainer_state.json is written last), if any."""
+    complete = [d for d in checkpoints.glob("checkpoint-*") if (d / "trainer_state.json").exists()]
+    return max(complete, key=lambda d: int(d.name.rsplit("-", 1)[1])) if complete else None
 
 
 def collator(tokenizer, packing: bool):

@@ -206,6 +206,9 @@ def test_two_process_ddp_keeps_sequences_per_step_and_saves_one_adapter(project,
     assert metrics["steps"] == 4
     assert metrics["epochs_run"] == pytest.approx(4 * 8 / 24, abs=1e-3)  # 8 sequences a step, 24 rows
     assert (project / "models" / "adapter" / "adapter_model.safetensors").is_file()
+    set_params(project, "train", num_gpus=2, max_steps=6, sequences_per_step=8)  # stale checkpoints: cleared once
+    train_stage.main([])
+    assert train_metrics(project)["steps"] == 6 and train_metrics(project)["resumed_from_step"] == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
