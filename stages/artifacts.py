@@ -6,6 +6,7 @@ Metrics JSON is kept small and diffable: sorted keys, rounded floats, no timesta
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -57,3 +58,17 @@ def rounded(value, digits: int = 4):
 def write_json(path: str | Path, data: dict) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(rounded(data), indent=2, sort_keys=True) + "\n")
+
+
+def fingerprint(*parts) -> str:
+    """A short digest of what made an output: JSON-able values, and the bytes of files or folders."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            for file in sorted(part.rglob("*")) if part.is_dir() else [part]:
+                if file.is_file():
+                    with open(file, "rb") as f:
+                        digest.update(hashlib.file_digest(f, "sha256").digest())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages import cli, params
-from stages.artifacts import atomic_dir, atomic_file, write_json
+from stages.artifacts import atomic_dir, atomic_file, fingerprint, write_json
 from stages.eval_sets import SCHEMA, heldout
 
 log = logging.getLogger("stages.evaluate")
@@ -53,18 +52,6 @@ def load_sets(config: params.EvalParams, sets_dir: Path, test_split: Path) -> tu
             raise cli.StageError(f"evaluate: evaluation set '{name}' has no problems with a gold answer")
         sets[name] = table if config.limit is None else table.slice(0, config.limit)
     return sets, without_gold
-
-
-def fingerprint(*parts) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, Path):
-            for file in sorted(part.rglob("*")) if part.is_dir() else [part]:
-                if file.is_file():
-                    digest.update(file.read_bytes())
-        else:
-            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
 
 
 def sample_rows(model_name: str, set_name: str, problems: pa.Table, generations, samples: int,

@@ -7,6 +7,7 @@ Resumes from the last checkpoint in models/checkpoints/ when params and data are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages import cli, params
-from stages.artifacts import atomic_dir, write_json
+from stages.artifacts import atomic_dir, fingerprint, write_json
 
 log = logging.getLogger("stages.train")
 
@@ -66,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     train_file, val_file = args.splits / "train.parquet", args.splits / "val.parquet"
     worker = "LOCAL_RANK" in os.environ  # one of several processes started by torchrun
     if not worker:
-        training.prepare_checkpoints(args.checkpoints, training.fingerprint(model_params, config, seed,
-                                                                            [train_file, val_file]))
+        made_from = fingerprint(dataclasses.asdict(model_params), dataclasses.asdict(config), seed,
+                                train_file, val_file)
+        training.prepare_checkpoints(args.checkpoints, made_from)
     if config.num_gpus > 1 and not worker:
         if code := relaunch_distributed(config.num_gpus, sys.argv[1:] if argv is None else argv):
             raise cli.StageError(f"train: a distributed worker failed (exit code {code}); see its log above")

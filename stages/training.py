@@ -6,8 +6,6 @@ Import this module only after `unsloth` (when used): Unsloth patches transformer
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -162,19 +160,9 @@ def load_peft(model_params: params.ModelParams, config: params.TrainParams):
     return get_peft_model(model, lora)
 
 
-def fingerprint(model_params: params.ModelParams, config: params.TrainParams, seed: int, files: list[Path]) -> str:
-    """What a checkpoint was made from: resuming is only sound when all of it is unchanged."""
-    digest = hashlib.sha256(json.dumps([dataclasses.asdict(model_params), dataclasses.asdict(config), seed],
-                                       sort_keys=True).encode())
-    for file in files:
-        with open(file, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
-
-
 def prepare_checkpoints(checkpoints: Path, current: str) -> None:
-    """Keep the checkpoints of a run with the same fingerprint (minus any left half-written by a kill);
-    clear them otherwise. Runs once, before any training process starts: it deletes files."""
+    """Keep the checkpoints of a run with the same fingerprint of params and data (minus any left
+    half-written by a kill); clear them otherwise. Runs once, before any training process starts."""
     stamp = checkpoints / FINGERPRINT
     if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == current:
         for partial in checkpoints.glob("checkpoint-*"):
