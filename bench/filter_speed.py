@@ -18,7 +18,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from tests import magpie_data, tiny_model
+from stages.eval_sets import READERS, read_files
+from tests import eval_data, magpie_data, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("we add the two numbers then divide by three so x equals wait let me double check that the sum "
@@ -87,8 +88,13 @@ def main() -> None:
         config["model"]["name"] = str(tiny_model.build(args.workdir / "tiny-r1", with_weights=False))
     (args.workdir / "params.yaml").write_text(yaml.safe_dump(config))
 
+    eval_sets = args.workdir / "eval-sets"  # decontamination runs too, against the fixture problems
+    eval_sets.mkdir(parents=True, exist_ok=True)
+    for name, source in eval_data.write_all(args.workdir / "eval-sources").items():
+        files = sorted(p for p in source.rglob("*") if p.is_file())
+        pq.write_table(READERS[name](read_files(files), name, "fixture"), eval_sets / f"{name}.parquet")
     gib = sum(f.stat().st_size for f in raw.glob("*.parquet")) / 2**30
-    filter_run = run_stage(args.workdir, "stages.filter", "--raw", str(raw))
+    filter_run = run_stage(args.workdir, "stages.filter", "--raw", str(raw), "--eval-sets", str(eval_sets))
     stratify_run = run_stage(args.workdir, "stages.stratify")
     funnel = json.loads((args.workdir / "metrics" / "data.json").read_text())
     print(json.dumps({"rows_in": funnel["rows_in"], "rows_out": funnel["rows_out"], "parquet_gib": round(gib, 2),

@@ -8,7 +8,7 @@ import argparse
 import functools
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,7 +21,7 @@ from stages.artifacts import atomic_file, write_json
 from stages.base_model import load_tokenizer
 from stages.contamination import ContaminationIndex
 from stages.magpie import TEXT_COLUMNS, check_schema, instruction_key, split_response
-from stages.prompts import encode_pairs, example_texts
+from stages.prompts import example_texts
 
 log = logging.getLogger("stages.filter")
 
@@ -33,29 +33,76 @@ OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("
                            ("answer", pa.string()), ("difficulty", pa.string())])
 BATCH_ROWS = 2048
 
-TokenCounter = Callable[[list[str], list[str], list[str], int], list[int]]
-
 
 class FilterError(cli.StageError):
     """The input cannot be filtered as asked."""
 
 
-def token_counter(tokenizer) -> TokenCounter:
-    """Token counts of whole training examples (prompt + completion), as training will see them.
+def completion_head(text: str, limit: int) -> str | None:
+    """The longest start of text, at most limit characters, that ends where a pre-tokenizer splits
+    anyway: before a single space between two non-space characters. None if text is not longer."""
+    if len(text) <= limit:
+        return None
+    cut = text.rfind(" ", 0, limit)
+    while cut > 0 and (text[cut - 1].isspace() or text[cut + 1:cut + 2].isspace() or cut + 1 == len(text)):
+        cut = text.rfind(" ", 0, cut)
+    return text[:cut] if cut > 0 else None
 
-    An example of at most max_tokens bytes fits for sure (a byte-level token covers at least one
-    byte), so it is not tokenized and its byte count stands in; longer ones get an exact count.
+
+def splits_at_spaces(backend) -> bool:
+    """Whether this tokenizer encodes text cut at completion_head's points as the concatenation of
+    both parts' encodings (true of regex pre-tokenizers such as GPT-2's and Qwen's)."""
+    probes = ["The answer is 42, so x = 3.5. Wait, let me re-check the sum of the terms: 12 + 30 = 42!",
+              "so $\\frac{1}{2}$ and \\boxed{7}\n\nHmm... actually (a+b)^2 = a^2 + 2ab + b^2 holds."]
+    for probe in probes:
+        whole = backend.encode(probe, add_special_tokens=False).ids
+        for cut in range(1, len(probe) - 1):
+            if probe[cut] == " " and not probe[cut - 1].isspace() and not probe[cut + 1].isspace():
+                parts = [backend.encode(part, add_special_tokens=False).ids for part in (probe[:cut], probe[cut:])]
+                if parts[0] + parts[1] != whole:
+                    return False
+    return True
+
+
+class TokenCounter:
+    """Token counts of whole training examples (prompt + completion), as training will see them,
+    exact wherever they decide whether an example fits in max_tokens.
+
+    An example of at most max_tokens bytes fits for sure (a byte-level token covers at least one byte):
+    it is not tokenized and its byte count stands in. Once the typical characters per token are known,
+    a long completion's head, cut where the tokenizer splits anyway, is tokenized first; if the prompt
+    and that head already exceed max_tokens, their count (a lower bound) stands in and the rest of the
+    text is never tokenized. Everything else is counted exactly.
     """
-    def count(instructions, reasonings, answers, max_tokens):
-        pairs = [example_texts(tokenizer, *row) for row in zip(instructions, reasonings, answers, strict=True)]
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no per-token Python objects
+        self.heads_are_prefixes = splits_at_spaces(self.backend)
+        self.chars = self.tokens = 0  # of completions counted in full so far
+
+    def _encode(self, texts: list[str]) -> list[int]:
+        return [len(e) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def __call__(self, instructions, reasonings, answers, max_tokens: int) -> list[int]:
+        pairs = [example_texts(self.tokenizer, *row) for row in zip(instructions, reasonings, answers, strict=True)]
         counts = [len(prompt.encode()) + len(completion.encode()) for prompt, completion in pairs]
         long = [i for i, n in enumerate(counts) if n > max_tokens]
-        if long:
-            prompts, completions = encode_pairs(tokenizer, [pairs[i] for i in long])
-            for i, prompt, completion in zip(long, prompts, completions, strict=True):
-                counts[i] = len(prompt) + len(completion)
+        prompt_tokens = dict(zip(long, self._encode([pairs[i][0] for i in long]), strict=True))
+        undecided = set(long)
+        if self.heads_are_prefixes and self.tokens:
+            limit = int(1.1 * max_tokens * self.chars / self.tokens)
+            heads = {i: head for i in long if (head := completion_head(pairs[i][1], limit))}
+            for i, head_tokens in zip(heads, self._encode(list(heads.values())), strict=True):
+                if prompt_tokens[i] + head_tokens > max_tokens:
+                    counts[i] = prompt_tokens[i] + head_tokens
+                    undecided.discard(i)
+        rest = sorted(undecided)
+        for i, completion_tokens in zip(rest, self._encode([pairs[i][1] for i in rest]), strict=True):
+            counts[i] = prompt_tokens[i] + completion_tokens
+            self.chars += len(pairs[i][1])
+            self.tokens += completion_tokens
         return counts
-    return count
 
 
 def _drop(table: pa.Table, keep, rule: str, dropped: Counter) -> pa.Table:
@@ -189,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
 
     config = params.load("filter")
     model = params.load("model")
-    count_tokens = token_counter(load_tokenizer(model)) if config.check_length else None
+    count_tokens = TokenCounter(load_tokenizer(model)) if config.check_length else None
     contamination = contamination_index(args.eval_sets, config.contamination_ngram) if config.decontaminate else None
     funnel = filter_files(raw_files(args.raw), args.out, config, model.max_seq_length, count_tokens, contamination)
     write_json(args.metrics, funnel)

@@ -14,7 +14,7 @@ MAX_TOKENS = 1024  # the tiny tokenizer spends ~4 tokens per word: the clean row
 
 
 def run_filter(source: Path, out: Path, config, tokenizer, max_tokens=MAX_TOKENS) -> dict:
-    counter = filter_stage.token_counter(tokenizer) if tokenizer is not None else None
+    counter = filter_stage.TokenCounter(tokenizer) if tokenizer is not None else None
     return filter_stage.filter_files(filter_stage.raw_files(source), out, config, max_tokens, counter)
 
 
@@ -52,7 +52,7 @@ def test_an_example_of_exactly_max_tokens_fits_and_one_token_more_does_not(token
     example = ("What is 1 + 2?", "I add them. " * 50, "The answer is 3.")
     prompt, completion = encode_pairs(tokenizer, [example_texts(tokenizer, *example)])
     exact = len(prompt[0]) + len(completion[0])
-    count = filter_stage.token_counter(tokenizer)
+    count = filter_stage.TokenCounter(tokenizer)
     assert count(*([part] for part in example), exact - 1) == [exact]
     assert count(*([part] for part in example), exact)[0] <= exact
 
@@ -148,3 +148,43 @@ def test_rows_matching_an_evaluation_problem_are_counted_as_contaminated(tmp_pat
 def test_decontamination_without_evaluation_sets_says_to_fetch_them(tmp_path):
     with pytest.raises(filter_stage.FilterError, match="fetch_eval"):
         filter_stage.contamination_index(tmp_path / "missing", 13)
+
+
+def test_a_completion_head_encodes_as_a_prefix_of_the_whole(tokenizer):
+    text = ("Wait, let me recompute: 12 + 30 = 42, so $x = \\frac{1}{2}$. Hmm,  spaces\n\nand lines. " * 40)
+    head = filter_stage.completion_head(text, 700)
+    assert head is not None and len(head) <= 700 and text.startswith(head)
+    backend = tokenizer.backend_tokenizer
+    ids = [backend.encode(t, add_special_tokens=False).ids for t in (text, head, text[len(head):])]
+    assert ids[0] == ids[1] + ids[2]
+    assert filter_stage.completion_head("short text", 700) is None
+
+
+def test_early_exit_decides_exactly_as_a_full_count(tokenizer):
+    """Across batches (the first calibrates characters per token), every example is judged too long
+    exactly when its full token count says so."""
+    import random
+
+    rng = random.Random(0)
+    words = "wait let me check 12 + 30 = 42 so x equals the sum, of squares; hmm. actually".split()
+    count = filter_stage.TokenCounter(tokenizer)
+    assert count.heads_are_prefixes
+    max_tokens = 600
+    for _ in range(3):
+        examples = [("Find x.", " ".join(rng.choices(words, k=rng.randint(50, 900))), "x = 3") for _ in range(40)]
+        counts = count(*zip(*examples, strict=True), max_tokens)
+        for example, n in zip(examples, counts, strict=True):
+            prompt, completion = example_texts(tokenizer, *example)
+            exact = sum(len(e[0]) for e in encode_pairs(tokenizer, [(prompt, completion)]))
+            assert (n > max_tokens) == (exact > max_tokens)
+            assert n <= exact if n > max_tokens else n >= exact
+    assert count.tokens > 0
+
+
+def test_a_tokenizer_whose_tokens_span_spaces_gets_no_early_exit():
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())  # no pre-tokenizer: merges may cross spaces
+    raw.train_from_iterator(["of the of the of the"] * 50, trainers.BpeTrainer(vocab_size=60))
+    assert not filter_stage.splits_at_spaces(PreTrainedTokenizerFast(tokenizer_object=raw).backend_tokenizer)
