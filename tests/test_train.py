@@ -1,6 +1,7 @@
 """The train stage on CPU with the tiny random Qwen2 model (PEFT backend), through its real main()."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(project, monkeypatch):
     train_stage.main([])
     uninterrupted = train_metrics(project)
     for path in ("models", "metrics"):
-        __import__("shutil").rmtree(project / path)
+        shutil.rmtree(project / path)
 
     from transformers import Trainer
 
@@ -226,3 +227,16 @@ def test_training_prompt_tokens_are_exactly_what_evaluation_feeds_the_model(toke
     prompt_length = example["labels"].count(training.IGNORE_INDEX)
     evaluation_prompt = prompt_text(tokenizer, table["instruction"][0].as_py())  # as stages.evaluate builds it
     assert example["input_ids"][:prompt_length] == tokenizer(evaluation_prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_the_same_seed_gives_the_same_adapter(project):
+    from safetensors.torch import load_file
+
+    set_params(project, "train", max_steps=3)
+    train_stage.main([])
+    first = load_file(project / "models" / "adapter" / "adapter_model.safetensors")
+    shutil.rmtree(project / "models")  # a fresh run, not a resumed one
+    train_stage.main([])
+    second = load_file(project / "models" / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
