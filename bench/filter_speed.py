@@ -18,7 +18,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from stages.eval_sets import READERS, read_files
 from tests import eval_data, magpie_data, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,11 +87,8 @@ def main() -> None:
         config["model"]["name"] = str(tiny_model.build(args.workdir / "tiny-r1", with_weights=False))
     (args.workdir / "params.yaml").write_text(yaml.safe_dump(config))
 
-    eval_sets = args.workdir / "eval-sets"  # decontamination runs too, against the fixture problems
-    eval_sets.mkdir(parents=True, exist_ok=True)
-    for name, source in eval_data.write_all(args.workdir / "eval-sources").items():
-        files = sorted(p for p in source.rglob("*") if p.is_file())
-        pq.write_table(READERS[name](read_files(files), name, "fixture"), eval_sets / f"{name}.parquet")
+    # decontamination runs too, against the fixture problems
+    eval_sets = eval_data.write_sets(args.workdir / "eval-sets", args.workdir / "eval-sources")
     gib = sum(f.stat().st_size for f in raw.glob("*.parquet")) / 2**30
     filter_run = run_stage(args.workdir, "stages.filter", "--raw", str(raw), "--eval-sets", str(eval_sets))
     stratify_run = run_stage(args.workdir, "stages.stratify")

@@ -43,3 +43,14 @@ def write_all(directory: Path) -> dict[str, Path]:
     """Both sets under directory; returns name -> the folder to use as its eval_data source."""
     return {"gsm8k": write_gsm8k(directory / "gsm8k").parents[1],
             "math500": write_math500(directory / "math500").parent}
+
+
+def write_sets(out: Path, sources: Path) -> Path:
+    """Both sets as fetch_eval leaves them (out/{name}.parquet, one shape), from files written under sources."""
+    from stages.eval_sets import READERS, read_files
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, source in write_all(sources).items():
+        files = sorted(p for p in source.rglob("*") if p.is_file())
+        pq.write_table(READERS[name](read_files(files), name, "fixture"), out / f"{name}.parquet")
+    return out

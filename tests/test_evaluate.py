@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from stages import evaluate, generation, params
-from stages.eval_sets import READERS, read_files
 from tests import eval_data, magpie_data
 from tests.conftest import ROOT, set_params, splits_table
 
@@ -37,11 +36,7 @@ def project(tmp_path, tiny_model_dir, tiny_adapter, monkeypatch) -> Path:
     raw["model"].update(name=str(tiny_model_dir), max_seq_length=1024)
     raw["eval"].update(limit=2, samples=2, max_new_tokens=8)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    sets = tmp_path / "data" / "eval" / "sets"
-    sets.mkdir(parents=True)
-    for name, source in eval_data.write_all(tmp_path / "src").items():
-        files = sorted(p for p in source.rglob("*") if p.is_file())
-        pq.write_table(READERS[name](read_files(files), name, "fixture"), sets / f"{name}.parquet")
+    eval_data.write_sets(tmp_path / "data" / "eval" / "sets", tmp_path / "src")
     (tmp_path / "data" / "splits").mkdir(parents=True)
     pq.write_table(splits_table(magpie_data.clean_rows(3)), tmp_path / "data" / "splits" / "test.parquet")
     (tmp_path / "models").mkdir()
