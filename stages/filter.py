@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -38,70 +40,91 @@ class FilterError(cli.StageError):
     """The input cannot be filtered as asked."""
 
 
-def completion_head(text: str, limit: int) -> str | None:
-    """The longest start of text, at most limit characters, that ends where a pre-tokenizer splits
-    anyway: before a single space between two non-space characters. None if text is not longer."""
-    if len(text) <= limit:
-        return None
-    cut = text.rfind(" ", 0, limit)
-    while cut > 0 and (text[cut - 1].isspace() or text[cut + 1:cut + 2].isspace() or cut + 1 == len(text)):
-        cut = text.rfind(" ", 0, cut)
-    return text[:cut] if cut > 0 else None
+# Cuts before a single space between two non-space characters: regex pre-tokenizers (GPT-2's, Qwen's)
+# start a new piece there whatever came before, so the text's tokens are its chunks' tokens.
+SPACE_CUT = re.compile(r"(?<=\S) (?=\S)")
+# A space that is not such a cut (beside whitespace, or at either end), as an Arrow (RE2) regex;
+# whitespace as Unicode and Python's str.isspace define it.
+WHITESPACE = r"[\t-\r\x{1c}-\x{20}\x{85}\p{Z}]"
+IRREGULAR_SPACE = rf"(?:^|{WHITESPACE}) | (?:{WHITESPACE}|$)"
+CHUNK_CACHE_SIZE = 4_000_000  # distinct chunks remembered (~400 MB); the cache restarts when full
 
 
 def splits_at_spaces(backend) -> bool:
-    """Whether this tokenizer encodes text cut at completion_head's points as the concatenation of
-    both parts' encodings (true of regex pre-tokenizers such as GPT-2's and Qwen's)."""
+    """Whether this tokenizer encodes text cut at SPACE_CUT as the concatenation of the parts'
+    encodings, the cut space leading the second part (true of GPT-2's and Qwen's pre-tokenizers)."""
     probes = ["The answer is 42, so x = 3.5. Wait, let me re-check the sum of the terms: 12 + 30 = 42!",
-              "so $\\frac{1}{2}$ and \\boxed{7}\n\nHmm... actually (a+b)^2 = a^2 + 2ab + b^2 holds."]
+              "so $\\frac{1}{2}$ and \\boxed{7}\n\nHmm... actually (a+b)^2 = a^2 + 2ab + b^2 holds, it 's 'true'.",
+              "  two  spaces, a tab\t here,\n an indent and\u00a0non-breaking space; caf\u00e9 \u0301 accents "]
     for probe in probes:
         whole = backend.encode(probe, add_special_tokens=False).ids
-        for cut in range(1, len(probe) - 1):
-            if probe[cut] == " " and not probe[cut - 1].isspace() and not probe[cut + 1].isspace():
-                parts = [backend.encode(part, add_special_tokens=False).ids for part in (probe[:cut], probe[cut:])]
-                if parts[0] + parts[1] != whole:
-                    return False
+        parts = SPACE_CUT.split(probe)
+        pieces = [parts[0], *(" " + part for part in parts[1:])]
+        if [i for e in backend.encode_batch(pieces, add_special_tokens=False) for i in e.ids] != whole:
+            return False
     return True
 
 
 class TokenCounter:
-    """Token counts of whole training examples (prompt + completion), as training will see them,
-    exact wherever they decide whether an example fits in max_tokens.
+    """Exact token counts of whole training examples (prompt + completion), as training will see them.
 
     An example of at most max_tokens bytes fits for sure (a byte-level token covers at least one byte):
-    it is not tokenized and its byte count stands in. Once the typical characters per token are known,
-    a long completion's head, cut where the tokenizer splits anyway, is tokenized first; if the prompt
-    and that head already exceed max_tokens, their count (a lower bound) stands in and the rest of the
-    text is never tokenized. Everything else is counted exactly.
+    it is not tokenized and its byte count stands in. A longer completion is cut at SPACE_CUT into
+    chunks of about a word, and each distinct chunk is tokenized once: reasoning text repeats its
+    words, so this costs a fraction of encoding every text in full (bench/filter_speed.py). Texts whose
+    every space is a cut are split and looked up in Arrow; the rest are split with SPACE_CUT. A
+    tokenizer for which the cut would change the tokens (see splits_at_spaces) gets every text
+    encoded in full.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no per-token Python objects
-        self.heads_are_prefixes = splits_at_spaces(self.backend)
-        self.chars = self.tokens = 0  # of completions counted in full so far
+        self.by_chunks = splits_at_spaces(self.backend)
+        self.chunk_tokens: dict[str, int] = {}  # chunk -> tokens of " " + chunk
 
     def _encode(self, texts: list[str]) -> list[int]:
         return [len(e) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def _count_chunked(self, chunked: pa.ListArray) -> np.ndarray:
+        """Token counts of texts given as lists of chunks: the first as it is, each later one after a space."""
+        flat = chunked.flatten()
+        encoded = pc.dictionary_encode(flat)
+        distinct = encoded.dictionary.to_pylist()
+        new = [chunk for chunk in distinct if chunk not in self.chunk_tokens]
+        if len(self.chunk_tokens) + len(new) > CHUNK_CACHE_SIZE:
+            self.chunk_tokens.clear()
+            new = distinct
+        self.chunk_tokens.update(zip(new, self._encode([" " + chunk for chunk in new]), strict=True))
+        tokens = np.array([self.chunk_tokens[chunk] for chunk in distinct], dtype=np.int64)[encoded.indices.to_numpy()]
+        starts = np.concatenate([[0], np.cumsum(pc.list_value_length(chunked))[:-1]]).astype(np.int64)
+        tokens[starts] = self._encode(flat.take(starts).to_pylist())
+        return np.add.reduceat(tokens, starts)
+
+    def count(self, texts: list[str]) -> list[int]:
+        """Token count of each text, encoded on its own."""
+        if not self.by_chunks or not texts:
+            return self._encode(texts)
+        array = pa.array(texts, pa.large_string())
+        irregular = pc.match_substring_regex(array, IRREGULAR_SPACE).to_numpy(zero_copy_only=False)
+        counts = np.zeros(len(texts), dtype=np.int64)
+        regular = np.flatnonzero(~irregular)
+        if len(regular):
+            counts[regular] = self._count_chunked(pc.split_pattern(array.take(regular), " "))
+        others = np.flatnonzero(irregular)
+        if len(others):
+            chunked = pa.array([SPACE_CUT.split(texts[i]) for i in others], pa.list_(pa.large_string()))
+            counts[others] = self._count_chunked(chunked)
+        return counts.tolist()
 
     def __call__(self, instructions, reasonings, answers, max_tokens: int) -> list[int]:
         pairs = [example_texts(self.tokenizer, *row) for row in zip(instructions, reasonings, answers, strict=True)]
         counts = [len(prompt.encode()) + len(completion.encode()) for prompt, completion in pairs]
         long = [i for i, n in enumerate(counts) if n > max_tokens]
-        prompt_tokens = dict(zip(long, self._encode([pairs[i][0] for i in long]), strict=True))
-        undecided = set(long)
-        if self.heads_are_prefixes and self.tokens:
-            limit = int(1.1 * max_tokens * self.chars / self.tokens)
-            heads = {i: head for i in long if (head := completion_head(pairs[i][1], limit))}
-            for i, head_tokens in zip(heads, self._encode(list(heads.values())), strict=True):
-                if prompt_tokens[i] + head_tokens > max_tokens:
-                    counts[i] = prompt_tokens[i] + head_tokens
-                    undecided.discard(i)
-        rest = sorted(undecided)
-        for i, completion_tokens in zip(rest, self._encode([pairs[i][1] for i in rest]), strict=True):
-            counts[i] = prompt_tokens[i] + completion_tokens
-            self.chars += len(pairs[i][1])
-            self.tokens += completion_tokens
+        prompts = self._encode([pairs[i][0] for i in long])
+        completions = self.count([pairs[i][1] for i in long])
+        for i, prompt_tokens, completion_tokens in zip(long, prompts, completions, strict=True):
+            counts[i] = prompt_tokens + completion_tokens
         return counts
 
 

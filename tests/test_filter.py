@@ -8,7 +8,7 @@ import pytest
 from stages import filter as filter_stage
 from stages.magpie import SchemaError, split_response
 from stages.prompts import encode_pairs, example_texts
-from tests import magpie_data
+from tests import magpie_data, tiny_model
 
 MAX_TOKENS = 1024  # the tiny tokenizer spends ~4 tokens per word: the clean rows fit, the long one does not
 
@@ -150,41 +150,59 @@ def test_decontamination_without_evaluation_sets_says_to_fetch_them(tmp_path):
         filter_stage.contamination_index(tmp_path / "missing", 13)
 
 
-def test_a_completion_head_encodes_as_a_prefix_of_the_whole(tokenizer):
-    text = ("Wait, let me recompute: 12 + 30 = 42, so $x = \\frac{1}{2}$. Hmm,  spaces\n\nand lines. " * 40)
-    head = filter_stage.completion_head(text, 700)
-    assert head is not None and len(head) <= 700 and text.startswith(head)
-    backend = tokenizer.backend_tokenizer
-    ids = [backend.encode(t, add_special_tokens=False).ids for t in (text, head, text[len(head):])]
-    assert ids[0] == ids[1] + ids[2]
-    assert filter_stage.completion_head("short text", 700) is None
+@pytest.fixture(params=["gpt2_split", "qwen2_split"])
+def split_tokenizer(request, tmp_path):
+    """Tokenizers with GPT-2's and Qwen2's pre-tokenizers whose vocabularies, like real ones, hold
+    tokens for runs of spaces and newlines (where a wrong cut would change the count)."""
+    corpus = [*tiny_model.CORPUS, "a  b   c    d\n\n e \n f\t g \t\n h  \n\n  i"]
+    return tiny_model.build_tokenizer(tmp_path, qwen_split=request.param == "qwen2_split", corpus=corpus)
 
 
-def test_early_exit_decides_exactly_as_a_full_count(tokenizer):
-    """Across batches (the first calibrates characters per token), every example is judged too long
-    exactly when its full token count says so."""
+WORDS = ["wait", "let", "me", "check", "12", "+", "30", "=", "42", "so", "x", "the", "sum,", "hmm.", "actually",
+         "it's", "'s", "'ll", "$\\frac{1}{2}$", "\\boxed{7}", "caf\u00e9", "e\u0301t\u00e9", "\u0301", "(a+b)^2",
+         "x\u00a0=\u00a01", "3\u20092", "...", "?!", "\u4e2d\u6587", "so.\n\nThen", "line\nbreak"]
+# Every way a space can fail to be a lone space between two non-space characters.
+GAPS = ["  ", "   ", "\n ", " \n", "\t ", " \t", "\u00a0 ", " \u2009", " \n\n ", "\u3000 "]
+
+
+def spaced_text(rng, units: int, gap: str | None = None, edge: str = "") -> str:
+    """Reasoning-like text whose words are joined by single spaces, except a few joins that are
+    `gap`, and with `edge` at either end."""
+    joins = [gap if gap and rng.random() < 0.05 else " " for _ in range(units)]
+    text = "".join(rng.choice(WORDS) + join for join in joins).rstrip(" ")
+    return edge + text if rng.random() < 0.5 else text + edge
+
+
+def test_chunked_token_counts_equal_full_encodings(split_tokenizer, monkeypatch):
+    """Counting distinct chunks once gives each text's exact token count, for both pre-tokenizers,
+    for texts of lone spaces and texts with each kind of irregular space, across calls that reuse
+    the chunk cache and calls that overflow it."""
     import random
 
     rng = random.Random(0)
-    words = "wait let me check 12 + 30 = 42 so x equals the sum, of squares; hmm. actually".split()
-    count = filter_stage.TokenCounter(tokenizer)
-    assert count.heads_are_prefixes
-    max_tokens = 600
-    for _ in range(3):
-        examples = [("Find x.", " ".join(rng.choices(words, k=rng.randint(50, 900))), "x = 3") for _ in range(40)]
-        counts = count(*zip(*examples, strict=True), max_tokens)
-        for example, n in zip(examples, counts, strict=True):
-            prompt, completion = example_texts(tokenizer, *example)
-            exact = sum(len(e[0]) for e in encode_pairs(tokenizer, [(prompt, completion)]))
-            assert (n > max_tokens) == (exact > max_tokens)
-            assert n <= exact if n > max_tokens else n >= exact
-    assert count.tokens > 0
+    count = filter_stage.TokenCounter(split_tokenizer)
+    assert count.by_chunks
+    backend = split_tokenizer.backend_tokenizer
+    sizes = []
+    for cache_size in (2_000_000, 2_000_000, 50):
+        monkeypatch.setattr(filter_stage, "CHUNK_CACHE_SIZE", cache_size)
+        texts = [spaced_text(rng, rng.randint(0, 300)) for _ in range(10)]
+        texts += [spaced_text(rng, rng.randint(20, 300), gap) for gap in GAPS]
+        texts += [spaced_text(rng, rng.randint(0, 50), edge=edge) for edge in (" ", "  ", "\n", " \n", "\u00a0")]
+        full = [len(e) for e in backend.encode_batch(texts, add_special_tokens=False)]
+        assert count.count(texts) == full
+        sizes.append(len(count.chunk_tokens))
+    assert sizes[0] < sizes[1] and sizes[2] < sizes[1]  # reused and grown, then restarted when full
 
 
-def test_a_tokenizer_whose_tokens_span_spaces_gets_no_early_exit():
+def test_a_tokenizer_whose_tokens_span_spaces_is_counted_on_whole_texts():
     from tokenizers import Tokenizer, models, trainers
     from transformers import PreTrainedTokenizerFast
 
     raw = Tokenizer(models.BPE())  # no pre-tokenizer: merges may cross spaces
     raw.train_from_iterator(["of the of the of the"] * 50, trainers.BpeTrainer(vocab_size=60))
-    assert not filter_stage.splits_at_spaces(PreTrainedTokenizerFast(tokenizer_object=raw).backend_tokenizer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
+    count = filter_stage.TokenCounter(tokenizer)
+    assert not count.by_chunks
+    texts = ["of the of the", "the of"]
+    assert count.count(texts) == [len(tokenizer(t).input_ids) for t in texts]

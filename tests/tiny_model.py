@@ -12,6 +12,9 @@ from pathlib import Path
 TEMPLATE = Path(__file__).parent / "assets" / "deepseek-r1-distill-chat-template.jinja"
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 SPECIAL = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
+# Qwen2's pre-tokenizer split (tokenizer.json of Qwen2 and DeepSeek-R1-Distill-Qwen): single digits.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 CORPUS = [
     "What is 12 + 13? I add the numbers. Wait, let me double-check: 12 + 13 = 25. The answer is \\boxed{25}.",
     "Find x if 2x + 3 = 7. Hmm, 2x = 4, so x = 2. Actually, no wait, that is right: $x = \\frac{4}{2}$.",
@@ -19,14 +22,20 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(out: Path, *, qwen_split: bool = False, corpus: list[str] = CORPUS):
+    """A byte-level BPE trained on corpus; GPT-2's pre-tokenizer, or with qwen_split Qwen2's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if qwen_split:
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(
+    tok.train_from_iterator(corpus * 20, trainers.BpeTrainer(
         vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS)
     fast.chat_template = TEMPLATE.read_text()
