@@ -43,3 +43,38 @@ def test_unsloth_trains_in_4bit_and_its_adapter_loads_back(tmp_path, monkeypatch
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = model.generate(**inputs.to("cuda"), max_new_tokens=8, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_unsloth_merged_16bit_export_loads_without_peft_and_equals_base_plus_adapter(tmp_path, monkeypatch):
+    model_dir = os.environ["R1_RANDOM_MODEL"]
+    tiny_model.add_chat_template(model_dir)
+    project = train_project(tmp_path, model_dir, monkeypatch, max_seq_length=4096, backend="auto",
+                            sequences_per_step=16, max_steps=3, eval_every_steps=3, merge_16bit=True,
+                            learning_rate=2.0e-2)  # a large step, so the adapter visibly changes the model
+    write_splits(project, magpie_data.clean_rows(32), magpie_data.clean_rows(8, start=900))
+    train_stage.main([])
+
+    merged_dir = project / "models" / "merged"
+    assert list(merged_dir.glob("*.safetensors")) and not list(merged_dir.glob("*.bin"))
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # compared in float32: the merged 16-bit weights then differ from base + adapter only by their rounding
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, use_safetensors=True).cuda()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert tokenizer.chat_template
+    # Unsloth merges into the original 16-bit weights, not the 4-bit ones it trained on
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).cuda()
+    with_adapter = PeftModel.from_pretrained(base, project / "models" / "adapter")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
+                                         tokenize=False) + "I add 2 and 2. Wait, let me check: 4."
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.cuda()
+    with torch.no_grad():
+        a = merged(ids).logits.float().flatten()
+        b = with_adapter(ids).logits.float().flatten()
+        with with_adapter.disable_adapter():
+            c = with_adapter(ids).logits.float().flatten()
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(a, b, dim=0) > 0.99
+    assert cos(a, b, dim=0) > cos(a, c, dim=0)  # closer to base + adapter than to the base alone
