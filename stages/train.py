@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(model=model, args=training.training_arguments(config, args.checkpoints, micro, seed),
                       train_dataset=train_examples, eval_dataset=val_examples,
                       data_collator=training.collator(tokenizer, config.packing), callbacks=callbacks)
-    resumed_from = int(resume.name.rsplit("-", 1)[1]) if resume else 0
+    resumed_from = training.checkpoint_step(resume) if resume else 0
     log.info("%s backend, %d train / %d val examples, micro-batch %d x accumulation %d x %d process(es)%s",
              backend, len(train_examples), len(val_examples), micro, trainer.args.gradient_accumulation_steps,
              trainer.args.world_size, f", resuming from {resume}" if resume else "")

@@ -177,10 +177,15 @@ def prepare_checkpoints(checkpoints: Path, current: str) -> None:
         tmp.write_text(json.dumps({"fingerprint": current}) + "\n")
 
 
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The optimizer step of a Trainer checkpoint folder (checkpoint-<step>)."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[1])
+
+
 def latest_checkpoint(checkpoints: Path) -> Path | None:
     """The newest complete checkpoint (trainer_state.json is written last), if any."""
     complete = [d for d in checkpoints.glob("checkpoint-*") if (d / "trainer_state.json").exists()]
-    return max(complete, key=lambda d: int(d.name.rsplit("-", 1)[1])) if complete else None
+    return max(complete, key=checkpoint_step) if complete else None
 
 
 def collator(tokenizer, packing: bool):
@@ -218,7 +223,7 @@ def summary(trainer, train_output, wall_seconds: float, resumed_from: int, token
     """The numbers metrics/train.json keeps: losses, where and why training ended, speed, memory."""
     state = trainer.state
     evals = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
-    best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[1]) if state.best_model_checkpoint else None
+    best_step = checkpoint_step(state.best_model_checkpoint) if state.best_model_checkpoint else None
     tokens = state.num_input_tokens_seen - tokens_before
     runtime = train_output.metrics.get("train_runtime") or wall_seconds
     return {
