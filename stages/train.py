@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     train_table, val_table = read_split(train_file), read_split(val_file, config.max_val_rows)
     if config.merge_16bit and backend == "peft" and config.load_in_4bit and torch.cuda.is_available():
         raise cli.StageError("train.merge_16bit needs 16-bit base weights with backend peft: set load_in_4bit: "
-                             "false, or use backend unsloth (which dequantizes when merging)")
+                             "false, or use backend unsloth (which merges into the original 16-bit weights)")
     training.check_model_limits(model_params)
     set_seed(seed)  # LoRA weights are initialized before the Trainer would seed anything
     if backend == "unsloth":
