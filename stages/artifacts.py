@@ -13,6 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # holds dvc.yaml and the stages package
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path):
@@ -72,3 +76,13 @@ def fingerprint(*parts) -> str:
         else:
             digest.update(json.dumps(part, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def stage_code(stage: str) -> list[Path]:
+    """The Python files that dvc.yaml lists as deps of `stage`: what DVC re-runs the stage for, and so what
+    a fingerprint of the stage's outputs must cover. Every module of the package when dvc.yaml is absent."""
+    dvc_file = PROJECT_ROOT / "dvc.yaml"
+    if not dvc_file.is_file():
+        return sorted((PROJECT_ROOT / "stages").glob("*.py"))
+    deps = yaml.safe_load(dvc_file.read_text())["stages"][stage].get("deps", [])
+    return [PROJECT_ROOT / dep for dep in deps if dep.endswith(".py")]

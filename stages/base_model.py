@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.artifacts import fingerprint
 from stages.cli import StageError
 from stages.params import ModelParams
 
@@ -16,6 +17,14 @@ class ModelLoadError(StageError):
 
 def _is_local(name: str) -> bool:
     return Path(name).expanduser().exists()
+
+
+def model_identity(model: ModelParams) -> dict:
+    """What names the base model's weights and tokenizer exactly: the hub id at its pinned commit, or the
+    bytes of a local directory (a local model can change in place under the same name)."""
+    if _is_local(model.name):
+        return {"local_files": fingerprint(Path(model.name).expanduser())}
+    return {"hub": model.name, "revision": model.revision}
 
 
 def load_tokenizer(model: ModelParams):
