@@ -1,239 +1,189 @@
-"""Typed, validated views of params.yaml: one frozen dataclass per section.
+"""The schema of params.yaml: one frozen pydantic dataclass per section, and the loaders the stages call.
 
 Each stage loads only its own section (plus the shared ones), so DVC re-runs exactly what a change touches.
+Validation reports every problem of a section at once, with its key path, as one ParamsError on one line.
+Types are strict (no "yes" for a bool, no bool for an int, no "2e-4" string for a float) except that an int
+is accepted, and stored, as a float.
 """
 
-from __future__ import annotations
-
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass
+import functools
 from pathlib import Path
+from typing import Annotated, Literal
 
+import pydantic
 import yaml
+from pydantic import ConfigDict, Field, PlainValidator, StrictBool, StrictFloat, StrictInt, TypeAdapter
+from pydantic_core import ArgsKwargs
 
 from stages.cli import StageError
 
 PARAMS_FILE = "params.yaml"
 DIFFICULTIES = ("very easy", "easy", "medium", "hard", "very hard")
 INPUT_QUALITIES = ("very poor", "poor", "average", "good", "excellent")
+EVAL_FORMATS = ("gsm8k", "math500")
+HELDOUT = "heldout"  # the evaluation set made from our own test split
 
 
 class ParamsError(StageError):
-    """A params.yaml value is missing, unknown or out of range."""
+    """A params.yaml value is missing, unknown, of the wrong type or out of range."""
 
 
-@dataclass(frozen=True)
+def _only(ok, what: str) -> PlainValidator:
+    """Accept value if ok(value), else fail with `what`: one problem, where a union reports one per member."""
+    def check(value):
+        if not ok(value):
+            raise ValueError(what)
+        return value
+    return PlainValidator(check)
+
+
+Positive = Annotated[StrictInt, Field(gt=0)]
+AutoOrPositive = Annotated[int | Literal["auto"], _only(lambda v: v == "auto" or (type(v) is int and v > 0),
+                                                        "must be 'auto' or a positive integer")]
+NonEmpty = Field(min_length=1)
+
+
+def _problems(error: pydantic.ValidationError, section: str) -> str:
+    """One line listing every problem in error, each under its key path (section.key.sub[index])."""
+    problems = []
+    for e in error.errors():
+        key = section + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"] if p != "[key]")
+        if e["type"] in ("missing", "missing_argument"):
+            problems.append(f"{key} is missing")
+        elif e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            problems.append(f"unknown key {key}")
+        else:
+            what = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"][0].lower() + e["msg"][1:]
+            got = "" if isinstance(e["input"], dict | ArgsKwargs) else f", got {e['input']!r}"
+            problems.append(f"{key}: {what}{got}")
+    return "params: " + "; ".join(problems)
+
+
+def _section(section: str):
+    """Make cls a frozen pydantic dataclass that forbids unknown keys and raises ParamsError when built directly."""
+    def wrap(cls):
+        cls = pydantic.dataclasses.dataclass(cls, frozen=True, config=ConfigDict(extra="forbid"))
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            try:
+                init(self, *args, **kwargs)
+            except pydantic.ValidationError as e:
+                raise ParamsError(_problems(e, section)) from None
+
+        cls.__init__ = __init__
+        return cls
+    return wrap
+
+
+@_section("data")
 class DataParams:
     source: str  # hub dataset id, or a local Parquet file / directory
     revision: str  # hub commit; ignored for local sources
     files: str  # glob of the Parquet shards inside the hub dataset
 
 
-@dataclass(frozen=True)
+@_section("model")
 class ModelParams:
     name: str  # hub model id or local directory
     revision: str  # hub commit; ignored for local directories
-    max_seq_length: int  # tokens of one training example, prompt included
-
-    def __post_init__(self):
-        _require(self.max_seq_length > 0, "model.max_seq_length", "must be a positive number of tokens")
+    max_seq_length: Positive  # tokens of one training example, prompt included
 
 
-@dataclass(frozen=True)
+@_section("filter")
 class FilterParams:
     id_column: str
-    task_categories: list[str]
-    input_qualities: list[str]
-    difficulties: list[str]
-    require_think_open: bool
-    deduplicate: bool
-    check_length: bool
-    decontaminate: bool
-    contamination_ngram: int
-
-    def __post_init__(self):
-        _require(bool(self.task_categories), "filter.task_categories", "must list at least one category")
-        _require(self.contamination_ngram >= 5, "filter.contamination_ngram", "must be at least 5 words")
-        for key, allowed in (("input_qualities", INPUT_QUALITIES), ("difficulties", DIFFICULTIES)):
-            values = getattr(self, key)
-            unknown = sorted(set(values) - set(allowed))
-            _require(bool(values) and not unknown, f"filter.{key}",
-                     f"must be a non-empty subset of {list(allowed)}, got unknown {unknown}")
+    task_categories: Annotated[list[str], NonEmpty]
+    input_qualities: Annotated[list[Literal[INPUT_QUALITIES]], NonEmpty]
+    difficulties: Annotated[list[Literal[DIFFICULTIES]], NonEmpty]
+    require_think_open: StrictBool
+    deduplicate: StrictBool
+    check_length: StrictBool
+    decontaminate: StrictBool
+    contamination_ngram: Annotated[StrictInt, Field(ge=5)]  # words
 
 
-@dataclass(frozen=True)
+@_section("stratify")
 class StratifyParams:
-    train_fraction: float
-    val_fraction: float
-    test_fraction: float
-    max_per_difficulty: int | None = None
+    train_fraction: Annotated[StrictFloat, Field(gt=0, le=1)]
+    val_fraction: Annotated[StrictFloat, Field(ge=0, le=1)]
+    test_fraction: Annotated[StrictFloat, Field(ge=0, le=1)]
+    max_per_difficulty: Positive | None = None  # None: no cap
 
-    def __post_init__(self):
+    @pydantic.model_validator(mode="after")
+    def _fractions_sum_to_one(self):
         fractions = (self.train_fraction, self.val_fraction, self.test_fraction)
-        _require(all(0 <= f <= 1 for f in fractions), "stratify.*_fraction", "each must lie in [0, 1]")
-        _require(abs(sum(fractions) - 1) < 1e-9, "stratify.*_fraction",
-                 f"must sum to 1, got {' + '.join(map(str, fractions))} = {sum(fractions):g}")
-        _require(self.train_fraction > 0, "stratify.train_fraction", "must be above 0")
-        _require(self.max_per_difficulty is None or self.max_per_difficulty > 0,
-                 "stratify.max_per_difficulty", "must be null (no cap) or a positive row count")
+        if abs(sum(fractions) - 1) > 1e-9:
+            raise ValueError(f"train_fraction + val_fraction + test_fraction must sum to 1, "
+                             f"got {' + '.join(map(str, fractions))} = {sum(fractions):g}")
+        return self
 
 
-@dataclass(frozen=True)
+@_section("train.lora")
 class LoraParams:
-    r: int
-    alpha: int
-    dropout: float
-    target_modules: list[str]
-
-    def __post_init__(self):
-        _require(self.r > 0 and self.alpha > 0, "train.lora.r/alpha", "must be positive")
-        _require(0 <= self.dropout < 1, "train.lora.dropout", "must lie in [0, 1)")
-        _require(bool(self.target_modules), "train.lora.target_modules", "must name at least one module")
+    r: Positive
+    alpha: Positive
+    dropout: Annotated[StrictFloat, Field(ge=0, lt=1)]
+    target_modules: Annotated[list[str], NonEmpty]
 
 
-@dataclass(frozen=True)
+@_section("train")
 class TrainParams:
-    backend: typing.Literal["auto", "unsloth", "peft"]
-    load_in_4bit: bool
+    backend: Literal["auto", "unsloth", "peft"]
+    load_in_4bit: StrictBool
     lora: LoraParams
-    sequences_per_step: int
-    micro_batch_size: int | typing.Literal["auto"]
-    learning_rate: float
-    epochs: float
-    warmup: float
+    sequences_per_step: Positive
+    micro_batch_size: AutoOrPositive
+    learning_rate: Annotated[StrictFloat, Field(gt=0)]
+    epochs: Annotated[StrictFloat, Field(gt=0)]
+    warmup: Annotated[StrictFloat, Field(ge=0, lt=1)]  # fraction of the optimizer steps
     lr_scheduler: str
-    weight_decay: float
+    weight_decay: StrictFloat
     optimizer: str
-    eval_every_steps: int
-    max_val_rows: int | None
-    early_stopping_patience: int
-    max_steps: int
-    packing: bool
-    gradient_checkpointing: bool
-    num_gpus: int
-    merge_16bit: bool
-
-    def __post_init__(self):
-        _require(self.sequences_per_step > 0, "train.sequences_per_step", "must be positive")
-        _require(self.micro_batch_size == "auto" or self.micro_batch_size > 0, "train.micro_batch_size",
-                 "must be 'auto' or a positive number of sequences")
-        _require(self.learning_rate > 0, "train.learning_rate", "must be positive")
-        _require(self.epochs > 0, "train.epochs", "must be positive")
-        _require(0 <= self.warmup < 1, "train.warmup", "is a fraction of the optimizer steps, in [0, 1)")
-        _require(self.eval_every_steps > 0, "train.eval_every_steps", "must be positive")
-        _require(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0 (0: off)")
-        _require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", "must be -1 (no cap) or positive")
-        _require(self.num_gpus >= 1, "train.num_gpus", "must be at least 1")
-        _require(self.max_val_rows is None or self.max_val_rows > 0, "train.max_val_rows",
-                 "must be null (all) or positive")
+    eval_every_steps: Positive
+    max_val_rows: Positive | None  # None: all
+    early_stopping_patience: Annotated[StrictInt, Field(ge=0)]  # 0: off
+    max_steps: Annotated[int, _only(lambda v: type(v) is int and (v == -1 or v > 0), "must be -1 (no cap) or positive")]
+    packing: StrictBool
+    gradient_checkpointing: StrictBool
+    num_gpus: Positive
+    merge_16bit: StrictBool
 
 
-EVAL_FORMATS = ("gsm8k", "math500")
-
-
-@dataclass(frozen=True)
+@_section("eval_data.<set>")
 class EvalSetParams:
     source: str  # hub dataset id, or a local Parquet / JSON-lines file or folder
     revision: str
     files: str  # glob of the file(s) inside the hub dataset
-    format: str  # how to read problem and gold answer: gsm8k | math500
-
-    def __post_init__(self):
-        _require(self.format in EVAL_FORMATS, "eval_data.<set>.format",
-                 f"must be one of {list(EVAL_FORMATS)}, got {self.format!r}")
+    format: Literal[EVAL_FORMATS]  # how to read problem and gold answer
 
 
-@dataclass(frozen=True)
+@_section("eval")
 class EvalParams:
-    sets: list[str]
-    limit: int | None
-    samples: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    batch_size: int | typing.Literal["auto"]
-    static_cache: bool
+    sets: Annotated[list[str], NonEmpty]
+    limit: Positive | None  # None: all
+    samples: Positive
+    temperature: Annotated[StrictFloat, Field(ge=0)]  # 0: greedy
+    top_p: Annotated[StrictFloat, Field(gt=0, le=1)]
+    max_new_tokens: Positive
+    batch_size: AutoOrPositive
+    static_cache: StrictBool
     second_guess_markers: list[str]
-    loop_ngram: int
-    loop_repeats: int
-
-    def __post_init__(self):
-        _require(bool(self.sets), "eval.sets", "must name at least one set")
-        _require(self.limit is None or self.limit > 0, "eval.limit", "must be null (all) or positive")
-        _require(self.samples > 0, "eval.samples", "must be positive")
-        _require(self.temperature >= 0, "eval.temperature", "must be >= 0 (0: greedy)")
-        _require(0 < self.top_p <= 1, "eval.top_p", "must lie in (0, 1]")
-        _require(self.max_new_tokens > 0, "eval.max_new_tokens", "must be positive")
-        _require(self.batch_size == "auto" or self.batch_size > 0, "eval.batch_size", "must be 'auto' or positive")
-        _require(self.loop_ngram > 0 and self.loop_repeats > 1, "eval.loop_ngram/loop_repeats",
-                 "must be positive, and repeats at least 2")
+    loop_ngram: Positive
+    loop_repeats: Annotated[StrictInt, Field(ge=2)]
 
 
-def _require(ok: bool, key: str, what: str) -> None:
-    if not ok:
-        raise ParamsError(f"params: {key} {what}")
-
-
-def _check_type(value, annotation, key: str):
-    """Return value if it matches annotation (int accepted for float), else raise naming the key."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            try:
-                return _check_type(value, option, key)
-            except ParamsError:
-                continue
-        raise ParamsError(f"params: {key} must be {annotation}, got {value!r}")
-    if origin is typing.Literal:
-        if value in typing.get_args(annotation):
-            return value
-        raise ParamsError(f"params: {key} must be one of {list(typing.get_args(annotation))}, got {value!r}")
-    if dataclasses.is_dataclass(annotation):
-        return build(annotation, value, key)
-    if annotation is type(None):
-        if value is None:
-            return None
-        raise ParamsError(f"params: {key} must be null, got {value!r}")
-    if origin is dict:
-        key_type, value_type = typing.get_args(annotation)
-        if not isinstance(value, dict):
-            raise ParamsError(f"params: {key} must be a mapping, got {value!r}")
-        return {_check_type(k, key_type, key): _check_type(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        if not isinstance(value, list):
-            raise ParamsError(f"params: {key} must be a list, got {value!r}")
-        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is int and isinstance(value, bool):
-        raise ParamsError(f"params: {key} must be an integer, got {value!r}")
-    if not isinstance(value, annotation):
-        raise ParamsError(f"params: {key} must be {annotation.__name__}, got {value!r}")
-    return value
+SECTIONS = {"data": DataParams, "model": ModelParams, "filter": FilterParams, "stratify": StratifyParams,
+            "train": TrainParams, "eval": EvalParams}
 
 
 def build(cls, raw, section: str):
-    """Build dataclass cls from the mapping raw, rejecting unknown keys and wrong types."""
-    if not isinstance(raw, dict):
-        raise ParamsError(f"params: section '{section}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ParamsError(f"params: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)} "
-                          f"(allowed: {', '.join(fields)})")
-    values = {}
-    for name, f in fields.items():
-        key = f"{section}.{name}"
-        if name not in raw:
-            if f.default is dataclasses.MISSING:
-                raise ParamsError(f"params: {key} is missing")
-            continue
-        values[name] = _check_type(raw[name], hints[name], key)
-    return cls(**values)
+    """raw validated as cls (a dataclass above, or any type pydantic knows); every problem in one ParamsError."""
+    try:
+        return TypeAdapter(cls).validate_python(raw)
+    except pydantic.ValidationError as e:
+        raise ParamsError(_problems(e, section)) from None
 
 
 def read(path: str | Path = PARAMS_FILE) -> dict:
@@ -250,20 +200,12 @@ def read(path: str | Path = PARAMS_FILE) -> dict:
     return raw
 
 
-SECTIONS = {"data": DataParams, "model": ModelParams, "filter": FilterParams, "stratify": StratifyParams,
-            "train": TrainParams, "eval": EvalParams}
-HELDOUT = "heldout"  # the evaluation set made from our own test split
-
-
 def load(section: str, path: str | Path = PARAMS_FILE):
-    """One section of params.yaml as its dataclass."""
+    """One section of params.yaml as its dataclass; eval_data as a mapping of set name -> EvalSetParams."""
     raw = read(path)
     if section not in raw:
         raise ParamsError(f"params: section '{section}' missing in {path}")
-    if section == "eval_data":  # a mapping of set name -> set
-        sets = _check_type(raw[section], dict[str, dict], section)
-        return {name: build(EvalSetParams, value, f"{section}.{name}") for name, value in sets.items()}
-    return build(SECTIONS[section], raw[section], section)
+    return build(dict[str, EvalSetParams] if section == "eval_data" else SECTIONS[section], raw[section], section)
 
 
 def load_seed(path: str | Path = PARAMS_FILE) -> int:
@@ -271,4 +213,4 @@ def load_seed(path: str | Path = PARAMS_FILE) -> int:
     raw = read(path)
     if "seed" not in raw:
         raise ParamsError(f"params: seed missing in {path}")
-    return _check_type(raw["seed"], int, "seed")
+    return build(StrictInt, raw["seed"], "seed")
