@@ -1,7 +1,8 @@
 """train: data/splits/{train,val}.parquet -> a LoRA adapter of the base model in models/adapter/, with
 metrics/train.json and per-step loss/learning-rate plots (dvclive) in metrics/train/.
 
-Resumes from the last checkpoint in models/checkpoints/ when params and data are unchanged.
+Resumes from the last checkpoint in models/checkpoints/ of a run that died, when nothing it depends on
+changed (params, data, base model, the stage's code); a run that finished is never resumed.
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages import cli, params
-from stages.artifacts import atomic_dir, fingerprint, write_json
+from stages.artifacts import atomic_dir, fingerprint, stage_code, write_json
+from stages.base_model import model_identity
 
 log = logging.getLogger("stages.train")
 
 
-def read_split(path: Path, limit: int | None = None) -> pa.Table:
+def read_split(path: Path, limit: int | None = None, required: bool = True) -> pa.Table:
     try:
         table = pq.read_table(path, columns=["instruction", "reasoning", "answer"])
     except (pa.ArrowInvalid, OSError) as e:
         raise cli.StageError(f"train: cannot read {path} ({e}); re-run the stratify stage") from e
-    if table.num_rows == 0:
-        raise cli.StageError(f"train: {path} has no rows; the train split needs examples and early stopping "
-                             "needs validation rows (check stratify.*_fraction and metrics/splits.json)")
+    if table.num_rows == 0 and required:
+        raise cli.StageError(f"train: {path} has no rows; the train split needs examples "
+                             "(check stratify.train_fraction and metrics/splits.json)")
     return table if limit is None else table.slice(0, limit)
 
 
@@ -64,30 +66,29 @@ def main(argv: list[str] | None = None) -> None:
     seed = params.load_seed()
     from stages import training  # imports torch only; transformers comes after Unsloth
 
+    # Everything that can fail is checked before the checkpoints of an earlier run are touched.
+    backend = training.resolve_backend(config.backend)
     train_file, val_file = args.splits / "train.parquet", args.splits / "val.parquet"
+    train_table, val_table = read_split(train_file), read_split(val_file, config.max_val_rows, required=False)
+    micro = training.micro_batch_size(config, training.cuda_memory_gib())
+    training.check_merge(config, backend)
+    training.check_model_limits(model_params)
     worker = "LOCAL_RANK" in os.environ  # one of several processes started by torchrun
     if not worker:
         made_from = fingerprint(dataclasses.asdict(model_params), dataclasses.asdict(config), seed,
-                                train_file, val_file)
+                                model_identity(model_params), train_file, val_file, *stage_code("train"))
         training.prepare_checkpoints(args.checkpoints, made_from)
     if config.num_gpus > 1 and not worker:
         if code := relaunch_distributed(config.num_gpus, sys.argv[1:] if argv is None else argv):
             raise cli.StageError(f"train: a distributed worker failed (exit code {code}); see its log above")
         return
 
-    backend = training.resolve_backend(config.backend)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (patches transformers, so before anything imports it)
-    import torch
     from transformers import EarlyStoppingCallback, Trainer, set_seed
 
     from stages.base_model import load_tokenizer
 
-    train_table, val_table = read_split(train_file), read_split(val_file, config.max_val_rows)
-    if config.merge_16bit and backend == "peft" and config.load_in_4bit and torch.cuda.is_available():
-        raise cli.StageError("train.merge_16bit needs 16-bit base weights with backend peft: set load_in_4bit: "
-                             "false, or use backend unsloth (which merges into the original 16-bit weights)")
-    training.check_model_limits(model_params)
     set_seed(seed)  # LoRA weights are initialized before the Trainer would seed anything
     if backend == "unsloth":
         model, tokenizer = training.load_unsloth(model_params, config, seed)
@@ -96,18 +97,19 @@ def main(argv: list[str] | None = None) -> None:
         model = training.load_peft(model_params, config)
     train_examples = training.tokenize(tokenizer, train_table, model_params.max_seq_length, "train")
     val_examples = training.tokenize(tokenizer, val_table, model_params.max_seq_length, "val")
+    validate = len(val_examples) > 0
+    if not validate:
+        log.info("no validation rows in %s: no early stopping, the last checkpoint is the result", val_file)
 
     resume = training.latest_checkpoint(args.checkpoints)
-    memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
-    micro = training.micro_batch_size(config, memory)
-    # Rank 0 alone logs: dvclive clears and writes its folder, which ranks must not do at once.
-    callbacks = [training.live_callback(args.live, resume=resume is not None)] if rank_zero() else []
-    if config.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-    trainer = Trainer(model=model, args=training.training_arguments(config, args.checkpoints, micro, seed),
-                      train_dataset=train_examples, eval_dataset=val_examples,
-                      data_collator=training.collator(tokenizer, config.packing), callbacks=callbacks)
     resumed_from = training.checkpoint_step(resume) if resume else 0
+    # Rank 0 alone logs: dvclive clears and writes its folder, which ranks must not do at once.
+    callbacks = [training.live_callback(args.live, resumed_from)] if rank_zero() else []
+    if validate and config.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    trainer = Trainer(model=model, args=training.training_arguments(config, args.checkpoints, micro, seed, validate),
+                      train_dataset=train_examples, eval_dataset=val_examples if validate else None,
+                      data_collator=training.collator(tokenizer, config.packing), callbacks=callbacks)
     log.info("%s backend, %d train / %d val examples, micro-batch %d x accumulation %d x %d process(es)%s",
              backend, len(train_examples), len(val_examples), micro, trainer.args.gradient_accumulation_steps,
              trainer.args.world_size, f", resuming from {resume}" if resume else "")
@@ -122,13 +124,14 @@ def main(argv: list[str] | None = None) -> None:
 
     if trainer.is_world_process_zero():
         with atomic_dir(args.adapter) as tmp:  # the best checkpoint's weights (load_best_model_at_end)
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            training.save_adapter(model, tokenizer, tmp)
         with atomic_dir(args.merged) as tmp:
             training.export_merged(model, tokenizer, tmp, backend, config.merge_16bit)
         write_json(args.metrics, training.summary(trainer, output, wall_seconds, resumed_from, tokens_before))
-        log.info("adapter -> %s (best val loss %s at step %s)", args.adapter, trainer.state.best_metric,
-                 trainer.state.best_model_checkpoint)
+        training.mark_finished(args.checkpoints)
+        log.info("adapter -> %s (%s)", args.adapter,
+                 f"best val loss {trainer.state.best_metric} at {trainer.state.best_model_checkpoint}" if validate
+                 else f"last step {trainer.state.global_step}, no validation split")
 
 
 if __name__ == "__main__":

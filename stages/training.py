@@ -61,6 +61,16 @@ def micro_batch_size(config: params.TrainParams, cuda_memory_gib: float | None) 
     return max(size, 1)
 
 
+def cuda_memory_gib() -> float | None:
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+
+
+def check_merge(config: params.TrainParams, backend: str) -> None:
+    if config.merge_16bit and backend == "peft" and config.load_in_4bit and torch.cuda.is_available():
+        raise TrainError("train.merge_16bit needs 16-bit base weights with backend peft: set load_in_4bit: "
+                         "false, or use backend unsloth (which merges into the original 16-bit weights)")
+
+
 class Examples(torch.utils.data.Dataset):
     """Tokenized examples kept as int32 arrays: 4 bytes a token, where Python lists of ints take ~10x
     that (a real train split holds ~10^8 tokens)."""
@@ -98,9 +108,12 @@ def tokenize(tokenizer, table: pa.Table, max_seq_length: int, split: str, chunk_
 
 def check_model_limits(model_params: params.ModelParams) -> None:
     """Fail before loading weights if the base model cannot take max_seq_length tokens."""
+    from stages.base_model import local_model_dir
+
+    folder = local_model_dir(model_params, weights=False)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_params.name, revision=model_params.revision, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and model_params.max_seq_length > limit:
         raise TrainError(f"model.max_seq_length={model_params.max_seq_length} is above the base model's limit of "
@@ -119,11 +132,12 @@ def check_target_modules(model, target_modules: list[str]) -> None:
 def load_unsloth(model_params: params.ModelParams, config: params.TrainParams, seed: int):
     from unsloth import FastLanguageModel
 
-    local = Path(model_params.name).expanduser().exists()
+    from stages.base_model import local_model_dir
+
+    # From the local folder, so model.config._name_or_path is where merged_16bit finds the pinned 16-bit weights.
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=model_params.name, max_seq_length=model_params.max_seq_length, dtype=None,
-        load_in_4bit=config.load_in_4bit, use_exact_model_name=True,
-        **({} if local else {"revision": model_params.revision}))
+        model_name=str(local_model_dir(model_params)), max_seq_length=model_params.max_seq_length, dtype=None,
+        load_in_4bit=config.load_in_4bit, use_exact_model_name=True)
     check_tokenizer(tokenizer, model_params.name)
     check_target_modules(model, config.lora.target_modules)
     model.config.use_cache = False  # see load_peft
@@ -132,12 +146,16 @@ def load_unsloth(model_params: params.ModelParams, config: params.TrainParams, s
         target_modules=config.lora.target_modules, bias="none", random_state=seed,
         use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
         max_seq_length=model_params.max_seq_length)
+    for adapter in model.peft_config.values():  # the adapter names its base as params.yaml does, not the cache folder
+        adapter.base_model_name_or_path = model_params.name
     return model, tokenizer
 
 
 def load_peft(model_params: params.ModelParams, config: params.TrainParams):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from stages.base_model import local_model_dir
 
     cuda = torch.cuda.is_available()
     extra = {}
@@ -146,7 +164,7 @@ def load_peft(model_params: params.ModelParams, config: params.TrainParams):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True)
     model = AutoModelForCausalLM.from_pretrained(
-        model_params.name, revision=model_params.revision, dtype=torch.bfloat16 if cuda else torch.float32,
+        local_model_dir(model_params), dtype=torch.bfloat16 if cuda else torch.float32,
         use_safetensors=True, trust_remote_code=False, device_map={"": 0} if cuda else None, **extra)
     check_target_modules(model, config.lora.target_modules)
     # With a KV cache in play, transformers skips the packed-sequence mask and attention leaks
@@ -157,24 +175,42 @@ def load_peft(model_params: params.ModelParams, config: params.TrainParams):
         model.enable_input_require_grads()
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    for adapter in model.peft_config.values():  # the adapter names its base as params.yaml does, not the cache folder
+        adapter.base_model_name_or_path = model_params.name
+    return model
 
 
 def prepare_checkpoints(checkpoints: Path, current: str) -> None:
-    """Keep the checkpoints of a run with the same fingerprint of params and data (minus any left
-    half-written by a kill); clear them otherwise. Runs once, before any training process starts."""
+    """Keep the checkpoints of a run that died with the same fingerprint (minus any checkpoint left
+    half-written by the kill); clear them when anything the run depends on changed, or when that run
+    finished (a new run starts from scratch, never from a finished run's last step). Runs once, before
+    any training process starts."""
     stamp = checkpoints / FINGERPRINT
-    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == current:
+    previous = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if previous.get("fingerprint") == current and not previous.get("finished"):
         for partial in checkpoints.glob("checkpoint-*"):
             if not (partial / "trainer_state.json").exists():
                 shutil.rmtree(partial)
         return
     if checkpoints.exists():
-        log.info("params or data changed since the checkpoints in %s were written: starting over", checkpoints)
+        why = ("the run that wrote them had finished" if previous.get("fingerprint") == current
+               else "params, data, base model or code changed since they were written")
+        log.info("checkpoints in %s: %s; starting over", checkpoints, why)
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
+    _write_stamp(stamp, {"fingerprint": current})
+
+
+def mark_finished(checkpoints: Path) -> None:
+    """Record that the run of these checkpoints completed, so no later run resumes from them."""
+    stamp = checkpoints / FINGERPRINT
+    _write_stamp(stamp, json.loads(stamp.read_text()) | {"finished": True})
+
+
+def _write_stamp(stamp: Path, content: dict) -> None:
     with atomic_file(stamp) as tmp:  # never write into a file that may be a link into the DVC cache
-        tmp.write_text(json.dumps({"fingerprint": current}) + "\n")
+        tmp.write_text(json.dumps(content, sort_keys=True) + "\n")
 
 
 def checkpoint_step(checkpoint: str | Path) -> int:
@@ -198,7 +234,8 @@ def collator(tokenizer, packing: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
-def training_arguments(config: params.TrainParams, checkpoints: Path, micro: int, seed: int):
+def training_arguments(config: params.TrainParams, checkpoints: Path, micro: int, seed: int, validate: bool = True):
+    """Without validation rows: no evaluation and no best checkpoint; the last step is the result."""
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
@@ -208,9 +245,11 @@ def training_arguments(config: params.TrainParams, checkpoints: Path, micro: int
         gradient_accumulation_steps=accumulation, learning_rate=config.learning_rate,
         num_train_epochs=config.epochs, max_steps=config.max_steps, warmup_steps=config.warmup,
         lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
-        optim=config.optimizer if cuda else "adamw_torch", eval_strategy="steps", eval_steps=config.eval_every_steps,
-        save_strategy="steps", save_steps=config.eval_every_steps, save_total_limit=2,
-        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        optim=config.optimizer if cuda else "adamw_torch", eval_strategy="steps" if validate else "no",
+        eval_steps=config.eval_every_steps, save_strategy="steps", save_steps=config.eval_every_steps,
+        save_total_limit=2, load_best_model_at_end=validate, metric_for_best_model="eval_loss" if validate else None,
+        greater_is_better=False,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience survives a resume
         logging_steps=1, report_to="none", seed=seed, data_seed=seed, bf16=cuda, use_cpu=not cuda,
         gradient_checkpointing=False,  # set on the model by each backend
         remove_unused_columns=False, include_num_input_tokens_seen="all" if config.packing else "non_padding",
@@ -228,6 +267,7 @@ def summary(trainer, train_output, wall_seconds: float, resumed_from: int, token
     runtime = train_output.metrics.get("train_runtime") or wall_seconds
     return {
         "train_loss": train_output.training_loss,
+        "validated": bool(evals),  # false: no validation split, so no early stopping and the last step is the result
         "val_loss": {"best": state.best_metric, "last": evals[-1] if evals else None, "evaluations": len(evals)},
         "best_step": best_step,
         "steps": state.global_step,
@@ -240,6 +280,17 @@ def summary(trainer, train_output, wall_seconds: float, resumed_from: int, token
         "peak_gpu_memory_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
         "wall_seconds": wall_seconds,
     }
+
+
+def save_adapter(model, tokenizer, out: Path) -> None:
+    """The adapter and tokenizer, byte-identical for identical training: PEFT keeps target_modules as a set
+    and writes it in hash order, which changes from process to process; sorted lists are written instead."""
+    for config in model.peft_config.values():
+        for name, value in vars(config).items():
+            if isinstance(value, set):
+                setattr(config, name, sorted(value))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
 
 
 def export_merged(model, tokenizer, out: Path, backend: str, enabled: bool) -> None:
@@ -255,9 +306,10 @@ def export_merged(model, tokenizer, out: Path, backend: str, enabled: bool) -> N
     tokenizer.save_pretrained(out)
 
 
-def live_callback(live_dir: Path, resume: bool):
+def live_callback(live_dir: Path, resumed_from: int):
     """transformers' DVCLive callback with optimizer steps on the x axis (the stock one counts log calls,
-    so train and eval points of one step land at different x)."""
+    so train and eval points of one step land at different x). On a resume, the curves of the earlier run
+    are kept up to the checkpoint's step and continued from there (metrics/train is a persistent output)."""
     from dvclive import Live
     from transformers.integrations import DVCLiveCallback
 
@@ -266,4 +318,11 @@ def live_callback(live_dir: Path, resume: bool):
             self.live.step = state.global_step
             super().on_log(args, state, control, model=model, logs=logs, **kwargs)
 
-    return StepAligned(live=Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=resume))
+    if resumed_from:
+        for tsv in (live_dir / "plots").rglob("*.tsv"):
+            rows = tsv.read_text().splitlines(keepends=True)
+            step_column = rows[0].rstrip("\n").split("\t").index("step")
+            kept = [rows[0]] + [r for r in rows[1:] if int(r.split("\t")[step_column]) <= resumed_from]
+            with atomic_file(tsv) as tmp:  # steps after the checkpoint are trained (and logged) again
+                tmp.write_text("".join(kept))
+    return StepAligned(live=Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resumed_from)))

@@ -107,7 +107,7 @@ def test_a_failing_stage_reports_the_problem_and_leaves_no_output(project):
     assert not list((project / "data").glob(".filtered*"))
 
 
-def test_changing_a_train_param_reruns_only_train(project):
+def test_changing_a_train_param_reruns_only_train_and_identical_training_keeps_evaluate(project):
     dvc(project, "repro")
     set_params(project, train={"learning_rate": 1.0e-3})
     assert ran_stages(dvc(project, "repro").stdout) == {"train", "evaluate"}
@@ -115,6 +115,15 @@ def test_changing_a_train_param_reruns_only_train(project):
     assert {"Loss", "Learning rate", "Base vs fine-tuned"} <= set(plots["data"]) and not plots.get("errors")
     values = plots["data"]["Loss"][0]["content"]["data"]["values"]
     assert {str(v["step"]) for v in values} >= {"1", "2"}
+
+    # Retraining with identical inputs (a new process, another string hash seed) rebuilds identical bytes,
+    # so the hours-long evaluation is not re-run.
+    assert ran_stages(dvc(project, "repro", "--single-item", "--force", "train").stdout) == {"train"}
+    assert "up to date" in dvc(project, "status", "evaluate").stdout
+
+    set_params(project, stratify={"train_fraction": 0.9, "val_fraction": 0, "test_fraction": 0.1})
+    assert ran_stages(dvc(project, "repro").stdout) == {"stratify", "train", "evaluate"}
+    assert json.loads((project / "metrics" / "train.json").read_text())["validated"] is False
 
 
 def test_experiments_run_alone_and_queued_and_show_as_a_table(project):

@@ -1,17 +1,21 @@
 """The train stage on CPU with the tiny random Qwen2 model (PEFT backend), through its real main()."""
 
+import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from stages import cli, params, training
+from stages import artifacts, cli, params, training
 from stages import train as train_stage
 from tests import magpie_data
-from tests.conftest import ROOT, set_params, splits_table, train_project, write_splits
+from tests.conftest import ROOT, copy_project, set_params, splits_table, train_project, write_splits
 
 
 def logged(project: Path, name: str) -> list[float]:
@@ -53,34 +57,143 @@ def test_early_stopping_stops_a_run_whose_val_loss_rises(project):
     assert metrics["steps"] == metrics["best_step"] + 2  # two evaluations without improvement
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(project, monkeypatch):
-    set_params(project, "train", max_steps=6, eval_every_steps=2)
-    train_stage.main([])
-    uninterrupted = train_metrics(project)
-    for path in ("models", "metrics"):
-        shutil.rmtree(project / path)
-
+def kill_after_step(monkeypatch, step: int):
+    """Make the next run die while training the step after `step` (Ctrl-C, preemption or OOM, as far as
+    the run is concerned); returns the function that undoes it."""
     from transformers import Trainer
 
     original_step = Trainer.training_step
 
-    def dies_after_step_3(self, *args, **kwargs):
-        if self.state.global_step == 3:
-            raise KeyboardInterrupt  # Ctrl-C, preemption or OOM, as far as the run is concerned
+    def dies(self, *args, **kwargs):
+        if self.state.global_step == step:
+            raise KeyboardInterrupt
         return original_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "training_step", dies_after_step_3)
+    monkeypatch.setattr(Trainer, "training_step", dies)
+    return lambda: monkeypatch.setattr(Trainer, "training_step", original_step)
+
+
+def logged_steps(project: Path, name: str) -> list[int]:
+    lines = (project / "metrics" / "train" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()[1:]
+    return [int(line.split("\t")[0]) for line in lines]
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_continues_its_curves(project, monkeypatch):
+    set_params(project, "train", max_steps=6, eval_every_steps=2)
+    train_stage.main([])
+    uninterrupted = train_metrics(project)
+    shutil.rmtree(project / "models")  # metrics/train stays: it is a persistent output, as DVC keeps it
+
+    revive = kill_after_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train_stage.main([])
     assert not (project / "models" / "adapter").exists()
     assert (project / "models" / "checkpoints" / "checkpoint-2").is_dir()
+    assert logged_steps(project, "loss") == [1, 2, 3]
 
-    monkeypatch.setattr(Trainer, "training_step", original_step)
+    revive()
     train_stage.main([])
     resumed = train_metrics(project)
     assert resumed["resumed_from_step"] == 2
     assert resumed["steps"] == 6
     assert resumed["val_loss"]["best"] == pytest.approx(uninterrupted["val_loss"]["best"], abs=1e-3)
+    assert logged_steps(project, "loss") == [1, 2, 3, 4, 5, 6]  # step 3 trained again, logged once
+
+
+def test_the_training_curves_are_a_persistent_output():
+    outs = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["outs"]
+    assert {"metrics/train": {"cache": False, "persist": True}} in outs  # else DVC deletes them before a resume
+
+
+def test_a_finished_run_is_never_resumed(project):
+    set_params(project, "train", max_steps=2)
+    train_stage.main([])
+    train_stage.main([])  # e.g. dvc repro -f, or a change DVC sees that the fingerprint would not
+    assert train_metrics(project)["resumed_from_step"] == 0
+
+
+def test_a_code_change_discards_the_checkpoints_of_a_killed_run(project, monkeypatch, tmp_path):
+    from stages import artifacts
+
+    code = copy_project(tmp_path / "code")  # the stage's code deps, as dvc.yaml lists them, from this copy
+    monkeypatch.setattr(artifacts, "PROJECT_ROOT", code)
+    set_params(project, "train", max_steps=4, eval_every_steps=2)
+    revive = kill_after_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.main([])
+    revive()
+    prompts = code / "stages" / "prompts.py"
+    prompts.write_text(prompts.read_text() + "\n# a changed line of the stage's code\n")
+    train_stage.main([])
+    assert train_metrics(project)["resumed_from_step"] == 0
+
+
+def test_the_train_fingerprint_covers_the_code_dvc_reruns_the_stage_for():
+    code = {path.relative_to(ROOT).as_posix() for path in artifacts.stage_code("train")}
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    assert code == {dep for dep in deps if dep.endswith(".py")}
+    assert {"stages/prompts.py", "stages/training.py", "stages/train.py"} <= code
+
+
+def test_early_stopping_patience_survives_a_resume(project, monkeypatch):
+    write_splits(project, [magpie_data.row(1)] * 16,
+                 [magpie_data.row(i, instruction="Name a prime.", response="<think>zzz qqq</think>xyz")
+                  for i in range(4)])
+    set_params(project, "train", learning_rate=5.0e-2, epochs=50, eval_every_steps=1, early_stopping_patience=2)
+    train_stage.main([])
+    uninterrupted = train_metrics(project)
+    assert uninterrupted["stopped_early"]
+    shutil.rmtree(project / "models")
+
+    revive = kill_after_step(monkeypatch, uninterrupted["best_step"] + 1)  # one evaluation without improvement
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.main([])
+    revive()
+    train_stage.main([])
+    resumed = train_metrics(project)
+    assert resumed["resumed_from_step"] == uninterrupted["best_step"] + 1
+    assert resumed["steps"] == uninterrupted["steps"]  # stops where the uninterrupted run stopped
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_a_run_that_cannot_start_keeps_the_checkpoints_of_a_killed_run(project, monkeypatch):
+    set_params(project, "train", max_steps=4, eval_every_steps=2)
+    revive = kill_after_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.main([])
+    revive()
+    checkpoints = project / "models" / "checkpoints"
+    before = sorted(p.relative_to(checkpoints) for p in checkpoints.rglob("*"))
+    set_params(project, "train", max_steps=4, eval_every_steps=2, backend="unsloth")
+    with pytest.raises(training.TrainError, match="needs a CUDA GPU"):
+        train_stage.main([])
+    assert sorted(p.relative_to(checkpoints) for p in checkpoints.rglob("*")) == before
+    set_params(project, "train", max_steps=4, eval_every_steps=2, backend="auto")
+    train_stage.main([])
+    assert train_metrics(project)["resumed_from_step"] == 2
+
+
+def test_without_a_validation_split_the_last_step_is_the_result(project):
+    write_splits(project, magpie_data.clean_rows(24), [])  # stratify.val_fraction: 0
+    set_params(project, "train", max_steps=4, eval_every_steps=2, early_stopping_patience=2)
+    train_stage.main([])
+    metrics = train_metrics(project)
+    assert metrics["validated"] is False and metrics["best_step"] is None
+    assert metrics["steps"] == 4 and not metrics["stopped_early"]
+    assert (project / "models" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_identical_training_gives_byte_identical_adapter_files(project):
+    """Each run is a new process with its own string hash seed, as under dvc repro."""
+    set_params(project, "train", max_steps=2)
+    digests = []
+    for hash_seed in ("1", "2"):
+        subprocess.run([sys.executable, "-m", "stages.train"], cwd=project, check=True, capture_output=True,
+                       env=os.environ | {"PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)})
+        adapter = project / "models" / "adapter"
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(adapter.iterdir())})
+    assert digests[0] == digests[1]
+    assert "adapter_config.json" in digests[0] and "adapter_model.safetensors" in digests[0]
 
 
 def test_changed_params_discard_old_checkpoints(project):
