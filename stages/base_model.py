@@ -1,14 +1,22 @@
-"""Loading the base model's tokenizer (and, later, weights) from a hub id at a pinned revision or a
-local directory; safetensors only, never remote code.
+"""The base model's files and tokenizer: a local directory, or a hub id at a pinned revision, downloaded
+once into the Hugging Face cache (config, tokenizer and chat template files, and weights only as
+*.safetensors: never pickled weights, never code). Loaders read that folder, so they never touch the network.
+
+Hub downloads go through stages.hub.hub_snapshot: every failure is one line naming the repo and revision.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from stages.artifacts import fingerprint
 from stages.cli import StageError
+from stages.hub import hub_snapshot, one_line
 from stages.params import ModelParams
+
+TOKENIZER_FILES = ["*.json", "*.jinja", "merges.txt", "tokenizer.model"]  # config, tokenizer, chat template
+MODEL_FILES = [*TOKENIZER_FILES, "*.safetensors"]
 
 
 class ModelLoadError(StageError):
@@ -27,22 +35,34 @@ def model_identity(model: ModelParams) -> dict:
     return {"hub": model.name, "revision": model.revision}
 
 
+@functools.cache
+def _hub_model_dir(name: str, revision: str, weights: bool) -> Path:
+    return hub_snapshot(name, revision, repo_type="model", key="model", error=ModelLoadError,
+                        allow_patterns=MODEL_FILES if weights else TOKENIZER_FILES)
+
+
+def local_model_dir(model: ModelParams, weights: bool = True) -> Path:
+    """The folder to load the base model from: model.name when it is a local path, else the snapshot of the
+    hub id model.name at model.revision in the Hugging Face cache (downloaded on first use; with weights
+    False, only the config, tokenizer and chat template files). Weights are only ever *.safetensors."""
+    folder = Path(model.name).expanduser() if _is_local(model.name) else _hub_model_dir(
+        model.name, model.revision, weights)
+    if weights and not any(folder.glob("*.safetensors")):
+        raise ModelLoadError(f"model.name={model.name!r}: no *.safetensors weights in {folder}; the base model "
+                             "is only loaded from safetensors (never pickled *.bin weights), so use one that has them")
+    return folder
+
+
 def load_tokenizer(model: ModelParams):
     """The base model's tokenizer; it must carry a chat template, since prompts come from it."""
+    folder = local_model_dir(model, weights=False)
     from transformers import AutoTokenizer
 
-    revision = None if _is_local(model.name) else model.revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(Path(model.name).expanduser()) if revision is None else model.name,
-            revision=revision, trust_remote_code=False,
-        )
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"could not load the tokenizer of model.name={model.name!r} (revision {model.revision}): {e}. "
-            "If the Hugging Face Hub is unreachable, download the model elsewhere and set model.name "
-            "to its local directory."
-        ) from e
+        raise ModelLoadError(f"could not load the tokenizer of model.name={model.name!r} (revision "
+                             f"{model.revision}) from {folder}: {one_line(e)}") from e
     check_tokenizer(tokenizer, model.name)
     return tokenizer
 

@@ -1,6 +1,7 @@
 """fetch: the Magpie dataset's Parquet shards at a pinned hub revision (or local Parquet) -> data/raw/.
 
-Only the Parquet files are downloaded; no `datasets` Arrow copy is made.
+Only the Parquet files are downloaded; no `datasets` Arrow copy is made. Every file is read in full before it
+is taken, so a truncated or corrupt shard stops this stage, named, and never reaches data/raw.
 """
 
 from __future__ import annotations
@@ -11,11 +12,16 @@ import re
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from stages import cli, params
 from stages.artifacts import atomic_dir
+from stages.hub import hub_snapshot
 
 log = logging.getLogger("stages.fetch")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CHECK_BATCH_ROWS = 1024  # rows decoded at a time by parquet_problem: memory stays flat
 
 
 class FetchError(cli.StageError):
@@ -39,37 +45,49 @@ def local_files(source: Path, key: str = "data.source", suffixes: tuple[str, ...
     return files
 
 
-def copy_local(source: Path, files: list[Path], out: Path) -> None:
+def parquet_problem(file: Path) -> str | None:
+    """Why file is not complete, readable Parquet, or None if it is. Every page is decoded (with its checksum
+    checked where the writer stored one): the footer alone catches truncation, since Parquet keeps its
+    metadata at the very end of the file, but not damage inside the data, which the filter stage would
+    then hit. Reading a whole 160 MB shard takes 0.3 s (1 s from a cold disk cache) on the 2-core CI machine."""
+    try:
+        parquet = pq.ParquetFile(file, page_checksum_verification=True)
+        rows = sum(batch.num_rows for batch in parquet.iter_batches(batch_size=CHECK_BATCH_ROWS))
+    except (pa.ArrowException, OSError) as e:
+        return " ".join(str(e).split())
+    if rows != parquet.metadata.num_rows:
+        return f"{rows} rows could be read, the footer says {parquet.metadata.num_rows}"
+    return None
+
+
+def copy_local(source: Path, files: list[Path], out: Path, key: str = "data.source") -> None:
+    """Copy files (under source) to out with their layout, each checked to be readable Parquet first."""
     base = source if source.is_dir() else source.parent
     for file in files:
+        if problem := parquet_problem(file):
+            raise FetchError(f"fetch: {file} (under {key}) is not readable Parquet, it is truncated or corrupt "
+                             f"({problem}); nothing was written. Replace it with a good copy (download it again) "
+                             "or remove it, then run the fetch stage again")
         target = out / file.relative_to(base)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, target)
 
 
-def download_hub(config: params.DataParams | params.EvalSetParams, out: Path, key: str = "data") -> None:
-    """Download the files matching config.files at config.revision; a clear error when the hub is unreachable."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    try:
-        snapshot_download(repo_id=config.source, repo_type="dataset", revision=config.revision,
-                          allow_patterns=[config.files], local_dir=out)
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as e:
-        raise FetchError(
-            f"fetch: could not download the dataset {config.source} at revision {config.revision} from the "
-            f"Hugging Face Hub ({type(e).__name__}: {e}). The hub is unreachable from this machine or offline "
-            "mode is on. Download the Parquet shards elsewhere (e.g. `hf download "
-            f"{config.source} --repo-type dataset --revision {config.revision} --local-dir DIR`), copy DIR "
-            f"here and set {key}.source in params.yaml to that local directory; the rest of the pipeline is "
-            "unchanged."
-        ) from e
-    except HfHubHTTPError as e:
-        raise FetchError(f"fetch: the hub refused {config.source}@{config.revision}: {e}. Check the id and "
-                         "revision in params.yaml, and HF_TOKEN if the dataset is gated.") from e
+def download_hub(config: params.DataParams | params.EvalSetParams, out: Path, key: str = "data",
+                 stage: str = "fetch") -> None:
+    """Download the files matching config.files at config.revision into out, Parquet files checked; any
+    failure is one line (see hub.hub_snapshot)."""
+    hub_snapshot(config.source, config.revision, repo_type="dataset", key=key, allow_patterns=[config.files],
+                 local_dir=out, error=FetchError, prefix=f"{stage}: ")
     shutil.rmtree(out / ".cache", ignore_errors=True)
     if not any(p.is_file() for p in out.rglob("*")):
-        raise FetchError(f"fetch: no file of {config.source}@{config.revision} matches {key}.files={config.files!r}")
+        raise FetchError(f"{stage}: no file of {config.source}@{config.revision} matches {key}.files={config.files!r}")
+    for file in sorted(out.rglob("*.parquet")):
+        if problem := parquet_problem(file):
+            raise FetchError(f"{stage}: {file.relative_to(out).as_posix()} of the dataset {config.source} at revision "
+                             f"{config.revision} is not readable Parquet as downloaded ({problem}); nothing was "
+                             f"written. Run the {stage} stage again; if it fails the same way, the file on the hub is "
+                             f"damaged: pin another {key}.revision")
 
 
 def main(argv: list[str] | None = None) -> None:

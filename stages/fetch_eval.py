@@ -24,7 +24,7 @@ def fetch_set(name: str, config: params.EvalSetParams, workdir: Path) -> list[Pa
     key = f"eval_data.{name}"
     if is_hub_id(config.source):
         log.info("downloading %s@%s (%s)", config.source, config.revision, config.files)
-        download_hub(config, workdir, key=key)
+        download_hub(config, workdir, key=key, stage="fetch_eval")
         return local_files(workdir, key, SUFFIXES)
     return local_files(Path(config.source).expanduser(), f"{key}.source", SUFFIXES)
 

@@ -68,11 +68,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # Everything that can fail is checked before the checkpoints of an earlier run are touched.
     backend = training.resolve_backend(config.backend)
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (patches transformers, so before anything imports it)
     train_file, val_file = args.splits / "train.parquet", args.splits / "val.parquet"
     train_table, val_table = read_split(train_file), read_split(val_file, config.max_val_rows, required=False)
     micro = training.micro_batch_size(config, training.cuda_memory_gib())
     training.check_merge(config, backend)
-    training.check_model_limits(model_params)
+    training.check_model_limits(model_params, config.lora.target_modules)
     worker = "LOCAL_RANK" in os.environ  # one of several processes started by torchrun
     if not worker:
         made_from = fingerprint(dataclasses.asdict(model_params), dataclasses.asdict(config), seed,
@@ -83,8 +85,6 @@ def main(argv: list[str] | None = None) -> None:
             raise cli.StageError(f"train: a distributed worker failed (exit code {code}); see its log above")
         return
 
-    if backend == "unsloth":
-        import unsloth  # noqa: F401  (patches transformers, so before anything imports it)
     from transformers import EarlyStoppingCallback, Trainer, set_seed
 
     from stages.base_model import load_tokenizer

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -61,6 +62,11 @@ def micro_batch_size(config: params.TrainParams, cuda_memory_gib: float | None) 
     return max(size, 1)
 
 
+def local_rank() -> int:
+    """This process's GPU: torchrun numbers the processes of a machine from 0 (LOCAL_RANK); 0 when run alone."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def cuda_memory_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
 
@@ -106,18 +112,22 @@ def tokenize(tokenizer, table: pa.Table, max_seq_length: int, split: str, chunk_
     return Examples(ids, prompt_lengths)
 
 
-def check_model_limits(model_params: params.ModelParams) -> None:
-    """Fail before loading weights if the base model cannot take max_seq_length tokens."""
+def check_model_limits(model_params: params.ModelParams, target_modules: list[str] | None = None) -> None:
+    """Fail before loading weights (and before any checkpoint is touched) if the base model cannot take
+    max_seq_length tokens or lacks a LoRA target module; the modules are read from a weightless copy."""
     from stages.base_model import local_model_dir
 
     folder = local_model_dir(model_params, weights=False)
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and model_params.max_seq_length > limit:
         raise TrainError(f"model.max_seq_length={model_params.max_seq_length} is above the base model's limit of "
                          f"{limit} positions ({model_params.name}); lower it")
+    if target_modules:
+        with torch.device("meta"):  # shapes only: no memory, no weights read
+            check_target_modules(AutoModelForCausalLM.from_config(config), target_modules)
 
 
 def check_target_modules(model, target_modules: list[str]) -> None:
@@ -139,7 +149,6 @@ def load_unsloth(model_params: params.ModelParams, config: params.TrainParams, s
         model_name=str(local_model_dir(model_params)), max_seq_length=model_params.max_seq_length, dtype=None,
         load_in_4bit=config.load_in_4bit, use_exact_model_name=True)
     check_tokenizer(tokenizer, model_params.name)
-    check_target_modules(model, config.lora.target_modules)
     model.config.use_cache = False  # see load_peft
     model = FastLanguageModel.get_peft_model(
         model, r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
@@ -165,8 +174,7 @@ def load_peft(model_params: params.ModelParams, config: params.TrainParams):
             bnb_4bit_use_double_quant=True)
     model = AutoModelForCausalLM.from_pretrained(
         local_model_dir(model_params), dtype=torch.bfloat16 if cuda else torch.float32,
-        use_safetensors=True, trust_remote_code=False, device_map={"": 0} if cuda else None, **extra)
-    check_target_modules(model, config.lora.target_modules)
+        use_safetensors=True, trust_remote_code=False, device_map={"": local_rank()} if cuda else None, **extra)
     # With a KV cache in play, transformers skips the packed-sequence mask and attention leaks
     # across the examples of a padding-free batch; training never needs the cache.
     model.config.use_cache = False
@@ -289,7 +297,8 @@ def save_adapter(model, tokenizer, out: Path) -> None:
         for name, value in vars(config).items():
             if isinstance(value, set):
                 setattr(config, name, sorted(value))
-    model.save_pretrained(out, safe_serialization=True)
+    # Embeddings are never trained here; without this PEFT asks the hub for the base config on every save.
+    model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
 
 

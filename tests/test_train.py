@@ -155,8 +155,18 @@ def test_early_stopping_patience_survives_a_resume(project, monkeypatch):
     assert resumed["steps"] == uninterrupted["steps"]  # stops where the uninterrupted run stopped
 
 
+CANNOT_START = {
+    "unsloth_without_gpu": ("train", {"backend": "unsloth"}, "needs a CUDA GPU"),
+    "unknown_target_module": ("train", {"lora": {"r": 8, "alpha": 8, "dropout": 0.0, "target_modules": ["qkv_proj"]}},
+                              r"\['qkv_proj'\] not found"),
+    "too_long_for_the_model": ("model", {"max_seq_length": 8192}, "above the base model's limit"),
+    "indivisible_micro_batch": ("train", {"micro_batch_size": 3}, "must divide"),
+}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
-def test_a_run_that_cannot_start_keeps_the_checkpoints_of_a_killed_run(project, monkeypatch):
+@pytest.mark.parametrize("case", CANNOT_START)
+def test_a_run_that_cannot_start_keeps_the_checkpoints_of_a_killed_run(project, monkeypatch, case):
     set_params(project, "train", max_steps=4, eval_every_steps=2)
     revive = kill_after_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
@@ -164,13 +174,35 @@ def test_a_run_that_cannot_start_keeps_the_checkpoints_of_a_killed_run(project, 
     revive()
     checkpoints = project / "models" / "checkpoints"
     before = sorted(p.relative_to(checkpoints) for p in checkpoints.rglob("*"))
-    set_params(project, "train", max_steps=4, eval_every_steps=2, backend="unsloth")
-    with pytest.raises(training.TrainError, match="needs a CUDA GPU"):
+    section, change, error = CANNOT_START[case]
+    original = yaml.safe_load((project / "params.yaml").read_text())
+    set_params(project, section, **change)
+    with pytest.raises(cli.StageError, match=error):
         train_stage.main([])
     assert sorted(p.relative_to(checkpoints) for p in checkpoints.rglob("*")) == before
-    set_params(project, "train", max_steps=4, eval_every_steps=2, backend="auto")
+    (project / "params.yaml").write_text(yaml.safe_dump(original, sort_keys=False))
     train_stage.main([])
     assert train_metrics(project)["resumed_from_step"] == 2
+
+
+def test_each_ddp_process_loads_the_model_onto_its_own_gpu(monkeypatch, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    class Loaded(Exception):
+        pass
+
+    def from_pretrained(*args, **kwargs):
+        raise Loaded(kwargs["device_map"])
+
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process on this machine, as torchrun numbers them
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    config = params.load("train", ROOT / "params.yaml")
+    config = params.TrainParams(**{**config.__dict__, "load_in_4bit": False})
+    model_params = params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=1024)
+    with pytest.raises(Loaded) as loaded:
+        training.load_peft(model_params, config)
+    assert loaded.value.args[0] == {"": 1}
 
 
 def test_without_a_validation_split_the_last_step_is_the_result(project):
@@ -183,17 +215,21 @@ def test_without_a_validation_split_the_last_step_is_the_result(project):
     assert (project / "models" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def train_in_new_process(project: Path, hash_seed: str) -> dict[str, str]:
+    """Run the train stage as `dvc repro` does, in a process of its own; the sha256 of each adapter file."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    subprocess.run([sys.executable, "-m", "stages.train"], cwd=project, check=True, capture_output=True,
+                   env=os.environ | {"PYTHONHASHSEED": hash_seed, "PYTHONPATH": path})
+    adapter = project / "models" / "adapter"
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(adapter.iterdir())}
+
+
 def test_identical_training_gives_byte_identical_adapter_files(project):
     """Each run is a new process with its own string hash seed, as under dvc repro."""
     set_params(project, "train", max_steps=2)
-    digests = []
-    for hash_seed in ("1", "2"):
-        subprocess.run([sys.executable, "-m", "stages.train"], cwd=project, check=True, capture_output=True,
-                       env=os.environ | {"PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)})
-        adapter = project / "models" / "adapter"
-        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(adapter.iterdir())})
-    assert digests[0] == digests[1]
-    assert "adapter_config.json" in digests[0] and "adapter_model.safetensors" in digests[0]
+    first, second = (train_in_new_process(project, hash_seed) for hash_seed in ("1", "2"))
+    assert first == second
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= first.keys()
 
 
 def test_changed_params_discard_old_checkpoints(project):
