@@ -30,6 +30,7 @@ MODELS = ("base", "finetuned")
 HEADLINE = ("accuracy", "second_guesses_per_response", "response_tokens_mean", "hit_max_tokens_share",
             "unclosed_think_share", "loop_share", "boxed_share")
 PLOTTED = ("accuracy", "hit_max_tokens_share", "unclosed_think_share", "loop_share", "boxed_share")
+GENERATION_CODE = Path(__file__).with_name("generation.py")  # turns prompts into tokens: part of the cache key
 
 
 def load_sets(config: params.EvalParams, sets_dir: Path, test_split: Path) -> tuple[dict[str, pa.Table], int]:
@@ -55,7 +56,7 @@ def load_sets(config: params.EvalParams, sets_dir: Path, test_split: Path) -> tu
 
 
 def sample_rows(model_name: str, set_name: str, problems: pa.Table, generations, samples: int,
-                config: params.EvalParams, tokenizer) -> pd.DataFrame:
+                config: params.EvalParams) -> pd.DataFrame:
     """One row per generation: the problem, the response, its grade and its counts."""
     from stages.grading import grade, split_reasoning
     from stages.overthinking import loops, marker_pattern, second_guesses, uses_latex
@@ -70,9 +71,8 @@ def sample_rows(model_name: str, set_name: str, problems: pa.Table, generations,
             "model": model_name, "set": set_name, "problem_id": problem["id"], "sample": k // problems.num_rows,
             "level": problem["level"], "problem": problem["problem"], "gold": problem["gold"],
             "response": generation.text, "extracted_answer": extracted, "correct": correct,
-            "response_tokens": generation.n_tokens,
-            "reasoning_tokens": len(tokenizer(reasoning, add_special_tokens=False)["input_ids"]),
-            "answer_tokens": len(tokenizer(answer, add_special_tokens=False)["input_ids"]) if answer else 0,
+            "response_tokens": generation.n_tokens, "reasoning_tokens": generation.reasoning_tokens,
+            "answer_tokens": generation.answer_tokens,
             "hit_max_tokens": generation.hit_max_tokens, "closed_think": answer is not None,
             "second_guesses": second_guesses(reasoning, markers),
             "looped": loops(generation.text, config.loop_ngram, config.loop_repeats),
@@ -115,32 +115,39 @@ def summarize(samples: pd.DataFrame, without_gold: int) -> tuple[dict, dict[str,
 def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_params: params.ModelParams, seed: int,
                  adapter: Path, cache_dir: Path, tokenizer) -> list[pd.DataFrame]:
     """Sample rows of every (model, set): generated now, or reused from cache_dir when a file with the
-    same fingerprint (model, adapter, problems, sampling, seed) is there. Stale files are removed."""
+    same fingerprint (base model, adapter, rendered prompts, sampling, seed, generation code) is there.
+    Stale files are removed."""
     from stages import generation
+    from stages.base_model import model_identity
     from stages.prompts import prompt_text
 
-    sampling = {k: v for k, v in dataclasses.asdict(config).items()
-                if k in ("samples", "temperature", "top_p", "max_new_tokens", "batch_size", "static_cache")}
+    # Only what decides the generated tokens: golds, markers and loop sizes grade them, so their changes
+    # reuse the files. batch_size and static_cache are in: under sampling, the random numbers a sequence
+    # draws depend on the batch it shares (the static cache pads batches with copies), so another batching
+    # gives other outputs. For batch_size 'auto' the key holds 'auto', not the size free memory gave.
+    sampling = {k: getattr(config, k)
+                for k in ("samples", "temperature", "top_p", "max_new_tokens", "batch_size", "static_cache")}
+    made_by = (model_identity(model_params), sampling, seed, GENERATION_CODE)
     cache_dir.mkdir(parents=True, exist_ok=True)
     frames, kept = [], set()
     for model_name in MODELS:
         model_adapter = adapter if model_name == "finetuned" else None
         model = None
         for set_name, problems in sets.items():
-            key = fingerprint(dataclasses.asdict(model_params), sampling, seed, model_name,
-                              problems.to_pylist(), *([model_adapter] if model_adapter else []))
+            prompts = [prompt_text(tokenizer, p) for p in problems["problem"].to_pylist()]
+            key = fingerprint(*made_by, prompts, *([model_adapter] if model_adapter else []))
             cached = cache_dir / f"{model_name}-{set_name}-{key}.parquet"
             kept.add(cached.name)
             if cached.is_file():
                 log.info("%s / %s: reusing %s", model_name, set_name, cached)
             else:
                 model = model or generation.load_model(model_params, model_adapter)
-                prompts = [prompt_text(tokenizer, p) for p in problems["problem"].to_pylist()] * config.samples
-                outputs = generation.generate(model, tokenizer, prompts, config, seed, desc=f"{model_name}/{set_name}")
+                outputs = generation.generate(model, tokenizer, prompts * config.samples, config, seed,
+                                              desc=f"{model_name}/{set_name}")
                 with atomic_file(cached) as tmp:
                     pq.write_table(pa.Table.from_pylist([dataclasses.asdict(o) for o in outputs]), tmp)
             outputs = [generation.Generation(**row) for row in pq.read_table(cached).to_pylist()]
-            frames.append(sample_rows(model_name, set_name, problems, outputs, config.samples, config, tokenizer))
+            frames.append(sample_rows(model_name, set_name, problems, outputs, config.samples, config))
         del model
         gc.collect()
     for stale in cache_dir.glob("*.parquet"):

@@ -5,6 +5,7 @@ transformers compile the forward pass.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from stages import params
 from stages.cli import StageError
+from stages.prompts import THINK_CLOSE
 
 log = logging.getLogger("stages.evaluate")
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so compiled shapes repeat
@@ -30,6 +32,8 @@ class Generation:
     text: str  # the generated continuation of the prompt, up to (without) the end-of-sequence token
     n_tokens: int  # generated tokens, end-of-sequence included when it came
     hit_max_tokens: bool  # stopped by max_new_tokens instead of ending by itself
+    reasoning_tokens: int  # generated tokens before the last `</think>`; without one, all but end-of-sequence
+    answer_tokens: int  # generated tokens after the last `</think>`, end-of-sequence excluded (0 without one)
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -84,9 +88,11 @@ def load_model(model_params: params.ModelParams, adapter: Path | None):
     """The model to generate with: bf16 on CUDA (fp32 on CPU), the adapter merged in when given."""
     from transformers import AutoModelForCausalLM
 
+    from stages.base_model import local_model_dir
+
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
-        model_params.name, revision=model_params.revision, dtype=torch.bfloat16 if cuda else torch.float32,
+        local_model_dir(model_params), dtype=torch.bfloat16 if cuda else torch.float32,
         use_safetensors=True, trust_remote_code=False, device_map={"": 0} if cuda else None,
         attn_implementation=register_attention())
     if adapter is not None:
@@ -101,6 +107,34 @@ def check_context(model, longest_prompt: int, max_new_tokens: int) -> None:
     if limit is not None and longest_prompt + max_new_tokens > limit:
         raise GenerationError(f"eval.max_new_tokens={max_new_tokens} plus the longest prompt ({longest_prompt} "
                               f"tokens) exceeds the model's context of {limit} tokens; lower eval.max_new_tokens")
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def think_token_counts(tokenizer, ids: list[int], text: str) -> tuple[int, int]:
+    """(reasoning, answer) token counts of generated ids (end-of-sequence cut off) that decode to `text`:
+    the ids before and after the `</think>` at which grading splits the text (its last), or (all, 0)
+    without one. Counted on the ids, never by re-encoding text, so they add up to at most len(ids)."""
+    at = text.rfind(THINK_CLOSE)
+    if at < 0:
+        return len(ids), 0
+    end = at + len(THINK_CLOSE)
+    close = tokenizer.encode(THINK_CLOSE, add_special_tokens=False)  # one added token in R1's tokenizer
+    start = next((i for i in range(len(ids) - len(close), -1, -1) if ids[i:i + len(close)] == close), None)
+    if start is not None and _decode(tokenizer, ids[start + len(close):]) == text[end:]:
+        return start, len(ids) - start - len(close)
+    # `</think>` spelled by other tokens (possible where it is no single token): the longest prefix of ids
+    # that decodes within the reasoning, and the longest suffix after the tag; a token across either
+    # edge counts in neither. Decoded length grows with the prefix, so a bisection finds both.
+    def decoded_length(k: int) -> int:
+        return len(_decode(tokenizer, ids[:k]))
+
+    prefixes = range(len(ids) + 1)
+    reasoning = bisect.bisect_right(prefixes, at, key=decoded_length) - 1
+    answer_from = bisect.bisect_left(prefixes, end, key=decoded_length)
+    return reasoning, len(ids) - answer_from
 
 
 def _bucket(length: int) -> int:
@@ -156,7 +190,9 @@ def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, se
             for i, new_tokens in zip(indices, output[:, width:].tolist(), strict=False):
                 ended = eos in new_tokens
                 cut = new_tokens.index(eos) if ended else len(new_tokens)
-                results[i] = Generation(text=tokenizer.decode(new_tokens[:cut], skip_special_tokens=False),
-                                        n_tokens=cut + 1 if ended else cut, hit_max_tokens=not ended)
+                text = _decode(tokenizer, new_tokens[:cut])
+                reasoning, answer = think_token_counts(tokenizer, new_tokens[:cut], text)
+                results[i] = Generation(text=text, n_tokens=cut + 1 if ended else cut, hit_max_tokens=not ended,
+                                        reasoning_tokens=reasoning, answer_tokens=answer)
             progress.update(len(indices))
     return results
