@@ -3,7 +3,7 @@ batch 256) against the evaluate stage's route (LoRA merged into bf16 weights, pr
 static KV cache so transformers compiles the forward), side by side in one run, on the real 1.5B shape
 (random weights: no response ends early), ~100-token prompts, sampling as the model card says.
 
-    python .gpu/make_random_model.py /tmp/r1 && python -m bench.generate_speed /tmp/r1
+    python -m tests.random_model /tmp/r1 && python -m bench.generate_speed /tmp/r1
 """
 
 from __future__ import annotations

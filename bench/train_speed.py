@@ -2,7 +2,7 @@
 stage's default path, side by side in one run, on the real 1.5B shape (random weights) with ragged
 sequence lengths up to 4096 and 16 sequences per optimizer step.
 
-    python .gpu/make_random_model.py /tmp/r1
+    python -m tests.random_model /tmp/r1
     python -m bench.train_speed /tmp/r1 [--steps 8] [--warmup-steps 2]
 
 Each variant runs in its own process (Unsloth patches transformers on import). Reports tokens/s,

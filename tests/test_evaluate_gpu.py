@@ -1,31 +1,27 @@
 """The evaluate stage on a CUDA GPU with a random-weight model of the real 1.5B shape.
 
-    python .gpu/make_random_model.py /tmp/r1 && R1_RANDOM_MODEL=/tmp/r1 pytest -m gpu
+    pytest -m gpu    # R1_RANDOM_MODEL=DIR: use that model (e.g. the real one) instead of building one
 """
 
 import json
-import os
 
 import pytest
 import torch
 
 from stages import evaluate
-from tests import tiny_model
+from tests import random_model
 from tests.conftest import set_params
 from tests.test_evaluate import make_adapter, project  # noqa: F401  (project: the CPU tests' fixture)
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif("R1_RANDOM_MODEL" not in os.environ, reason="set R1_RANDOM_MODEL to a model directory"),
 ]
 
 
 @pytest.fixture
-def tiny_model_dir():  # the evaluate project fixture, pointed at the 1.5B-shaped model
-    model_dir = os.environ["R1_RANDOM_MODEL"]
-    tiny_model.add_chat_template(model_dir)
-    return model_dir
+def tiny_model_dir(tmp_path_factory):  # the evaluate project fixture, pointed at the 1.5B-shaped model
+    return str(random_model.for_tests(tmp_path_factory))
 
 
 @pytest.fixture

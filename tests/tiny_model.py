@@ -44,7 +44,7 @@ def build_tokenizer(out: Path, *, qwen_split: bool = False, corpus: list[str] = 
 
 
 def add_chat_template(model_dir: str | Path) -> None:
-    """Give a tokenizer saved without one (shared/gpu/make_random_model.py's) the real R1 template."""
+    """Give the tokenizer of a model folder made elsewhere (R1_RANDOM_MODEL=DIR) the real R1 chat template."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

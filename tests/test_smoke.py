@@ -1,0 +1,67 @@
+"""The README's smoke run in a copy of the checkout made a git repo, as a user's clone: the experiment's
+metrics show in `dvc exp show` and a branch keeps them, while the checkout stays byte for byte as it was.
+"""
+
+import json
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests import smoke
+from tests.conftest import ROOT
+from tests.test_pipeline import dvc, sh
+
+pytestmark = pytest.mark.slow
+# Fewer steps and tokens than the smoke run prints, for a test of the command's shape, not of the stages.
+FASTER = {"train.max_steps": 2, "train.eval_every_steps": 1, "eval.limit": 2, "eval.max_new_tokens": 8}
+
+
+def clone_of_checkout(target: Path) -> Path:
+    """The files a commit of the checkout would hold (tracked and untracked, not ignored), committed afresh."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
+    sh(target, "git", "init", "-q")
+    sh(target, "git", "add", "-A")
+    sh(target, "git", "commit", "-qm", "as cloned")
+    return target
+
+
+def experiments(project: Path) -> dict[str, dict]:
+    """Name -> data (params, metrics) of every experiment that `dvc exp show --json` lists."""
+    rows = json.loads(dvc(project, "exp", "show", "--json").stdout)
+    return {rev["name"]: rev["data"] for commit in rows for exp in commit.get("experiments") or []
+            for rev in exp["revs"]}
+
+
+def test_smoke_command_leaves_the_checkout_untouched_and_its_experiment_shows_and_can_be_kept(tmp_path):
+    project = clone_of_checkout(tmp_path / "clone")
+    params_before = (project / "params.yaml").read_bytes()
+    head = sh(project, "git", "rev-parse", "HEAD").stdout
+    overrides = smoke.write_inputs(tmp_path / "smoke") | FASTER
+    program, *args = shlex.split(smoke.command(overrides))
+    assert program == "dvc"
+    run = dvc(project, *args)
+    assert "Running stage 'evaluate'" in run.stdout
+
+    assert sh(project, "git", "status", "--porcelain").stdout == ""
+    assert (project / "params.yaml").read_bytes() == params_before
+    assert not (project / "dvc.lock").exists() and not list((project / "metrics").glob("*.json"))
+    assert not (project / "data" / "raw").exists()
+
+    (name, data), = experiments(project).items()
+    assert data["params"]["params.yaml"]["data"]["model"]["name"] == str(overrides["model.name"])
+    evaluation = data["metrics"]["metrics/eval.json"]["data"]
+    assert set(evaluation["finetuned"]) == {"heldout", "gsm8k", "math500"}
+
+    dvc(project, "exp", "branch", name, "smoke-run")
+    kept = json.loads(sh(project, "git", "show", "smoke-run:metrics/eval.json").stdout)
+    assert kept == evaluation
+    assert sh(project, "git", "rev-parse", "HEAD").stdout == head
+    assert sh(project, "git", "status", "--porcelain").stdout == ""
