@@ -11,7 +11,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from stages.cli import StageError
-from stages.grading import gsm8k_gold, last_boxed
+from stages.grading import gsm8k_gold, last_boxed, plain_number
 
 SCHEMA = pa.schema([("id", pa.string()), ("problem", pa.string()), ("gold", pa.string()),
                     ("level", pa.string()), ("numeric", pa.bool_())])
@@ -38,12 +38,17 @@ def _require(table: pa.Table, columns: tuple[str, ...], name: str, where: str) -
                            f"{table.column_names}. Check eval_data.{name}.format and its source")
 
 
+def numeric(golds: list[str]) -> list[bool]:
+    """Which golds are plain numbers: grade compares a plain-number answer to those exactly, which also
+    covers forms math-verify misreads (`58\\,500`)."""
+    return [plain_number(gold) is not None for gold in golds]
+
+
 def gsm8k(table: pa.Table, name: str, where: str) -> pa.Table:
     _require(table, ("question", "answer"), name, where)
     golds = [gsm8k_gold(a) for a in table["answer"].to_pylist()]
     return pa.table({"id": [f"{name}-{i:05d}" for i in range(table.num_rows)], "problem": table["question"],
-                     "gold": golds, "level": ["all"] * table.num_rows, "numeric": [True] * table.num_rows},
-                    schema=SCHEMA)
+                     "gold": golds, "level": ["all"] * table.num_rows, "numeric": numeric(golds)}, schema=SCHEMA)
 
 
 def math500(table: pa.Table, name: str, where: str) -> pa.Table:
@@ -52,8 +57,9 @@ def math500(table: pa.Table, name: str, where: str) -> pa.Table:
            else [f"{name}-{i:05d}" for i in range(table.num_rows)])
     levels = ([f"level {level}" for level in table["level"].to_pylist()] if "level" in table.column_names
               else ["all"] * table.num_rows)
-    return pa.table({"id": ids, "problem": table["problem"], "gold": pa.array(map(str, table["answer"].to_pylist())),
-                     "level": levels, "numeric": [False] * table.num_rows}, schema=SCHEMA)
+    golds = [str(answer) for answer in table["answer"].to_pylist()]
+    return pa.table({"id": ids, "problem": table["problem"], "gold": golds, "level": levels,
+                     "numeric": numeric(golds)}, schema=SCHEMA)
 
 
 READERS = {"gsm8k": gsm8k, "math500": math500}
@@ -66,5 +72,5 @@ def heldout(test_split: pa.Table) -> tuple[pa.Table, int]:
     keep = [i for i, gold in enumerate(golds) if gold]
     table = pa.table({"id": test_split["id"].take(keep), "problem": test_split["instruction"].take(keep),
                       "gold": [golds[i] for i in keep], "level": test_split["difficulty"].take(keep),
-                      "numeric": [False] * len(keep)}, schema=SCHEMA)
+                      "numeric": numeric([golds[i] for i in keep])}, schema=SCHEMA)
     return table, test_split.num_rows - len(keep)

@@ -1,15 +1,22 @@
-"""Grading a response against a gold answer: the answer after `</think>`, its last `\\boxed{}` first,
-then math-verify's own extraction as a fallback; numeric golds (GSM8K) compared as numbers.
+"""Grading a response against a gold answer: the answer after `</think>` (its last `\\boxed{}`, else the
+whole answer) decided by math-verify, or compared exactly when both it and the gold are plain numbers.
 """
 
 from __future__ import annotations
 
 import re
+from fractions import Fraction
+from functools import lru_cache
 
 from stages.prompts import THINK_CLOSE
 
 BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# A number as answers write it: sign, currency, thousands in groups of three (comma, `{,}`, `,\!`, a LaTeX
+# or plain space), decimals, then a percent sign or one \text{} unit. math-verify reads `70\,000` as 70*0.
+THOUSANDS = r"(?:,\\!|\{,\}|,|\\[,!:; ]|\\thinspace\s*|\s)"
+PLAIN_NUMBER = re.compile(
+    rf"(?P<sign>-?)\s*(?:\\\$|\$)?\s*(?P<whole>\d{{1,3}}(?:{THOUSANDS}\d{{3}})+|\d*)(?P<decimals>\.\d+)?"
+    r"\s*(?:\\?%)?\s*(?:\\(?:text|mbox|mathrm)\s*\{[^{}]*\})?")
 
 
 def split_reasoning(response: str) -> tuple[str, str | None]:
@@ -32,14 +39,13 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _as_number(text: str) -> float | None:
-    matches = NUMBER.findall(text.replace("\\!", "").replace("{,}", ","))
-    if not matches:
+def plain_number(text: str) -> Fraction | None:
+    """The exact value of text when it is one plain number (see PLAIN_NUMBER), else None."""
+    match = PLAIN_NUMBER.fullmatch(text.strip())
+    if match is None or not (match["whole"] or match["decimals"]):
         return None
-    try:
-        return float(matches[-1].replace(",", ""))
-    except ValueError:
-        return None
+    whole = re.sub(r"\D", "", match["whole"]) or "0"
+    return Fraction(f"{match['sign']}{whole}{match['decimals'] or ''}")
 
 
 def gsm8k_gold(answer: str) -> str:
@@ -47,18 +53,31 @@ def gsm8k_gold(answer: str) -> str:
     return answer.rsplit("####", 1)[-1].strip().replace(",", "")
 
 
+@lru_cache(maxsize=4096)  # a gold is graded once per sample
+def _parsed_gold(gold: str) -> tuple:
+    from math_verify import parse
+
+    return tuple(parse(f"${gold}$"))
+
+
 def grade(gold: str, answer: str | None, numeric: bool) -> tuple[bool, str | None]:
-    """(correct, extracted answer) of one response's answer part against the gold answer."""
+    """(correct, extracted answer) of one response's answer part against the gold answer. numeric: the gold
+    is a plain number (eval_sets marks them), so a plain-number answer is compared with it exactly (18.0 is
+    18; 1450001 is not 1450000); any other answer goes to math-verify, gold first (verify is not symmetric).
+    math-verify times out through SIGALRM: call this from the main thread (elsewhere it raises ValueError).
+    """
     if not answer:
         return False, None
     boxed = last_boxed(answer)
+    candidate = boxed if boxed is not None else answer.strip()
     if numeric:
-        value, expected = _as_number(boxed if boxed is not None else answer), _as_number(gold)
-        if value is not None and expected is not None:
-            return abs(value - expected) <= 1e-6 * max(1.0, abs(expected)), boxed or str(value)
+        expected, value = plain_number(gold), plain_number(candidate)
+        if expected is not None and value is not None:
+            return value == expected, candidate
     from math_verify import parse, verify
 
-    gold_parsed = parse(f"${gold}$")
-    predicted = parse(f"$\\boxed{{{boxed}}}$" if boxed is not None else answer)
+    # Outside a box `\$` is a currency sign, which math-verify's extraction trips on ("\$1,234" gives nothing).
+    predicted = parse(f"$\\boxed{{{boxed}}}$" if boxed is not None else answer.replace("\\$", ""))
     extracted = boxed if boxed is not None else (str(predicted[-1]) if predicted else None)
+    gold_parsed = list(_parsed_gold(gold))  # verify takes a list, not a tuple
     return bool(gold_parsed and predicted and verify(gold_parsed, predicted)), extracted

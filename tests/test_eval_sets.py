@@ -5,7 +5,7 @@ import yaml
 
 from stages import fetch, fetch_eval, params
 from stages.contamination import ContaminationIndex
-from stages.eval_sets import EvalSetError, gsm8k, heldout, math500, read_files
+from stages.eval_sets import EvalSetError, gsm8k, heldout, math500, numeric, read_files
 from tests import eval_data
 from tests.conftest import ROOT
 
@@ -21,6 +21,16 @@ def test_math500_keeps_answer_level_and_id(tmp_path):
     assert table["gold"].to_pylist()[1] == "\\frac{5}{6}"
     assert table["level"].to_pylist() == ["level 2", "level 1", "level 3"]
     assert table["id"].to_pylist()[0] == "test/Precalculus/0.json"
+
+
+def test_golds_that_are_plain_numbers_are_marked_numeric(tmp_path):
+    golds = ["18", "1,234", "-0.5", "\\$32,\\!348", "\\frac{1}{2}", "(1,2)", "x = 3"]
+    assert numeric(golds) == [True] * 4 + [False] * 3
+    table = math500(read_files([eval_data.write_math500(tmp_path)]), "math500", "fixture")
+    assert table["numeric"].to_pylist() == [False, False, True]
+    split = pa.table({"id": ["a", "b"], "instruction": ["q1", "q2"], "reasoning": ["r", "r"],
+                      "answer": ["$\\boxed{1,000}$", "$\\boxed{\\sqrt{2}}$"], "difficulty": ["easy", "hard"]})
+    assert heldout(split)[0]["numeric"].to_pylist() == [True, False]
 
 
 def test_an_eval_set_without_its_gold_column_names_it(tmp_path):

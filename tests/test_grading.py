@@ -1,6 +1,13 @@
+import json
+from fractions import Fraction
+
 import pytest
 
-from stages.grading import grade, gsm8k_gold, last_boxed, split_reasoning
+from stages.eval_sets import math500, read_files
+from stages.grading import grade, gsm8k_gold, last_boxed, plain_number, split_reasoning
+from tests.conftest import ROOT
+
+MATH500_TEST = ROOT / "tests" / "assets" / "math500_test.jsonl"
 
 
 @pytest.mark.parametrize(("gold", "answer", "numeric", "correct"), [
@@ -18,6 +25,26 @@ from stages.grading import grade, gsm8k_gold, last_boxed, split_reasoning
     ("1234", "She earns \\$1,234 in total.", True, True),
     ("18", "$\\boxed{18.0}$", True, True),
     ("18", "$\\boxed{19}$", True, False),
+    ("18", "$\\boxed{\\frac{36}{2}}$", True, True),  # not a plain number: math-verify decides
+    ("70000", "$\\boxed{70\\,000}$", True, True),  # thin-space thousands, which math-verify reads as 70*0
+    ("70000", "$\\boxed{70\\,000 \\text{ dollars}}$", True, True),
+    ("1450000", "$\\boxed{1450001}$", True, False),  # exact: no relative tolerance
+    ("1450000", "$\\boxed{1450000.0000001}$", True, False),
+    ("1450000", "$\\boxed{1,450,000}$", True, True),
+    ("1234", "$\\boxed{1{,}234}$", True, True),
+    ("1234", "$\\boxed{1,\\!234}$", True, True),
+    ("1234", "The answer is \\$1,234.", True, True),
+    ("1234", "$\\boxed{12,34}$", True, False),  # not groups of three: not a thousands separator
+    ("2.5", "$\\boxed{2.50}$", True, True),
+    ("2.5", "$\\boxed{\\frac{5}{2}}$", True, True),
+    ("2.5", "$\\boxed{2.49}$", True, False),
+    ("-3", "$\\boxed{-3}$", True, True),
+    ("-3", "$\\boxed{3}$", True, False),
+    ("-1234", "$\\boxed{-\\$1,234}$", True, True),
+    ("25", "$\\boxed{25\\%}$", True, True),  # GSM8K's percent golds are the number
+    ("25", "$\\boxed{26\\%}$", True, False),
+    ("58,500", "$\\boxed{58\\,500}$", True, True),  # a MATH-500 gold; eval_sets marks it numeric
+    ("58,500", "$\\boxed{58500}$", True, True),
     ("3", "", False, False),
     ("3", None, False, False),
 ])
@@ -41,3 +68,23 @@ def test_gsm8k_gold_is_the_number_after_the_marker():
 def test_split_reasoning_needs_the_closing_tag():
     assert split_reasoning("think a</think>\n\nanswer") == ("think a", "\n\nanswer")
     assert split_reasoning("still thinking") == ("still thinking", None)
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("1,234.50", Fraction(2469, 2)), ("-\\$1{,}000", Fraction(-1000)), ("70\\,000", Fraction(70000)),
+    (".5", Fraction(1, 2)), ("25\\%", Fraction(25)), ("18 \\text{ apples}", Fraction(18)),
+    ("1,2", None), ("x = 3", None), ("\\frac{1}{2}", None), ("5 \\text{ or } 7", None), ("", None),
+])
+def test_plain_number_is_exact_and_only_for_one_number(text, value):
+    assert plain_number(text) == value
+
+
+def test_math500_reference_solutions_grade_correct_against_their_answers():
+    """Every MATH-500 reference solution's last box against its answer, as evaluate grades them."""
+    rows = [json.loads(line) for line in MATH500_TEST.read_text().splitlines()]
+    problems = math500(read_files([MATH500_TEST]), "math500", str(MATH500_TEST))
+    assert len(rows) == problems.num_rows == 500
+    wrong = [(p["id"], p["gold"]) for row, p in zip(rows, problems.to_pylist(), strict=True)
+             if not grade(p["gold"], row["solution"], p["numeric"])[0]]
+    assert wrong == []
+    assert sum(problems["numeric"].to_pylist()) > 300  # most golds are plain numbers and take the exact path
