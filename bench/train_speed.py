@@ -47,7 +47,7 @@ def synthetic_examples(count: int, vocab: int, max_len: int, seed: int) -> list[
 
 def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int) -> dict:
     config = params.build(params.TrainParams, params.read(ROOT / "params.yaml")["train"] | overrides, "train")
-    model_params = params.ModelParams(name=model_dir, revision="main", max_seq_length=4096)
+    model_params = params.ModelParams(name=model_dir, revision="main", max_seq_length=4096, directive="")
     from stages import training
 
     backend = training.resolve_backend(config.backend)

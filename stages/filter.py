@@ -1,5 +1,6 @@
 """filter: raw Magpie Parquet shards -> data/filtered.parquet of clean, complete math reasoning rows,
-plus metrics/data.json with the funnel (rows in, rows dropped by each rule, rows out).
+plus metrics/data.json with the funnel (rows in, rows dropped by each rule, rows out) and the kept rows'
+second-guess markers per 1,000 reasoning tokens and share of boxed answers.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import functools
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from stages.artifacts import atomic_file, write_json
 from stages.base_model import load_tokenizer
 from stages.contamination import ContaminationIndex
 from stages.magpie import TEXT_COLUMNS, check_schema, instruction_key, split_response
+from stages.overthinking import BOXED, per_1k, second_guess_counts
 from stages.prompts import example_texts
 
 log = logging.getLogger("stages.filter")
@@ -30,7 +32,7 @@ log = logging.getLogger("stages.filter")
 # Every rule in the order it is applied; a row is counted under the first rule it breaks.
 RULES = ("null_field", "task_category", "input_quality", "difficulty", "no_think_close",
          "multiple_think_close", "no_think_open", "empty_reasoning", "empty_answer", "contaminated",
-         "too_long", "duplicate_instruction")
+         "too_long", "too_many_second_guesses", "duplicate_instruction")
 OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("reasoning", pa.string()),
                            ("answer", pa.string()), ("difficulty", pa.string())])
 BATCH_ROWS = 2048
@@ -77,8 +79,8 @@ class TokenCounter:
     encoded in full.
     """
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, directive: str):
+        self.tokenizer, self.directive = tokenizer, directive  # the prompt as training renders it
         self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no per-token Python objects
         self.by_chunks = splits_at_spaces(self.backend)
         self.chunk_tokens: dict[str, int] = {}  # chunk -> tokens of " " + chunk
@@ -117,15 +119,18 @@ class TokenCounter:
             counts[others] = self._count_chunked(chunked)
         return counts.tolist()
 
-    def __call__(self, instructions, reasonings, answers, max_tokens: int) -> list[int]:
-        pairs = [example_texts(self.tokenizer, *row) for row in zip(instructions, reasonings, answers, strict=True)]
+    def __call__(self, instructions, reasonings, answers, max_tokens: int, also: Sequence[str] = ()) -> list[int]:
+        """Token count of each whole example, then of each text in `also`, encoded on its own in the same pass
+        as the completions: texts made of their words (their reasonings) add little (bench/filter_speed.py)."""
+        pairs = [example_texts(self.tokenizer, *row, directive=self.directive)
+                 for row in zip(instructions, reasonings, answers, strict=True)]
         counts = [len(prompt.encode()) + len(completion.encode()) for prompt, completion in pairs]
         long = [i for i, n in enumerate(counts) if n > max_tokens]
         prompts = self._encode([pairs[i][0] for i in long])
-        completions = self.count([pairs[i][1] for i in long])
-        for i, prompt_tokens, completion_tokens in zip(long, prompts, completions, strict=True):
+        completions = self.count([pairs[i][1] for i in long] + list(also))
+        for i, prompt_tokens, completion_tokens in zip(long, prompts, completions[:len(long)], strict=True):
             counts[i] = prompt_tokens + completion_tokens
-        return counts
+        return counts + completions[len(long):]
 
 
 def _drop(table: pa.Table, keep, rule: str, dropped: Counter) -> pa.Table:
@@ -136,8 +141,9 @@ def _drop(table: pa.Table, keep, rule: str, dropped: Counter) -> pa.Table:
 
 def filter_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, seen: set[bytes],
                  dropped: Counter, count_tokens: TokenCounter | None,
-                 contamination: ContaminationIndex | None = None) -> pa.Table:
-    """Apply every rule to one batch of raw rows; `seen` carries instruction keys across batches."""
+                 contamination: ContaminationIndex | None = None, kept_rates: list[float] | None = None) -> pa.Table:
+    """Apply every rule to one batch of raw rows; `seen` carries instruction keys across batches, and
+    `kept_rates` gets each kept row's second-guess rate (when a tokenizer counts tokens)."""
     id_column = config.id_column
     columns = (id_column, *TEXT_COLUMNS)
     complete = functools.reduce(pc.and_, [pc.is_valid(table[c]) for c in columns])
@@ -165,18 +171,27 @@ def filter_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, 
         answers.append(parsed[1])
         difficulties.append(difficulty)
 
-    n_tokens = count_tokens(instructions, reasonings, answers, max_tokens) if count_tokens else [0] * len(ids)
-    keep = []
-    for i, (instruction, length) in enumerate(zip(instructions, n_tokens, strict=True)):
-        if length > max_tokens:
-            dropped["too_long"] += 1
+    # Reasoning tokens, for the second-guess rate, are counted exactly with the base model's tokenizer, as evaluation
+    # counts them, in the length check's pass: they share its chunks, which costs less than a pass of their own.
+    n_tokens = count_tokens(instructions, reasonings, answers, max_tokens, also=reasonings) if count_tokens else None
+    fits = [i for i in range(len(ids)) if n_tokens is None or n_tokens[i] <= max_tokens]
+    dropped["too_long"] += len(ids) - len(fits)
+    rates = None if n_tokens is None else per_1k(second_guess_counts([reasonings[i] for i in fits]),
+                                                 [n_tokens[len(ids) + i] for i in fits])
+    threshold = config.max_second_guesses_per_1k
+    keep = []  # deduplication comes last, so an instruction keeps its first response under the threshold
+    for k, i in enumerate(fits):
+        if threshold is not None and rates[k] > threshold:
+            dropped["too_many_second_guesses"] += 1
             continue
-        key = instruction_key(instruction)
+        key = instruction_key(instructions[i])
         if config.deduplicate and key in seen:
             dropped["duplicate_instruction"] += 1
             continue
         seen.add(key)
         keep.append(i)
+        if rates is not None and kept_rates is not None:
+            kept_rates.append(float(rates[k]))
     return pa.table([[column[i] for i in keep] for column in
                      (ids, instructions, reasonings, answers, difficulties)], schema=OUTPUT_SCHEMA)
 
@@ -214,24 +229,33 @@ def read_batches(files: list[Path], id_column: str) -> Iterator[pa.Table]:
                 raise FilterError(f"filter: {file} is corrupt ({e}); re-run the fetch stage") from e
 
 
-def funnel_metrics(rows_in: int, dropped: Counter, difficulty_counts: Counter) -> dict:
-    return {"rows_in": rows_in, "rows_out": rows_in - sum(dropped.values()),
+def funnel_metrics(rows_in: int, dropped: Counter, difficulty_counts: Counter, second_guess_rates: list[float] | None,
+                   boxed_answers: int) -> dict:
+    """The funnel, plus the kept rows' second-guess rates (None without a tokenizer) and share of boxed answers."""
+    rows_out = rows_in - sum(dropped.values())
+    rates = np.asarray(second_guess_rates if second_guess_rates else [0.0])
+    return {"rows_in": rows_in, "rows_out": rows_out,
             "dropped": {rule: dropped[rule] for rule in RULES},
-            "difficulty": {d: difficulty_counts[d] for d in params.DIFFICULTIES if difficulty_counts[d]}}
+            "difficulty": {d: difficulty_counts[d] for d in params.DIFFICULTIES if difficulty_counts[d]},
+            "second_guesses_per_1k": None if second_guess_rates is None else {
+                "mean": float(rates.mean()), **{f"p{q}": float(np.percentile(rates, q)) for q in (50, 90, 99)}},
+            "boxed_answer_share": boxed_answers / rows_out if rows_out else 0.0}
 
 
 def filter_files(files: list[Path], out: Path, config: params.FilterParams, max_tokens: int,
                  count_tokens: TokenCounter | None, contamination: ContaminationIndex | None = None) -> dict:
     """Stream `files` through the rules into `out` (atomically); return the funnel metrics."""
-    dropped, difficulty_counts, seen, rows_in = Counter(), Counter(), set(), 0
+    dropped, difficulty_counts, seen, rows_in, rates, boxed = Counter(), Counter(), set(), 0, [], 0
+    assert count_tokens is not None or config.max_second_guesses_per_1k is None, "params require check_length"
     with atomic_file(out) as tmp, pq.ParquetWriter(tmp, OUTPUT_SCHEMA) as writer:
         for batch in read_batches(files, config.id_column):
             rows_in += batch.num_rows
-            kept = filter_batch(batch, config, max_tokens, seen, dropped, count_tokens, contamination)
+            kept = filter_batch(batch, config, max_tokens, seen, dropped, count_tokens, contamination, rates)
             difficulty_counts.update(kept["difficulty"].to_pylist())
+            boxed += pc.sum(pc.match_substring_regex(kept["answer"], BOXED.pattern)).as_py() or 0
             if kept.num_rows:
                 writer.write_table(kept)
-        funnel = funnel_metrics(rows_in, dropped, difficulty_counts)
+        funnel = funnel_metrics(rows_in, dropped, difficulty_counts, rates if count_tokens else None, boxed)
         if funnel["rows_out"] == 0:
             raise FilterError("filter: no row passed the filter; funnel: "
                               + ", ".join(f"{k}={v}" for k, v in funnel["dropped"].items() if v)
@@ -259,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
 
     config = params.load("filter")
     model = params.load("model")
-    count_tokens = TokenCounter(load_tokenizer(model)) if config.check_length else None
+    count_tokens = TokenCounter(load_tokenizer(model), model.directive) if config.check_length else None
     contamination = contamination_index(args.eval_sets, config.contamination_ngram) if config.decontaminate else None
     funnel = filter_files(raw_files(args.raw), args.out, config, model.max_seq_length, count_tokens, contamination)
     write_json(args.metrics, funnel)

@@ -89,6 +89,7 @@ class ModelParams:
     name: str  # hub model id or local directory
     revision: str  # hub commit; ignored for local directories
     max_seq_length: Positive  # tokens of one training example, prompt included
+    directive: str  # line after the problem in every prompt, training and evaluation alike; "": none
 
 
 @_section("filter")
@@ -102,6 +103,14 @@ class FilterParams:
     check_length: StrictBool
     decontaminate: StrictBool
     contamination_ngram: Annotated[StrictInt, Field(ge=5)]  # words
+    max_second_guesses_per_1k: Annotated[StrictFloat, Field(gt=0)] | None  # None: keep every rate
+
+    @pydantic.model_validator(mode="after")
+    def _second_guess_rule_counts_tokens(self):
+        if self.max_second_guesses_per_1k is not None and not self.check_length:
+            raise ValueError("max_second_guesses_per_1k needs check_length: true (reasoning tokens are counted "
+                             "with the base model's tokenizer)")
+        return self
 
 
 @_section("stratify")
@@ -169,9 +178,8 @@ class EvalParams:
     max_new_tokens: Positive
     batch_size: AutoOrPositive
     static_cache: StrictBool
-    second_guess_markers: list[str]
-    loop_ngram: Positive
-    loop_repeats: Annotated[StrictInt, Field(ge=2)]
+    loop_ngram: Positive  # words, at least, in each copy of a loop
+    loop_repeats: Annotated[StrictInt, Field(ge=2)]  # copies in a row
 
 
 SECTIONS = {"data": DataParams, "model": ModelParams, "filter": FilterParams, "stratify": StratifyParams,

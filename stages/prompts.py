@@ -10,10 +10,22 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
 
-def prompt_text(tokenizer, instruction: str) -> str:
+def user_turn(problem: str, directive: str) -> str:
+    r"""The user message: the problem, then the directive on its own line; an empty directive: the bare problem.
+
+    DeepSeek-R1's README (Usage Recommendations) advises a directive such as "Please reason step by step, and
+    put your final answer within \boxed{}." inside the user prompt (no system prompt) but not where; we use
+    DeepSeek-Math's form for that sentence, `{question}\n{directive}` (its README and
+    evaluation/run_subset_parallel.py). open-r1 evaluates with lighteval's math_500 task instead, whose own
+    instruction (adapted from simple-evals) comes before the problem.
+    """
+    return f"{problem}\n{directive}" if directive else problem
+
+
+def prompt_text(tokenizer, problem: str, *, directive: str) -> str:
     """The exact text the model sees before it answers: template user turn + generation prompt."""
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": user_turn(problem, directive)}], tokenize=False, add_generation_prompt=True
     )
 
 
@@ -23,9 +35,9 @@ def completion_text(prompt: str, reasoning: str, answer: str, eos_token: str) ->
     return f"{opener}{reasoning}\n{THINK_CLOSE}\n\n{answer}{eos_token}"
 
 
-def example_texts(tokenizer, instruction: str, reasoning: str, answer: str) -> tuple[str, str]:
+def example_texts(tokenizer, problem: str, reasoning: str, answer: str, *, directive: str) -> tuple[str, str]:
     """(prompt, completion) of one training example; loss belongs on the completion only."""
-    prompt = prompt_text(tokenizer, instruction)
+    prompt = prompt_text(tokenizer, problem, directive=directive)
     return prompt, completion_text(prompt, reasoning, answer, tokenizer.eos_token)
 
 

@@ -95,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tokenizer = load_tokenizer(model_params)
         model = training.load_peft(model_params, config)
-    train_examples = training.tokenize(tokenizer, train_table, model_params.max_seq_length, "train")
-    val_examples = training.tokenize(tokenizer, val_table, model_params.max_seq_length, "val")
+    train_examples = training.tokenize(tokenizer, train_table, model_params.max_seq_length, "train",
+                                       directive=model_params.directive)
+    val_examples = training.tokenize(tokenizer, val_table, model_params.max_seq_length, "val",
+                                     directive=model_params.directive)
     validate = len(val_examples) > 0
     if not validate:
         log.info("no validation rows in %s: no early stopping, the last checkpoint is the result", val_file)

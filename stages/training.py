@@ -93,14 +93,16 @@ class Examples(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]}
 
 
-def tokenize(tokenizer, table: pa.Table, max_seq_length: int, split: str, chunk_rows: int = 1024) -> Examples:
+def tokenize(tokenizer, table: pa.Table, max_seq_length: int, split: str, *, directive: str,
+             chunk_rows: int = 1024) -> Examples:
     """Examples as input ids + labels, the prompt masked out of the loss. Nothing is truncated."""
     ids, prompt_lengths = [], []
     for start in range(0, table.num_rows, chunk_rows):
         chunk = table.slice(start, chunk_rows)
         rows = zip(chunk["instruction"].to_pylist(), chunk["reasoning"].to_pylist(), chunk["answer"].to_pylist(),
                    strict=True)
-        prompts, completions = encode_pairs(tokenizer, [example_texts(tokenizer, *row) for row in rows])
+        pairs = [example_texts(tokenizer, *row, directive=directive) for row in rows]
+        prompts, completions = encode_pairs(tokenizer, pairs)
         for prompt, completion in zip(prompts, completions, strict=True):
             length = len(prompt) + len(completion)
             if length > max_seq_length:

@@ -13,6 +13,7 @@ from stages.magpie import split_response
 from tests import magpie_data, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
+DIRECTIVE = params.load("model", ROOT / "params.yaml").directive  # the prompt line every stage adds
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +23,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
-    return load_tokenizer(params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=4096))
+    return load_tokenizer(params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=4096,
+                                             directive=DIRECTIVE))
 
 
 @pytest.fixture

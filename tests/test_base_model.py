@@ -33,7 +33,7 @@ def hub(tmp_path, monkeypatch):
 
 
 def model(name: str = REPO, revision: str = SHA) -> params.ModelParams:
-    return params.ModelParams(name=name, revision=revision, max_seq_length=1024)
+    return params.ModelParams(name=name, revision=revision, max_seq_length=1024, directive="")
 
 
 def load_error(call, *args) -> tuple[str, float]:

@@ -13,8 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages import evaluate, generation, params
-from stages.overthinking import marker_pattern, second_guesses
+from stages import evaluate, generation, overthinking, params
 from stages.prompts import THINK_CLOSE
 from tests import eval_data, magpie_data, tiny_model
 from tests.conftest import ROOT, set_params, splits_table
@@ -64,24 +63,23 @@ def generate_calls(monkeypatch) -> list[list[str]]:
     return calls
 
 
-def test_evaluate_reports_both_models_on_every_set_with_the_delta(project):
+def test_evaluate_writes_every_graded_generation_of_both_models_on_every_set(project):
     evaluate.main([])
-    metrics = json.loads((project / "metrics" / "eval.json").read_text())
-    for model in ("base", "finetuned"):
-        assert set(metrics[model]) == {"heldout", "gsm8k", "math500"}
-        for values in metrics[model].values():
-            assert values["problems"] == 2 and values["samples"] == 4
-            assert 0 <= values["accuracy"] <= 1
-            assert values["response_tokens_mean"] <= 8
-    delta = metrics["delta"]["gsm8k"]["response_tokens_mean"]
-    assert delta == pytest.approx(metrics["finetuned"]["gsm8k"]["response_tokens_mean"]
-                                  - metrics["base"]["gsm8k"]["response_tokens_mean"], abs=1e-3)
+    counts = json.loads((project / "metrics" / "eval_sets.json").read_text())
+    assert counts == {"problems": {"heldout": 2, "gsm8k": 2, "math500": 2}, "samples_per_problem": 2,
+                      "heldout_without_gold": 0}
     samples = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
     assert len(samples) == 2 * 3 * 2 * 2
-    assert {"problem", "gold", "response", "extracted_answer", "correct", "second_guesses"} <= set(samples.columns)
+    assert set(samples["model"]) == {"base", "finetuned"} and set(samples["set"]) == {"heldout", "gsm8k", "math500"}
+    from stages.verdict import MEASURES
+
+    measured = {column for m in MEASURES for column in (m.numerator, m.denominator) if column}
+    assert measured <= set(samples.columns)  # everything the report stage computes from
+    assert {"problem", "gold", "response", "extracted_answer", "level"} <= set(samples.columns)
+    assert (samples["response_tokens"] <= 8).all()
     assert set(samples.loc[samples["set"] == "gsm8k", "gold"]) == {"72", "10"}
-    base_plot = json.loads((project / "metrics" / "eval_plot" / "base.json").read_text())
-    assert {"metric": "gsm8k accuracy", "value": metrics["base"]["gsm8k"]["accuracy"]} in base_plot
+    assert samples["outcome_efficiency"].between(0, 1).all()
+    assert not (samples["finished"] & samples["hit_max_tokens"]).any()
 
 
 def test_the_adapter_changes_what_the_model_generates(project):
@@ -106,14 +104,16 @@ def change_golds(project: Path) -> None:
     pq.write_table(table.set_column(table.schema.get_field_index("answer"), "answer", answers), split)
 
 
-def test_a_change_of_grading_alone_regenerates_nothing_but_updates_the_metrics(project, generate_calls):
+def test_a_change_of_grading_alone_regenerates_nothing_but_updates_the_samples(project, generate_calls,
+                                                                              monkeypatch):
     evaluate.main([])
     assert len(generate_calls) == 6
     before = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
     words = re.findall(r"\b[A-Za-z]+\b", " ".join(before["response"]))
     marker = max(set(words), key=words.count)  # a word the responses contain, so the count moves
     change_golds(project)
-    set_params(project, "eval", loop_repeats=3, second_guess_markers=[marker])
+    set_params(project, "eval", loop_repeats=4)
+    monkeypatch.setattr(overthinking, "SECOND_GUESS_REGEX", rf"\b{marker}\b")  # markers are code, not params
     generate_calls.clear()
     evaluate.main([])
     assert generate_calls == []
@@ -121,16 +121,16 @@ def test_a_change_of_grading_alone_regenerates_nothing_but_updates_the_metrics(p
     assert after["response"].tolist() == before["response"].tolist()
     assert set(after.loc[after["set"] == "gsm8k", "gold"]) == {"720", "100"}
     assert set(after.loc[after["set"] == "heldout", "gold"]) == {"1000", "1001"}
-    assert after["second_guesses"].tolist() == [second_guesses(r, marker_pattern([marker])) for r in after["response"]]
-    metrics = json.loads((project / "metrics" / "eval.json").read_text())
-    assert sum(metrics[m][s]["second_guesses_per_response"] for m in evaluate.MODELS for s in metrics[m]) > 0
+    assert after["second_guesses"].tolist() == [len(re.findall(rf"\b{marker}\b", r.rpartition("</think>")[0] or r,
+                                                               re.IGNORECASE)) for r in after["response"]]
+    assert after["second_guesses"].sum() > 0
 
 
 def test_a_change_of_prompt_rendering_regenerates(project, generate_calls, monkeypatch):
     evaluate.main([])
     generate_calls.clear()
 
-    def with_system_prompt(tokenizer, instruction: str) -> str:
+    def with_system_prompt(tokenizer, instruction: str, directive: str) -> str:
         return tokenizer.apply_chat_template([{"role": "system", "content": "Reason step by step."},
                                               {"role": "user", "content": instruction}],
                                              tokenize=False, add_generation_prompt=True)
@@ -167,7 +167,7 @@ def test_a_second_run_reuses_generations_unless_sampling_changes(project, caplog
 
 
 def test_generate_returns_one_response_per_prompt_and_flags_the_budget(tiny_model_dir, tokenizer):
-    model = generation.load_model(params.ModelParams(str(tiny_model_dir), "main", 1024), None)
+    model = generation.load_model(params.ModelParams(str(tiny_model_dir), "main", 1024, ""), None)
     config = params.load("eval", ROOT / "params.yaml")
     config = params.EvalParams(**{**config.__dict__, "max_new_tokens": 5, "temperature": 0.0})
     prompts = ["<｜begin▁of▁sentence｜><｜User｜>What is 2+2?<｜Assistant｜><think>\n", "<｜User｜>Hi" * 3]
@@ -183,7 +183,9 @@ def test_every_sample_row_counts_reasoning_and_answer_within_the_response(projec
     evaluate.main([])
     samples = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
     assert (samples["reasoning_tokens"] + samples["answer_tokens"] <= samples["response_tokens"]).all()
-    assert (samples["reasoning_tokens"] > 0).all()
+    # the random model may end at once (response = the end token alone): nothing to count then
+    assert ((samples["reasoning_tokens"] > 0) | (samples["response"] == "")).all()
+    assert (samples["reasoning_tokens"] > 0).mean() > 0.5
 
 
 class ScriptedModel:
@@ -218,7 +220,7 @@ def test_reasoning_and_answer_tokens_are_counted_on_the_generated_ids(tokenizer)
     for name, (ids, max_new_tokens, expected) in scripts.items():
         config = params.EvalParams(**{**config.__dict__, "max_new_tokens": max_new_tokens})
         outputs = generation.generate(ScriptedModel(ids), tokenizer, ["prompt"], config, seed=0)
-        row = evaluate.sample_rows("base", "s", problems, outputs, 1, config).iloc[0]
+        row = evaluate.sample_rows("base", "s", problems, outputs, 1, config, tokenizer).iloc[0]
         assert (row["reasoning_tokens"], row["answer_tokens"], row["response_tokens"], row["closed_think"]) \
             == expected, name
 
@@ -240,23 +242,6 @@ def test_a_think_close_of_several_tokens_splits_the_ids_where_the_text_splits(tm
     assert decode(together[:n_reasoning]) == "Let me add 12 and 13"
     assert decode(together[n_reasoning:len(together) - n_answer]) == ".</think>**"
     assert decode(together[len(together) - n_answer:]) == "The answer is 25**"
-
-
-def test_summary_counts_accuracy_shares_and_levels():
-    rows = pd.DataFrame({
-        "model": ["base"] * 2 + ["finetuned"] * 2, "set": ["s"] * 4, "problem_id": ["a", "b"] * 2,
-        "level": ["1", "2"] * 2, "correct": [True, False, True, True], "response_tokens": [10, 30, 10, 10],
-        "reasoning_tokens": [5, 25, 5, 5], "answer_tokens": [5, 5, 5, 5], "hit_max_tokens": [False, True, False, False],
-        "closed_think": [True, False, True, True], "second_guesses": [2, 6, 0, 1],
-        "looped": [False, True, False, False], "boxed": [True, False, True, True], "latex": [True] * 4})
-    metrics, plot = evaluate.summarize(rows, without_gold=1)
-    assert metrics["base"]["s"]["accuracy"] == 0.5 and metrics["finetuned"]["s"]["accuracy"] == 1.0
-    assert metrics["base"]["s"]["accuracy_by_level"] == {"1": 1.0, "2": 0.0}
-    assert metrics["base"]["s"]["unclosed_think_share"] == 0.5
-    assert metrics["delta"]["s"]["second_guesses_per_response"] == pytest.approx(0.5 - 4.0)
-    assert metrics["delta"]["s"]["response_tokens_mean"] == pytest.approx(-10.0)
-    assert metrics["heldout_without_gold"] == 1
-    assert {"metric": "s accuracy", "value": 1.0} in plot["finetuned"]
 
 
 def test_a_missing_adapter_is_a_clear_error_and_writes_nothing(project):
@@ -294,7 +279,7 @@ def test_grouped_attention_matches_transformers_sdpa_on_padded_batches(tiny_mode
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
-    grouped = generation.load_model(params.ModelParams(str(tiny_model_dir), "main", 1024), None)
+    grouped = generation.load_model(params.ModelParams(str(tiny_model_dir), "main", 1024, ""), None)
     assert grouped.config._attn_implementation == generation.ATTENTION
     assert grouped.config.num_attention_heads > grouped.config.num_key_value_heads  # the case that matters
     ids = torch.tensor([[1, 1, 1, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]])
@@ -315,3 +300,33 @@ def test_batch_size_on_cpu_is_at_most_16():
     assert generation.batch_size(config, model=None, longest_prompt=100) == 16
     fixed = params.EvalParams(**{**config.__dict__, "batch_size": 4})
     assert generation.batch_size(fixed, model=None, longest_prompt=100) == 4
+
+
+def test_a_change_of_model_directive_regenerates_with_the_new_prompts(project, generate_calls):
+    evaluate.main([])
+    assert all(prompt.count("\\boxed{}") == 1 for call in generate_calls for prompt in call)  # the default
+    generate_calls.clear()
+    set_params(project, "model", directive="Answer with one number.")
+    evaluate.main([])
+    assert len(generate_calls) == 6
+    assert all("\nAnswer with one number.<｜Assistant｜>" in prompt for call in generate_calls for prompt in call)
+    assert len(list((project / "data" / "eval" / "generations").glob("*.parquet"))) == 6  # stale ones removed
+
+
+def test_each_sample_row_measures_how_the_response_reasons(tokenizer):
+    config = params.load("eval", ROOT / "params.yaml")
+    problems = pa.table({"id": ["p"], "problem": ["What is 2+2?"], "gold": ["4"], "level": ["1"], "numeric": [True]})
+    early = ("Two and two. So 2+2 = 4. Wait, let me check again: 2+2 is 4, yes, hmm.</think>\n\n"
+             "The answer is \\boxed{4}.")
+    wrong = "Two and two make 5.</think>\n\n\\boxed{5}"
+    cut = "Two and two make"
+    outputs = [generation.Generation(text=text, n_tokens=n, hit_max_tokens=hit, reasoning_tokens=r, answer_tokens=a)
+               for text, n, hit, r, a in ((early, 40, False, 30, 9), (wrong, 12, False, 8, 3), (cut, 8, True, 8, 0))]
+    rows = pd.concat([evaluate.sample_rows("base", "s", problems, [o], 1, config, tokenizer) for o in outputs])
+    assert rows["correct"].tolist() == [True, False, False]
+    assert rows["finished"].tolist() == [True, True, False]
+    assert rows["second_guesses"].tolist() == [3, 0, 0]  # "Wait", "let me check", "hmm": in the reasoning
+    first = len(tokenizer("Two and two. So 2+2 = 4.", add_special_tokens=False)["input_ids"])
+    total = len(tokenizer(early, add_special_tokens=False)["input_ids"])
+    assert rows["outcome_efficiency"].tolist() == pytest.approx([first / total, 0.0, 0.0])
+    assert rows["boxed"].tolist() == [True, True, False]

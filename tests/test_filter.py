@@ -9,12 +9,13 @@ from stages import filter as filter_stage
 from stages.magpie import SchemaError, split_response
 from stages.prompts import encode_pairs, example_texts
 from tests import magpie_data, tiny_model
+from tests.conftest import DIRECTIVE
 
 MAX_TOKENS = 1024  # the tiny tokenizer spends ~4 tokens per word: the clean rows fit, the long one does not
 
 
 def run_filter(source: Path, out: Path, config, tokenizer, max_tokens=MAX_TOKENS) -> dict:
-    counter = filter_stage.TokenCounter(tokenizer) if tokenizer is not None else None
+    counter = filter_stage.TokenCounter(tokenizer, DIRECTIVE) if tokenizer is not None else None
     return filter_stage.filter_files(filter_stage.raw_files(source), out, config, max_tokens, counter)
 
 
@@ -50,9 +51,9 @@ def test_kept_rows_hold_reasoning_and_answer(messy_source, tmp_path, filter_para
 
 def test_an_example_of_exactly_max_tokens_fits_and_one_token_more_does_not(tokenizer):
     example = ("What is 1 + 2?", "I add them. " * 50, "The answer is 3.")
-    prompt, completion = encode_pairs(tokenizer, [example_texts(tokenizer, *example)])
+    prompt, completion = encode_pairs(tokenizer, [example_texts(tokenizer, *example, directive=DIRECTIVE)])
     exact = len(prompt[0]) + len(completion[0])
-    count = filter_stage.TokenCounter(tokenizer)
+    count = filter_stage.TokenCounter(tokenizer, DIRECTIVE)
     assert count(*([part] for part in example), exact - 1) == [exact]
     assert count(*([part] for part in example), exact)[0] <= exact
 
@@ -180,7 +181,7 @@ def test_chunked_token_counts_equal_full_encodings(split_tokenizer, monkeypatch)
     import random
 
     rng = random.Random(0)
-    count = filter_stage.TokenCounter(split_tokenizer)
+    count = filter_stage.TokenCounter(split_tokenizer, "")
     assert count.by_chunks
     backend = split_tokenizer.backend_tokenizer
     sizes = []
@@ -202,7 +203,79 @@ def test_a_tokenizer_whose_tokens_span_spaces_is_counted_on_whole_texts():
     raw = Tokenizer(models.BPE())  # no pre-tokenizer: merges may cross spaces
     raw.train_from_iterator(["of the of the of the"] * 50, trainers.BpeTrainer(vocab_size=60))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
-    count = filter_stage.TokenCounter(tokenizer)
+    count = filter_stage.TokenCounter(tokenizer, "")
     assert not count.by_chunks
     texts = ["of the of the", "the of"]
     assert count.count(texts) == [len(tokenizer(t).input_ids) for t in texts]
+
+
+def reasoning_row(i: int, reasoning: str, instruction: str | None = None, answer: str | None = None) -> dict:
+    answer = f"The answer is $\\boxed{{{i}}}$." if answer is None else answer
+    return magpie_data.row(i, instruction=instruction, response=f"<think>\n{reasoning}\n</think>\n\n{answer}")
+
+
+def expected_rate(reasoning: str, tokenizer) -> float:
+    from stages.overthinking import second_guesses
+
+    tokens = tokenizer.backend_tokenizer.encode(reasoning, add_special_tokens=False)
+    return second_guesses(reasoning) * 1000 / len(tokens)
+
+
+CALM = "I add the two numbers and get the sum, which I then halve to reach the result."
+DOUBTING = "I add the numbers. Wait, hmm, let me check. Actually, wait, let me verify it once more."
+
+
+def test_kept_rows_report_their_second_guess_rates_and_boxed_answer_share(tmp_path, filter_params, tokenizer):
+    import numpy as np
+
+    rows = [reasoning_row(i, DOUBTING if i % 4 == 0 else CALM + f" Step {i}.") for i in range(20)]
+    rows += [reasoning_row(20 + i, CALM, answer="The answer is 7.") for i in range(5)]  # no \boxed{}
+    pq.write_table(magpie_data.table(rows), tmp_path / "raw.parquet")
+    funnel = run_filter(tmp_path / "raw.parquet", tmp_path / "f.parquet", filter_params, tokenizer)
+
+    assert funnel["rows_out"] == 25
+    rates = [expected_rate(split_response(r["response"], False)[0], tokenizer) for r in rows]
+    assert funnel["second_guesses_per_1k"] == pytest.approx(
+        {"mean": np.mean(rates), "p50": np.percentile(rates, 50), "p90": np.percentile(rates, 90),
+         "p99": np.percentile(rates, 99)})
+    assert funnel["second_guesses_per_1k"]["p99"] > funnel["second_guesses_per_1k"]["p50"] == 0  # most rows are calm
+    assert funnel["boxed_answer_share"] == pytest.approx(20 / 25)
+
+
+def test_rows_above_the_second_guess_threshold_are_dropped_and_counted(tmp_path, filter_params, tokenizer):
+    rows = [reasoning_row(i, DOUBTING if i % 3 == 0 else CALM) for i in range(30)]
+    pq.write_table(magpie_data.table(rows), tmp_path / "raw.parquet")
+    threshold = (expected_rate(CALM, tokenizer) + expected_rate(DOUBTING, tokenizer)) / 2
+    config = filter_params.__class__(**{**filter_params.__dict__, "max_second_guesses_per_1k": threshold})
+    funnel = run_filter(tmp_path / "raw.parquet", tmp_path / "f.parquet", config, tokenizer)
+
+    assert funnel["dropped"]["too_many_second_guesses"] == 10
+    assert funnel["rows_out"] == 20 and funnel["rows_in"] == funnel["rows_out"] + sum(funnel["dropped"].values())
+    assert all(r["reasoning"] == CALM for r in pq.read_table(tmp_path / "f.parquet").to_pylist())
+    assert funnel["second_guesses_per_1k"]["p99"] <= threshold
+
+
+def test_an_instruction_keeps_its_first_response_under_the_threshold(tmp_path, filter_params, tokenizer):
+    rows = [reasoning_row(i, reasoning, instruction="What is 1 + 1?") for i, reasoning in enumerate([DOUBTING, CALM])]
+    pq.write_table(magpie_data.table(rows), tmp_path / "raw.parquet")
+    config = filter_params.__class__(**{**filter_params.__dict__,
+                                        "max_second_guesses_per_1k": expected_rate(CALM, tokenizer) + 1})
+    funnel = run_filter(tmp_path / "raw.parquet", tmp_path / "f.parquet", config, tokenizer)
+    assert funnel["dropped"]["too_many_second_guesses"] == 1 and funnel["dropped"]["duplicate_instruction"] == 0
+    assert pq.read_table(tmp_path / "f.parquet")["reasoning"].to_pylist() == [CALM]
+
+
+def test_the_second_guess_threshold_is_off_by_default(messy_source, tmp_path, filter_params, tokenizer):
+    assert filter_params.max_second_guesses_per_1k is None
+    funnel = run_filter(messy_source[0], tmp_path / "f.parquet", filter_params, tokenizer)
+    assert funnel["dropped"]["too_many_second_guesses"] == 0
+
+
+def test_without_a_tokenizer_there_is_no_rate_and_no_threshold(messy_source, tmp_path, filter_params):
+    from stages.params import ParamsError
+
+    config = filter_params.__class__(**{**filter_params.__dict__, "check_length": False})
+    funnel = run_filter(messy_source[0], tmp_path / "f.parquet", config, tokenizer=None)
+    assert funnel["second_guesses_per_1k"] is None and funnel["boxed_answer_share"] > 0
+    with pytest.raises(ParamsError, match="max_second_guesses_per_1k needs check_length: true"):
+        filter_params.__class__(**{**filter_params.__dict__, "check_length": False, "max_second_guesses_per_1k": 5.0})

@@ -107,8 +107,8 @@ def test_eval_sets_are_checked_under_their_name(tmp_path):
 
 def test_direct_construction_is_validated_and_frozen():
     with pytest.raises(params.ParamsError, match=r"^params: model\.max_seq_length: input should be greater than 0"):
-        params.ModelParams(name="m", revision="main", max_seq_length=0)
-    config = params.ModelParams("m", "main", 8)
+        params.ModelParams(name="m", revision="main", max_seq_length=0, directive="")
+    config = params.ModelParams("m", "main", 8, "")
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.max_seq_length = 16
-    assert dataclasses.asdict(config) == {"name": "m", "revision": "main", "max_seq_length": 8}
+    assert dataclasses.asdict(config) == {"name": "m", "revision": "main", "max_seq_length": 8, "directive": ""}

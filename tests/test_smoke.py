@@ -57,11 +57,11 @@ def test_smoke_command_leaves_the_checkout_untouched_and_its_experiment_shows_an
 
     (name, data), = experiments(project).items()
     assert data["params"]["params.yaml"]["data"]["model"]["name"] == str(overrides["model.name"])
-    evaluation = data["metrics"]["metrics/eval.json"]["data"]
-    assert set(evaluation["finetuned"]) == {"heldout", "gsm8k", "math500"}
+    evaluation = data["metrics"]["metrics/eval/gsm8k/accuracy.json"]["data"]
+    assert {"base", "finetuned", "delta", "low", "high"} <= set(evaluation)
 
     dvc(project, "exp", "branch", name, "smoke-run")
-    kept = json.loads(sh(project, "git", "show", "smoke-run:metrics/eval.json").stdout)
+    kept = json.loads(sh(project, "git", "show", "smoke-run:metrics/eval/gsm8k/accuracy.json").stdout)
     assert kept == evaluation
     assert sh(project, "git", "rev-parse", "HEAD").stdout == head
     assert sh(project, "git", "status", "--porcelain").stdout == ""

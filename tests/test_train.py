@@ -15,7 +15,7 @@ import yaml
 from stages import artifacts, cli, params, training
 from stages import train as train_stage
 from tests import magpie_data
-from tests.conftest import ROOT, copy_project, set_params, splits_table, train_project, write_splits
+from tests.conftest import DIRECTIVE, ROOT, copy_project, set_params, splits_table, train_project, write_splits
 
 
 def logged(project: Path, name: str) -> list[float]:
@@ -44,12 +44,16 @@ def test_loss_goes_down_on_a_small_repeated_data_set(project):
     assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0
 
 
-def test_early_stopping_stops_a_run_whose_val_loss_rises(project):
-    # Memorizing one example at a high learning rate makes the loss on unrelated text climb.
+def overfit_one_example(project: Path) -> None:
+    """Memorizing one example at a high learning rate makes the loss on unrelated text climb."""
     write_splits(project, [magpie_data.row(1)] * 16,
                  [magpie_data.row(i, instruction="Name a prime.", response="<think>zzz qqq</think>xyz")
                   for i in range(4)])
     set_params(project, "train", learning_rate=5.0e-2, epochs=50, eval_every_steps=1, early_stopping_patience=2)
+
+
+def test_early_stopping_stops_a_run_whose_val_loss_rises(project):
+    overfit_one_example(project)
     train_stage.main([])
     metrics = train_metrics(project)
     assert metrics["stopped_early"]
@@ -136,10 +140,7 @@ def test_the_train_fingerprint_covers_the_code_dvc_reruns_the_stage_for():
 
 
 def test_early_stopping_patience_survives_a_resume(project, monkeypatch):
-    write_splits(project, [magpie_data.row(1)] * 16,
-                 [magpie_data.row(i, instruction="Name a prime.", response="<think>zzz qqq</think>xyz")
-                  for i in range(4)])
-    set_params(project, "train", learning_rate=5.0e-2, epochs=50, eval_every_steps=1, early_stopping_patience=2)
+    overfit_one_example(project)
     train_stage.main([])
     uninterrupted = train_metrics(project)
     assert uninterrupted["stopped_early"]
@@ -199,7 +200,7 @@ def test_each_ddp_process_loads_the_model_onto_its_own_gpu(monkeypatch, tiny_mod
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
     config = params.load("train", ROOT / "params.yaml")
     config = params.TrainParams(**{**config.__dict__, "load_in_4bit": False})
-    model_params = params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=1024)
+    model_params = params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=1024, directive="")
     with pytest.raises(Loaded) as loaded:
         training.load_peft(model_params, config)
     assert loaded.value.args[0] == {"": 1}
@@ -272,10 +273,10 @@ def test_merged_export_matches_the_adapted_model(project, tiny_model_dir):
 def test_packed_examples_do_not_attend_to_each_other(tokenizer, tiny_model_dir, gradient_checkpointing):
     config = params.load("train", ROOT / "params.yaml")
     config = params.TrainParams(**{**config.__dict__, "gradient_checkpointing": gradient_checkpointing})
-    model_params = params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=1024)
+    model_params = params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=1024, directive="")
     model = training.load_peft(model_params, config).train()
     table = splits_table([magpie_data.row(3), magpie_data.row(40), magpie_data.row(77)])
-    examples = training.tokenize(tokenizer, table, 1024, "train")
+    examples = training.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE)
     examples = list(examples)
     packed = training.collator(tokenizer, packing=True)(examples)
     assert packed["input_ids"].shape[0] == 1
@@ -294,7 +295,8 @@ def test_packed_examples_do_not_attend_to_each_other(tokenizer, tiny_model_dir, 
 
 def test_tokenized_examples_keep_every_token_at_4_bytes_each(tokenizer):
     table = splits_table(magpie_data.clean_rows(5))
-    examples = training.tokenize(tokenizer, table, 1024, "train", chunk_rows=2)  # chunks must not lose rows
+    # chunks must not lose rows
+    examples = training.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE, chunk_rows=2)
     assert len(examples) == 5
     assert all(ids.dtype.itemsize == 4 for ids in examples.ids)
     assert [e["input_ids"][-1] for e in examples] == [tokenizer.eos_token_id] * 5
@@ -302,7 +304,7 @@ def test_tokenized_examples_keep_every_token_at_4_bytes_each(tokenizer):
 
 def test_loss_covers_the_completion_only(tokenizer):
     table = splits_table([magpie_data.row(7)])
-    (example,) = training.tokenize(tokenizer, table, 1024, "train")
+    (example,) = training.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE)
     prompt_length = example["labels"].count(training.IGNORE_INDEX)
     prompt = tokenizer.decode(example["input_ids"][:prompt_length])
     assert prompt.endswith("<｜Assistant｜><think>\n")
@@ -372,9 +374,10 @@ def test_training_prompt_tokens_are_exactly_what_evaluation_feeds_the_model(toke
     from stages.prompts import prompt_text
 
     table = splits_table([magpie_data.row(5)])
-    (example,) = training.tokenize(tokenizer, table, 1024, "train")
+    (example,) = training.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE)
     prompt_length = example["labels"].count(training.IGNORE_INDEX)
-    evaluation_prompt = prompt_text(tokenizer, table["instruction"][0].as_py())  # as stages.evaluate builds it
+    evaluation_prompt = prompt_text(tokenizer, table["instruction"][0].as_py(), directive=DIRECTIVE)  # as evaluate
+    assert DIRECTIVE and DIRECTIVE in evaluation_prompt
     assert example["input_ids"][:prompt_length] == tokenizer(evaluation_prompt, add_special_tokens=False)["input_ids"]
 
 
@@ -389,3 +392,21 @@ def test_the_same_seed_gives_the_same_adapter(project):
     second = load_file(project / "models" / "adapter" / "adapter_model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_the_train_stage_ends_every_prompt_with_the_model_directive(project, monkeypatch):
+    set_params(project, "model", directive="Answer with one number.")
+    real, prompts = training.tokenize, []
+
+    class Tokenized(Exception):
+        pass
+
+    def tokenize(tokenizer, *args, **kwargs):
+        for example in real(tokenizer, *args, **kwargs):
+            prompts.append(tokenizer.decode(example["input_ids"][:example["labels"].count(training.IGNORE_INDEX)]))
+        raise Tokenized  # the prompts are all this test needs: no training
+
+    monkeypatch.setattr(training, "tokenize", tokenize)
+    with pytest.raises(Tokenized):
+        train_stage.main([])
+    assert len(prompts) == 24 and all(p.endswith("\nAnswer with one number.<｜Assistant｜><think>\n") for p in prompts)

@@ -1,0 +1,237 @@
+"""report: the verdict from evaluate's graded generations (data/eval/samples.parquet) -> the headline metrics,
+accuracy at every budget, reports/details.json, reports/verdict.md and its figures.
+
+Statistics only, no model: a change here re-runs this stage, never generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages import cli, params, verdict
+from stages.artifacts import atomic_dir, atomic_file, write_json
+from stages.verdict import BASE, FINETUNED, MEASURE_BY_NAME
+
+log = logging.getLogger("stages.report")
+MODELS = (BASE, FINETUNED)
+# The headline of `dvc metrics show`: file name -> (measure, decimals kept). One file per set and measure, so
+# the table is one row per (set, measure) with five columns (base, delta, finetuned, high, low) and fits a screen.
+HEADLINE = {"accuracy": ("accuracy", 4), "tokens": ("response_tokens_mean", 1),
+            "markers_per_1k": ("second_guesses_per_1k_reasoning_tokens", 3), "finished": ("finished_share", 4)}
+RESAMPLES, CONFIDENCE = 2000, 0.95
+PERCENTILES = (50, 90, 99)
+COLUMNS = ("model", "set", "problem_id", "sample", "level", "correct", "response_tokens", "reasoning_tokens",
+           "hit_max_tokens", "finished", "second_guesses", "looped", "outcome_efficiency")
+COLORS = {BASE: "tab:gray", FINETUNED: "tab:blue"}
+LABELS = {BASE: "base", FINETUNED: "fine-tuned"}
+PNG = {"format": "png", "dpi": 100, "metadata": {"Software": None}}  # no version stamp: same input, same bytes
+
+
+class ReportError(cli.StageError):
+    """The samples table cannot be reported on."""
+
+
+def read_samples(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise ReportError(f"report: {path} not found; run the evaluate stage first (dvc repro evaluate) or dvc pull")
+    samples = pd.read_parquet(path)
+    missing = [c for c in COLUMNS if c not in samples.columns]
+    if missing:
+        raise ReportError(f"report: {path} has no column(s) {missing}; re-run evaluate with the current code")
+    if samples.empty:
+        raise ReportError(f"report: {path} holds no generations; check eval.sets and eval.limit")
+    return samples
+
+
+def finite(value):
+    """JSON has no NaN: an undefined value (tokens per correct answer without one) becomes null."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def headline(deltas: pd.DataFrame) -> dict[str, dict[str, dict]]:
+    """set -> file name -> {base, finetuned, delta, low, high}: the few numbers dvc metrics show."""
+    by_measure = deltas.set_index(["set", "measure"])
+    return {set_name: {name: {k: round(float(by_measure.loc[(set_name, measure), k]), decimals)
+                              for k in ("base", "finetuned", "delta", "low", "high")}
+                       for name, (measure, decimals) in HEADLINE.items()}
+            for set_name in sorted(deltas["set"].unique())}
+
+
+def budget_table(curve: pd.DataFrame, set_name: str) -> pd.DataFrame:
+    """Accuracy at every budget on one set: budget, base, finetuned."""
+    rows = curve[curve["set"] == set_name]
+    return rows.pivot(index="budget", columns="model", values="accuracy")[list(MODELS)].reset_index()
+
+
+def details(samples: pd.DataFrame, deltas: pd.DataFrame, curve: pd.DataFrame, max_new_tokens: int,
+            seed: int) -> dict:
+    """Everything behind the verdict, per set: every measure with its intervals, accuracy by level,
+    response-token percentiles, the budget curve; and the verdict rows."""
+    sets = {}
+    for set_name, rows in samples.groupby("set", sort=True):
+        measures = deltas[deltas["set"] == set_name].set_index("measure")
+        by_model = dict(tuple(rows.groupby("model")))
+        sets[set_name] = {
+            "problems": int(rows["problem_id"].nunique()),
+            "responses": {m: len(by_model[m]) for m in MODELS},
+            "measures": {name: {k: v for k, v in row.items() if k != "set"}
+                         for name, row in measures.to_dict("index").items()},
+            "accuracy_by_level": {m: {str(level): float(value) for level, value
+                                      in by_model[m].groupby("level", dropna=False)["correct"].mean().items()}
+                                  for m in MODELS},
+            "response_tokens": {m: {f"p{p}": float(np.percentile(by_model[m]["response_tokens"], p))
+                                    for p in PERCENTILES} for m in MODELS},
+            "budget": budget_table(curve, set_name).to_dict("records"),
+        }
+    return {"sets": sets, "verdict": verdict.verdict_rows(deltas),
+            "bootstrap": {"resamples": RESAMPLES, "confidence": CONFIDENCE, "seed": seed,
+                          "over": "problems, base and fine-tuned samples of a problem together"},
+            "max_new_tokens": max_new_tokens}
+
+
+def _figure(columns: int, width: float = 4.5, height: float = 3.5):
+    from matplotlib.figure import Figure  # no pyplot: no global state or GUI backend; Agg renders the PNG
+
+    figure = Figure(figsize=(width * columns, height), layout="constrained")
+    return figure, np.atleast_1d(figure.subplots(1, columns, squeeze=False)[0])
+
+
+def accuracy_by_budget_figure(curve: pd.DataFrame, set_names: list[str]):
+    figure, axes = _figure(len(set_names))
+    for ax, set_name in zip(axes, set_names, strict=True):
+        table = budget_table(curve, set_name)
+        for model in MODELS:
+            ax.plot(table["budget"], table[model], marker="o", color=COLORS[model], label=LABELS[model])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(table["budget"], [f"{b // 1024}k" if b % 1024 == 0 else str(b) for b in table["budget"]])
+        ax.minorticks_off()
+        ax.set(title=set_name, xlabel="token budget", ylabel="accuracy", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    return figure
+
+
+def response_tokens_figure(samples: pd.DataFrame, set_names: list[str], max_new_tokens: int):
+    figure, axes = _figure(len(set_names))
+    bins = np.linspace(0, max_new_tokens, 41)
+    for ax, set_name in zip(axes, set_names, strict=True):
+        rows = samples[samples["set"] == set_name]
+        for model in MODELS:
+            tokens = rows.loc[rows["model"] == model, "response_tokens"]
+            ax.hist(tokens, bins=bins, histtype="step", linewidth=1.5, color=COLORS[model],
+                    label=f"{LABELS[model]} (median {np.median(tokens):.0f})")
+        ax.set(title=set_name, xlabel=f"response tokens (budget {max_new_tokens})", ylabel="responses")
+        ax.legend(loc="upper right")
+    return figure
+
+
+def markers_figure(deltas: pd.DataFrame, set_names: list[str]):
+    """Markers per 1k reasoning tokens per set and model, with each model's 95% bootstrap interval."""
+    figure, (ax,) = _figure(1, width=max(4.5, 1.6 * len(set_names)))
+    rows = deltas[deltas["measure"] == "second_guesses_per_1k_reasoning_tokens"].set_index("set")
+    x = np.arange(len(set_names))
+    for offset, model in ((-0.12, BASE), (0.12, FINETUNED)):
+        value = rows.loc[set_names, model].to_numpy()
+        low, high = rows.loc[set_names, f"{model}_low"].to_numpy(), rows.loc[set_names, f"{model}_high"].to_numpy()
+        ax.errorbar(x + offset, value, yerr=[value - low, high - value], fmt="o", capsize=4, color=COLORS[model],
+                    label=LABELS[model])
+    ax.set_xticks(x, set_names)
+    ax.set(title="second-guess markers (95% intervals)", ylabel="markers per 1k reasoning tokens",
+           xlim=(-0.5, len(set_names) - 0.5))
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    return figure
+
+
+def figures(samples: pd.DataFrame, deltas: pd.DataFrame, curve: pd.DataFrame, max_new_tokens: int) -> dict:
+    """File name -> PNG bytes."""
+    set_names = sorted(samples["set"].unique())
+    made = {"accuracy_by_budget.png": accuracy_by_budget_figure(curve, set_names),
+            "response_tokens.png": response_tokens_figure(samples, set_names, max_new_tokens),
+            "second_guesses_per_1k.png": markers_figure(deltas, set_names)}
+    images = {}
+    for name, figure in made.items():
+        buffer = io.BytesIO()
+        figure.savefig(buffer, **PNG)
+        images[name] = buffer.getvalue()
+    return images
+
+
+def verdict_page(report: dict, figure_names: list[str], figures_dir: str) -> str:
+    """reports/verdict.md: per set the verdict table and accuracy at every budget; then the figures."""
+    boot = report["bootstrap"]
+    lines = ["# Verdict: fine-tuned vs base", "",
+             f"Each delta is fine-tuned minus base with a paired {boot['confidence']:.0%} bootstrap interval over "
+             f"problems ({boot['resamples']} resamples, seed {boot['seed']}); a claim is *better* or *worse* only "
+             f"when the interval excludes 0. Budget: {report['max_new_tokens']} new tokens per response.", ""]
+    for set_name, result in report["sets"].items():
+        responses = result["responses"]
+        lines += [f"## {set_name}", "",
+                  f"{result['problems']} problems; {responses[BASE]} base and {responses[FINETUNED]} fine-tuned "
+                  "responses.", "",
+                  verdict.verdict_markdown([r for r in report["verdict"] if r["set"] == set_name]),
+                  budget_markdown(result["budget"])]
+    lines += ["## Measures", ""]
+    lines += [f"- `{name}`: {m.meaning}" for name, m in MEASURE_BY_NAME.items()]
+    lines += ["", "## Figures", ""]
+    lines += [f"![{name.removesuffix('.png')}]({figures_dir}/{name})" for name in figure_names]
+    return "\n".join(lines) + "\n"
+
+
+def budget_markdown(budget: list[dict]) -> str:
+    """Accuracy at every budget as a Markdown table."""
+    lines = ["| budget (tokens) | base accuracy | fine-tuned accuracy |", "|---:|---:|---:|"]
+    lines += [f"| {row['budget']} | {row[BASE]:.3f} | {row[FINETUNED]:.3f} |" for row in budget]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=Path, default=Path("data/eval/samples.parquet"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/eval"), help="headline: <set>/<measure>.json")
+    parser.add_argument("--budget", type=Path, default=Path("metrics/eval_budget"), help="plots: <set>.tsv")
+    parser.add_argument("--reports", type=Path, default=Path("reports"),
+                        help="details.json, verdict.md and figures/")
+    args = parser.parse_args(argv)
+
+    max_new_tokens = params.load("eval").max_new_tokens
+    seed = params.load_seed()
+    samples = read_samples(args.samples)
+    deltas = verdict.paired_deltas(samples, seed=seed, resamples=RESAMPLES, confidence=CONFIDENCE)
+    curve = verdict.budget_curve(samples, max_new_tokens)
+    report = details(samples, deltas, curve, max_new_tokens, seed)
+    images = figures(samples, deltas, curve, max_new_tokens)
+
+    with atomic_dir(args.metrics) as tmp:
+        for set_name, files in headline(deltas).items():
+            for name, values in files.items():
+                write_json(tmp / set_name / f"{name}.json", finite(values))
+    with atomic_dir(args.budget) as tmp:
+        for set_name in report["sets"]:
+            budget_table(curve, set_name).to_csv(tmp / f"{set_name}.tsv", sep="\t", index=False, float_format="%.4f")
+    write_json(args.reports / "details.json", finite(report))
+    with atomic_dir(args.reports / "figures") as tmp:
+        for name, png in images.items():
+            (tmp / name).write_bytes(png)
+    with atomic_file(args.reports / "verdict.md") as tmp:
+        tmp.write_text(verdict_page(report, list(images), "figures"))
+    for row in report["verdict"]:
+        log.info("%s: %s (%s): %s", row["set"], row["claim"], row["measure"], row["verdict"])
+
+
+if __name__ == "__main__":
+    cli.run(main)
