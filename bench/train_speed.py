@@ -3,7 +3,7 @@ stage's default path, side by side in one run, on the real 1.5B shape (random we
 sequence lengths up to 4096 and 16 sequences per optimizer step.
 
     python -m tests.random_model /tmp/r1
-    python -m bench.train_speed /tmp/r1 [--steps 8] [--warmup-steps 2]
+    python -m bench.train_speed /tmp/r1 [--steps 8] [--warmup-steps 2] [--routes]
 
 Each variant runs in its own process (Unsloth patches transformers on import). Reports tokens/s,
 median step time, peak GPU memory and MFU (6 x non-embedding parameters x tokens/s over the GPU's
@@ -27,25 +27,36 @@ ROOT = Path(__file__).resolve().parents[1]
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
 # name -> overrides of params.yaml's train section
 VARIANTS = {
-    "baseline: HF + PEFT + bnb 4-bit, 2 x 8, padded": dict(backend="peft", micro_batch_size=2, packing=False),
-    "unsloth 4-bit, 2 x 8, padded": dict(backend="unsloth", micro_batch_size=2, packing=False),
+    "baseline: HF + PEFT + bnb 4-bit, 2 x 8, padded": dict(backend="peft", micro_batch_size=2, packing=False,
+                                                           gradient_checkpointing=True),
+    "unsloth 4-bit, 2 x 8, padded": dict(backend="unsloth", micro_batch_size=2, packing=False,
+                                         gradient_checkpointing=True),
     "train stage default (params.yaml)": dict(),
+}
+# Routes toward a faster default (--routes): the whole step as one packed micro-batch, activations kept
+# instead of recomputed, 16-bit LoRA beside the seed's 4-bit. Same 16 sequences per step and learning rate.
+ROUTES = {
+    "unsloth 4-bit, 16 x 1 packed, checkpointing on": dict(micro_batch_size=16),
+    "unsloth 4-bit, 8 x 2 packed, checkpointing off": dict(gradient_checkpointing=False),
+    "unsloth 4-bit, 16 x 1 packed, checkpointing off": dict(micro_batch_size=16, gradient_checkpointing=False),
+    "unsloth 16-bit, 16 x 1 packed, checkpointing off": dict(micro_batch_size=16, gradient_checkpointing=False,
+                                                             load_in_4bit=False),
 }
 
 
-def synthetic_examples(count: int, vocab: int, max_len: int, seed: int) -> list[dict]:
+def synthetic_examples(count: int, vocab: int, max_len: int, seed: int, min_len: int = 256) -> list[dict]:
     import random
 
     rng = random.Random(seed)
     examples = []
     for _ in range(count):
-        length = rng.randint(256, max_len)
+        length = rng.randint(min_len, max_len)
         ids = [rng.randrange(10, vocab) for _ in range(length)]
         examples.append({"input_ids": ids, "labels": [-100] * 100 + ids[100:]})
     return examples
 
 
-def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int) -> dict:
+def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, min_length: int = 256) -> dict:
     config = params.build(params.TrainParams, params.read(ROOT / "params.yaml")["train"] | overrides, "train")
     model_params = params.ModelParams(name=model_dir, revision="main", max_seq_length=4096, directive="")
     from stages import training
@@ -57,13 +68,17 @@ def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int) 
     from transformers import AutoTokenizer, Trainer, TrainerCallback, set_seed
 
     set_seed(0)
+    memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+    micro = training.micro_batch_size(config, memory)
+    checkpointing, _ = training.gradient_checkpointing(config, backend, micro, model_params.max_seq_length,
+                                                       training.check_model_limits(model_params), memory)
     if backend == "unsloth":
-        model, tokenizer = training.load_unsloth(model_params, config, seed=0)
+        model, tokenizer = training.load_unsloth(model_params, config, seed=0, checkpointing=checkpointing)
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = training.load_peft(model_params, config)
-    micro = training.micro_batch_size(config, torch.cuda.get_device_properties(0).total_memory / 2**30)
-    examples = synthetic_examples(config.sequences_per_step * steps, model.config.vocab_size, 4096, seed=0)
+        model = training.load_peft(model_params, config, checkpointing)
+    examples = synthetic_examples(config.sequences_per_step * steps, model.config.vocab_size, 4096, seed=0,
+                                  min_len=min_length)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -92,6 +107,7 @@ def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int) 
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
     non_embedding = base_params - embedding.numel()
     return {"backend": backend, "micro_batch": micro, "accumulation": args.gradient_accumulation_steps,
+            "gradient_checkpointing": checkpointing,
             "packing": config.packing, "tokens_per_second": round(tokens_per_second),
             "median_step_seconds": round(statistics.median(step_seconds), 2),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
@@ -103,20 +119,29 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--routes", action="store_true", help="also measure the candidate routes (ROUTES)")
+    parser.add_argument("--only", help="comma-separated substrings: measure only the variants whose name has one")
+    parser.add_argument("--min-length", type=int, default=256, help="shortest sequence (4096: the worst case)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    variants = VARIANTS | ROUTES
     if args.variant:
-        print("RESULT", json.dumps(run_variant(args.model_dir, VARIANTS[args.variant], args.steps, args.warmup_steps)))
+        print("RESULT", json.dumps(run_variant(args.model_dir, variants[args.variant], args.steps, args.warmup_steps,
+                                               args.min_length)))
         return
     results = {}
-    for name in VARIANTS:
+    names = list(VARIANTS) + (list(ROUTES) if args.routes else [])
+    if args.only:
+        names = [name for name in names if any(part in name for part in args.only.split(","))]
+    for name in names:
         run = subprocess.run([sys.executable, "-m", "bench.train_speed", args.model_dir, "--steps", str(args.steps),
-                              "--warmup-steps", str(args.warmup_steps), "--variant", name],
+                              "--warmup-steps", str(args.warmup_steps), "--min-length", str(args.min_length),
+                              "--variant", name],
                              capture_output=True, text=True, cwd=ROOT)
         line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)  # noqa: E741
         results[name] = json.loads(line[7:]) if line else {"error": run.stderr[-2000:]}
         print(name, json.dumps(results[name]), flush=True)
-    base = results[next(iter(VARIANTS))].get("tokens_per_second")
+    base = results.get(next(iter(VARIANTS)), {}).get("tokens_per_second")
     for result in results.values():
         if base and "tokens_per_second" in result:
             result["speedup_vs_baseline"] = round(result["tokens_per_second"] / base, 2)

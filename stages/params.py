@@ -155,7 +155,7 @@ class TrainParams:
     early_stopping_patience: Annotated[StrictInt, Field(ge=0)]  # 0: off
     max_steps: Annotated[int, _only(lambda v: type(v) is int and (v == -1 or v > 0), "must be -1 (no cap) or positive")]
     packing: StrictBool
-    gradient_checkpointing: StrictBool
+    gradient_checkpointing: StrictBool | Literal["auto"]  # auto: off when it fits in GPU memory
     num_gpus: Positive
     merge_16bit: StrictBool
 

@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     train_table, val_table = read_split(train_file), read_split(val_file, config.max_val_rows, required=False)
     micro = training.micro_batch_size(config, training.cuda_memory_gib())
     training.check_merge(config, backend)
-    training.check_model_limits(model_params, config.lora.target_modules)
+    model_config = training.check_model_limits(model_params, config.lora.target_modules)
+    checkpointing, why = training.gradient_checkpointing(config, backend, micro, model_params.max_seq_length,
+                                                         model_config, training.cuda_memory_gib())
     worker = "LOCAL_RANK" in os.environ  # one of several processes started by torchrun
     if not worker:
         made_from = fingerprint(dataclasses.asdict(model_params), dataclasses.asdict(config), seed,
@@ -91,10 +93,10 @@ def main(argv: list[str] | None = None) -> None:
 
     set_seed(seed)  # LoRA weights are initialized before the Trainer would seed anything
     if backend == "unsloth":
-        model, tokenizer = training.load_unsloth(model_params, config, seed)
+        model, tokenizer = training.load_unsloth(model_params, config, seed, checkpointing)
     else:
         tokenizer = load_tokenizer(model_params)
-        model = training.load_peft(model_params, config)
+        model = training.load_peft(model_params, config, checkpointing)
     train_examples = training.tokenize(tokenizer, train_table, model_params.max_seq_length, "train",
                                        directive=model_params.directive)
     val_examples = training.tokenize(tokenizer, val_table, model_params.max_seq_length, "val",
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("%s backend, %d train / %d val examples, micro-batch %d x accumulation %d x %d process(es)%s",
              backend, len(train_examples), len(val_examples), micro, trainer.args.gradient_accumulation_steps,
              trainer.args.world_size, f", resuming from {resume}" if resume else "")
+    log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
     tokens_before = 0
     if resume:
         from transformers import TrainerState
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             training.save_adapter(model, tokenizer, tmp)
         with atomic_dir(args.merged) as tmp:
             training.export_merged(model, tokenizer, tmp, backend, config.merge_16bit)
-        write_json(args.metrics, training.summary(trainer, output, wall_seconds, resumed_from, tokens_before))
+        write_json(args.metrics, training.summary(trainer, output, wall_seconds, resumed_from, tokens_before)
+                   | {"micro_batch_size": micro, "gradient_checkpointing": checkpointing})
         training.mark_finished(args.checkpoints)
         log.info("adapter -> %s (%s)", args.adapter,
                  f"best val loss {trainer.state.best_metric} at {trainer.state.best_model_checkpoint}" if validate

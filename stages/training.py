@@ -62,6 +62,36 @@ def micro_batch_size(config: params.TrainParams, cuda_memory_gib: float | None) 
     return max(size, 1)
 
 
+# Activation memory without gradient checkpointing, measured on an H200 (bench/train_speed.py --routes
+# --min-length 4096: every sequence 4096 tokens, packed, Unsloth 4-bit LoRA, the R1-Distill-1.5B shape):
+# 52.9 GiB peak at 32,768 tokens a micro-batch, 104.0 GiB at 65,536, i.e. 1.8 GiB + 1.56 MiB a token.
+# Other shapes are scaled by layers x (hidden + intermediate) width, a linear estimate.
+NO_CHECKPOINTING_GIB = 1.8
+NO_CHECKPOINTING_MIB_PER_TOKEN = 1.56
+REFERENCE_WIDTH = 28 * (1536 + 8960)
+SIXTEEN_BIT_EXTRA_GIB = 12.0  # the same runs with 16-bit base weights peaked 12.0 GiB higher
+MEMORY_HEADROOM = 0.9  # of the GPU's memory, for the allocator's fragmentation and CUDA's own
+
+
+def gradient_checkpointing(config: params.TrainParams, backend: str, micro: int, max_seq_length: int, model_config,
+                           cuda_memory_gib: float | None) -> tuple[bool, str]:
+    """Whether to recompute activations in the backward pass, and why. 'auto' turns it off (about 2x the
+    tokens/s on an H200) when a micro-batch of max_seq_length-token sequences fits in GPU memory without
+    it, by the estimate above; it stays on on CPU and with the PEFT backend, which the estimate does not
+    describe."""
+    if config.gradient_checkpointing != "auto":
+        return config.gradient_checkpointing, "train.gradient_checkpointing"
+    if cuda_memory_gib is None or backend != "unsloth":
+        return True, "auto: on without a CUDA GPU or with the peft backend"
+    width = model_config.num_hidden_layers * (model_config.hidden_size + model_config.intermediate_size)
+    scale = width / REFERENCE_WIDTH
+    need = (NO_CHECKPOINTING_GIB + (0 if config.load_in_4bit else SIXTEEN_BIT_EXTRA_GIB) * scale
+            + NO_CHECKPOINTING_MIB_PER_TOKEN * scale * micro * max_seq_length / 1024)
+    fits = need <= MEMORY_HEADROOM * cuda_memory_gib
+    return not fits, (f"auto: {'off' if fits else 'on'}, a micro-batch of {micro} x {max_seq_length} tokens needs "
+                      f"about {need:.0f} GiB without it, of {cuda_memory_gib:.0f} GiB")
+
+
 def local_rank() -> int:
     """This process's GPU: torchrun numbers the processes of a machine from 0 (LOCAL_RANK); 0 when run alone."""
     return int(os.environ.get("LOCAL_RANK", "0"))
@@ -114,9 +144,10 @@ def tokenize(tokenizer, table: pa.Table, max_seq_length: int, split: str, *, dir
     return Examples(ids, prompt_lengths)
 
 
-def check_model_limits(model_params: params.ModelParams, target_modules: list[str] | None = None) -> None:
+def check_model_limits(model_params: params.ModelParams, target_modules: list[str] | None = None):
     """Fail before loading weights (and before any checkpoint is touched) if the base model cannot take
-    max_seq_length tokens or lacks a LoRA target module; the modules are read from a weightless copy."""
+    max_seq_length tokens or lacks a LoRA target module; the modules are read from a weightless copy.
+    Returns the model's config."""
     from stages.base_model import local_model_dir
 
     folder = local_model_dir(model_params, weights=False)
@@ -130,6 +161,7 @@ def check_model_limits(model_params: params.ModelParams, target_modules: list[st
     if target_modules:
         with torch.device("meta"):  # shapes only: no memory, no weights read
             check_target_modules(AutoModelForCausalLM.from_config(config), target_modules)
+    return config
 
 
 def check_target_modules(model, target_modules: list[str]) -> None:
@@ -141,7 +173,7 @@ def check_target_modules(model, target_modules: list[str]) -> None:
                          f"its linear layers are {linear}")
 
 
-def load_unsloth(model_params: params.ModelParams, config: params.TrainParams, seed: int):
+def load_unsloth(model_params: params.ModelParams, config: params.TrainParams, seed: int, checkpointing: bool):
     from unsloth import FastLanguageModel
 
     from stages.base_model import local_model_dir
@@ -155,14 +187,14 @@ def load_unsloth(model_params: params.ModelParams, config: params.TrainParams, s
     model = FastLanguageModel.get_peft_model(
         model, r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
         target_modules=config.lora.target_modules, bias="none", random_state=seed,
-        use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
+        use_gradient_checkpointing="unsloth" if checkpointing else False,
         max_seq_length=model_params.max_seq_length)
     for adapter in model.peft_config.values():  # the adapter names its base as params.yaml does, not the cache folder
         adapter.base_model_name_or_path = model_params.name
     return model, tokenizer
 
 
-def load_peft(model_params: params.ModelParams, config: params.TrainParams):
+def load_peft(model_params: params.ModelParams, config: params.TrainParams, checkpointing: bool = True):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -180,7 +212,7 @@ def load_peft(model_params: params.ModelParams, config: params.TrainParams):
     # With a KV cache in play, transformers skips the packed-sequence mask and attention leaks
     # across the examples of a padding-free batch; training never needs the cache.
     model.config.use_cache = False
-    if config.gradient_checkpointing:
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -272,9 +273,8 @@ def test_merged_export_matches_the_adapted_model(project, tiny_model_dir):
 @pytest.mark.parametrize("gradient_checkpointing", [True, False])
 def test_packed_examples_do_not_attend_to_each_other(tokenizer, tiny_model_dir, gradient_checkpointing):
     config = params.load("train", ROOT / "params.yaml")
-    config = params.TrainParams(**{**config.__dict__, "gradient_checkpointing": gradient_checkpointing})
     model_params = params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=1024, directive="")
-    model = training.load_peft(model_params, config).train()
+    model = training.load_peft(model_params, config, gradient_checkpointing).train()
     table = splits_table([magpie_data.row(3), magpie_data.row(40), magpie_data.row(77)])
     examples = training.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE)
     examples = list(examples)
@@ -410,3 +410,28 @@ def test_the_train_stage_ends_every_prompt_with_the_model_directive(project, mon
     with pytest.raises(Tokenized):
         train_stage.main([])
     assert len(prompts) == 24 and all(p.endswith("\nAnswer with one number.<｜Assistant｜><think>\n") for p in prompts)
+
+
+R1_SHAPE = types.SimpleNamespace(num_hidden_layers=28, hidden_size=1536, intermediate_size=8960)
+
+
+@pytest.mark.parametrize(("memory_gib", "micro", "backend", "expected"), [
+    (79.6, 8, "unsloth", False),  # H100: 8 x 4096 tokens need ~51 GiB without recomputing
+    (79.6, 16, "unsloth", True),  # ~102 GiB: recompute
+    (139.8, 16, "unsloth", False),  # H200
+    (40.0, 4, "unsloth", False), (24.0, 4, "unsloth", True),
+    (None, 2, "peft", True),  # CPU: as before
+    (79.6, 8, "peft", True),  # the estimate is Unsloth's
+])
+def test_auto_gradient_checkpointing_turns_off_only_when_a_micro_batch_fits(memory_gib, micro, backend, expected):
+    config = params.load("train", ROOT / "params.yaml")
+    assert config.gradient_checkpointing == "auto"
+    on, why = training.gradient_checkpointing(config, backend, micro, 4096, R1_SHAPE, memory_gib)
+    assert on is expected and why.startswith("auto")
+
+
+def test_explicit_gradient_checkpointing_is_kept_and_recorded(project):
+    set_params(project, "train", max_steps=2, gradient_checkpointing=False)
+    train_stage.main([])
+    metrics = train_metrics(project)
+    assert metrics["gradient_checkpointing"] is False and metrics["micro_batch_size"] == 2
