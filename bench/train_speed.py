@@ -4,6 +4,7 @@ sequence lengths up to 4096 and 16 sequences per optimizer step.
 
     python -m tests.random_model /tmp/r1
     python -m bench.train_speed /tmp/r1 [--steps 8] [--warmup-steps 2] [--routes]
+    python -m bench.train_speed /tmp/r1 --repeats 3 --out bench/results --commit SHA   # the recorded protocol
 
 Each variant runs in its own process (Unsloth patches transformers on import). Reports tokens/s,
 median step time, peak GPU memory and MFU (6 x non-embedding parameters x tokens/s over the GPU's
@@ -33,9 +34,11 @@ VARIANTS = {
                                          gradient_checkpointing=True),
     "train stage default (params.yaml)": dict(),
 }
+BASELINE, DEFAULT = list(VARIANTS)[0], list(VARIANTS)[-1]
 # Routes toward a faster default (--routes): the whole step as one packed micro-batch, activations kept
 # instead of recomputed, 16-bit LoRA beside the seed's 4-bit. Same 16 sequences per step and learning rate.
 ROUTES = {
+    "old default: unsloth 4-bit, 8 x 2 packed, checkpointing on": dict(gradient_checkpointing=True),
     "unsloth 4-bit, 16 x 1 packed, checkpointing on": dict(micro_batch_size=16),
     "unsloth 4-bit, 8 x 2 packed, checkpointing off": dict(gradient_checkpointing=False),
     "unsloth 4-bit, 16 x 1 packed, checkpointing off": dict(micro_batch_size=16, gradient_checkpointing=False),
@@ -92,7 +95,7 @@ def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, 
     with tempfile.TemporaryDirectory() as out:
         args = training.training_arguments(config, Path(out), micro, seed=0)
         args.max_steps, args.eval_strategy, args.save_strategy = steps, "no", "no"
-        args.load_best_model_at_end, args.logging_steps, args.disable_tqdm = False, 10_000, True
+        args.load_best_model_at_end, args.logging_steps, args.disable_tqdm = False, 1, True
         trainer = Trainer(model=model, args=args, train_dataset=examples,
                           data_collator=training.collator(tokenizer, config.packing), callbacks=[timer])
         torch.cuda.reset_peak_memory_stats()
@@ -106,7 +109,9 @@ def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, 
     gpu = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
     non_embedding = base_params - embedding.numel()
+    losses = [round(entry["loss"], 4) for entry in trainer.state.log_history if "loss" in entry]
     return {"backend": backend, "micro_batch": micro, "accumulation": args.gradient_accumulation_steps,
+            "losses": losses,
             "gradient_checkpointing": checkpointing,
             "packing": config.packing, "tokens_per_second": round(tokens_per_second),
             "median_step_seconds": round(statistics.median(step_seconds), 2),
@@ -122,6 +127,10 @@ def main() -> None:
     parser.add_argument("--routes", action="store_true", help="also measure the candidate routes (ROUTES)")
     parser.add_argument("--only", help="comma-separated substrings: measure only the variants whose name has one")
     parser.add_argument("--min-length", type=int, default=256, help="shortest sequence (4096: the worst case)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="N > 1: only the baseline and the default, alternating, N times each; medians reported")
+    parser.add_argument("--out", type=Path, help="folder to write the result JSON to (bench/results)")
+    parser.add_argument("--commit", default="", help="the commit measured, for the JSON (no git on the GPU machine)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     variants = VARIANTS | ROUTES
@@ -129,23 +138,37 @@ def main() -> None:
         print("RESULT", json.dumps(run_variant(args.model_dir, variants[args.variant], args.steps, args.warmup_steps,
                                                args.min_length)))
         return
-    results = {}
     names = list(VARIANTS) + (list(ROUTES) if args.routes else [])
     if args.only:
         names = [name for name in names if any(part in name for part in args.only.split(","))]
+    if args.repeats > 1:
+        names = [BASELINE, DEFAULT] * args.repeats
+    runs: dict[str, list[dict]] = {}
     for name in names:
         run = subprocess.run([sys.executable, "-m", "bench.train_speed", args.model_dir, "--steps", str(args.steps),
                               "--warmup-steps", str(args.warmup_steps), "--min-length", str(args.min_length),
                               "--variant", name],
                              capture_output=True, text=True, cwd=ROOT)
         line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)  # noqa: E741
-        results[name] = json.loads(line[7:]) if line else {"error": run.stderr[-2000:]}
-        print(name, json.dumps(results[name]), flush=True)
-    base = results.get(next(iter(VARIANTS)), {}).get("tokens_per_second")
-    for result in results.values():
-        if base and "tokens_per_second" in result:
-            result["speedup_vs_baseline"] = round(result["tokens_per_second"] / base, 2)
-    print(json.dumps(results, indent=2))
+        runs.setdefault(name, []).append(json.loads(line[7:]) if line else {"error": run.stderr[-2000:]})
+        print(name, json.dumps(runs[name][-1]), flush=True)
+
+    def median_tokens(name: str) -> float | None:
+        speeds = [r["tokens_per_second"] for r in runs.get(name, []) if "tokens_per_second" in r]
+        return statistics.median(speeds) if speeds else None
+
+    base, default = median_tokens(BASELINE), median_tokens(DEFAULT)
+    gpu = next((r["gpu"] for rs in runs.values() for r in rs if "gpu" in r), None)
+    result = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "commit": args.commit,
+              "workload": {"steps": args.steps, "warmup_steps": args.warmup_steps, "min_length": args.min_length,
+                           "max_length": 4096, "sequences_per_step": 16},
+              "tokens_per_second": default, "speedup": round(default / base, 2) if base and default else None,
+              "runs": runs}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = f"train-{result['date']}-{(gpu or 'cpu').split()[-1].lower()}-{args.commit or 'local'}.json"
+        (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
