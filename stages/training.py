@@ -75,10 +75,10 @@ MEMORY_HEADROOM = 0.9  # of the GPU's memory, for the allocator's fragmentation 
 
 def gradient_checkpointing(config: params.TrainParams, backend: str, micro: int, max_seq_length: int, model_config,
                            cuda_memory_gib: float | None) -> tuple[bool, str]:
-    """Whether to recompute activations in the backward pass, and why. 'auto' turns it off (about 2x the
-    tokens/s on an H200) when a micro-batch of max_seq_length-token sequences fits in GPU memory without
-    it, by the estimate above; it stays on on CPU and with the PEFT backend, which the estimate does not
-    describe."""
+    """Whether to recompute activations in the backward pass, and why. 'auto' turns it off (up to 2.1x the
+    tokens/s in one H200 call; README) when a micro-batch of max_seq_length-token sequences fits in GPU
+    memory without it, by the estimate above; it stays on on CPU and with the PEFT backend, which the
+    estimate does not describe."""
     if config.gradient_checkpointing != "auto":
         return config.gradient_checkpointing, "train.gradient_checkpointing"
     if cuda_memory_gib is None or backend != "unsloth":
