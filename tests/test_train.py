@@ -78,6 +78,15 @@ def kill_after_step(monkeypatch, step: int):
     return lambda: monkeypatch.setattr(Trainer, "training_step", original_step)
 
 
+def killed_run(project: Path, monkeypatch) -> None:
+    """A 4-step run that died during step 3, leaving checkpoint-2."""
+    set_params(project, "train", max_steps=4, eval_every_steps=2)
+    revive = kill_after_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.main([])
+    revive()
+
+
 def logged_steps(project: Path, name: str) -> list[int]:
     lines = (project / "metrics" / "train" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()[1:]
     return [int(line.split("\t")[0]) for line in lines]
@@ -122,11 +131,7 @@ def test_a_code_change_discards_the_checkpoints_of_a_killed_run(project, monkeyp
 
     code = copy_project(tmp_path / "code")  # the stage's code deps, as dvc.yaml lists them, from this copy
     monkeypatch.setattr(artifacts, "PROJECT_ROOT", code)
-    set_params(project, "train", max_steps=4, eval_every_steps=2)
-    revive = kill_after_step(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        train_stage.main([])
-    revive()
+    killed_run(project, monkeypatch)
     prompts = code / "stages" / "prompts.py"
     prompts.write_text(prompts.read_text() + "\n# a changed line of the stage's code\n")
     train_stage.main([])
@@ -169,11 +174,7 @@ CANNOT_START = {
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 @pytest.mark.parametrize("case", CANNOT_START)
 def test_a_run_that_cannot_start_keeps_the_checkpoints_of_a_killed_run(project, monkeypatch, case):
-    set_params(project, "train", max_steps=4, eval_every_steps=2)
-    revive = kill_after_step(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        train_stage.main([])
-    revive()
+    killed_run(project, monkeypatch)
     checkpoints = project / "models" / "checkpoints"
     before = sorted(p.relative_to(checkpoints) for p in checkpoints.rglob("*"))
     section, change, error = CANNOT_START[case]
