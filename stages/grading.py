@@ -10,7 +10,7 @@ from functools import lru_cache
 
 from stages.prompts import THINK_CLOSE
 
-BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")  # Python and RE2 syntax alike: the filter matches it in Arrow
 # A number as answers write it: sign, currency, thousands in groups of three (comma, `{,}`, `,\!`, a LaTeX
 # or plain space), decimals, then a percent sign or one \text{} unit. math-verify reads `70\,000` as 70*0.
 THOUSANDS = r"(?:,\\!|\{,\}|,|\\[,!:; ]|\\thinspace\s*|\s)"
@@ -27,16 +27,23 @@ def split_reasoning(response: str) -> tuple[str, str | None]:
     return reasoning, answer
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if there is none."""
-    starts = [m.end() for m in BOXED.finditer(text)]
-    for start in reversed(starts):
+def boxed_answers(text: str) -> list[tuple[str, int]]:
+    """(content, end offset) of every \\boxed{...} (or \\fbox{...}), braces balanced; an unclosed one is skipped."""
+    found = []
+    for match in BOXED.finditer(text):
         depth = 1
-        for i in range(start, len(text)):
+        for i in range(match.end(), len(text)):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             if depth == 0:
-                return text[start:i].strip()
-    return None
+                found.append((text[match.end():i].strip(), i + 1))
+                break
+    return found
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if there is none."""
+    found = boxed_answers(text)
+    return found[-1][0] if found else None
 
 
 def plain_number(text: str) -> Fraction | None:

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stages.grading import BOXED, boxed_answers
 from stages.prompts import THINK_CLOSE
 
 # The phrases that count as second-guessing, matched case-insensitively as whole words. A module constant,
@@ -21,7 +22,6 @@ SECOND_GUESS_MARKERS = ("wait", "hmm", "no, wait", "actually", "let me double-ch
 # One regex for all markers, longest first so "no, wait" counts once, not also as "wait". It runs in Arrow
 # (RE2), whose \b is ASCII: "await" and "factually" hold no marker, "wait," and "Wait:" do.
 SECOND_GUESS_REGEX = r"\b(?:" + "|".join(sorted(map(re.escape, SECOND_GUESS_MARKERS), key=len, reverse=True)) + r")\b"
-BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")  # Python and RE2 syntax alike: the filter matches it in Arrow
 LATEX = re.compile(r"\$[^$]+\$|\\\(|\\\[|\\(?:frac|sqrt|cdot|times|boxed|left|right|sum|int|pi)\b")
 
 
@@ -86,19 +86,6 @@ def has_boxed(text: str) -> bool:
 
 def uses_latex(text: str) -> bool:
     return bool(LATEX.search(text))
-
-
-def boxed_answers(text: str) -> list[tuple[str, int]]:
-    """(content, end offset) of every \\boxed{...} (or \\fbox{...}), braces balanced; an unclosed one is skipped."""
-    found = []
-    for match in BOXED.finditer(text):
-        depth = 1
-        for i in range(match.end(), len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                found.append((text[match.end():i].strip(), i + 1))
-                break
-    return found
 
 
 # A sentence ends at . ! or ? before whitespace (not the point of 3.5), at a line break, or at the end.

@@ -215,6 +215,12 @@ def stage_modules(module: Path) -> set[str]:
     return found | {f"stages/{module.name}"}
 
 
+def test_every_stage_lists_the_stages_code_it_imports_as_deps():
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        module = ROOT / "stages" / f"{name}.py"
+        assert stage_modules(module) <= set(stage["deps"]), name  # else a code change would not re-run it
+
+
 def test_dvc_yaml_wires_report_and_release_after_evaluate():
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     stages = pipeline["stages"]
