@@ -72,11 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         import unsloth  # noqa: F401  (patches transformers, so before anything imports it)
     train_file, val_file = args.splits / "train.parquet", args.splits / "val.parquet"
     train_table, val_table = read_split(train_file), read_split(val_file, config.max_val_rows, required=False)
-    micro = training.micro_batch_size(config, training.cuda_memory_gib())
+    memory = training.cuda_memory_gib()
+    micro = training.micro_batch_size(config, memory)
     training.check_merge(config, backend)
     model_config = training.check_model_limits(model_params, config.lora.target_modules)
     checkpointing, why = training.gradient_checkpointing(config, backend, micro, model_params.max_seq_length,
-                                                         model_config, training.cuda_memory_gib())
+                                                         model_config, memory)
     worker = "LOCAL_RANK" in os.environ  # one of several processes started by torchrun
     if not worker:
         made_from = fingerprint(dataclasses.asdict(model_params), dataclasses.asdict(config), seed,

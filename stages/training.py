@@ -173,6 +173,12 @@ def check_target_modules(model, target_modules: list[str]) -> None:
                          f"its linear layers are {linear}")
 
 
+def name_base(model, model_params: params.ModelParams) -> None:
+    """The adapter names its base as params.yaml does (hub id), not the local snapshot folder it was loaded from."""
+    for adapter in model.peft_config.values():
+        adapter.base_model_name_or_path = model_params.name
+
+
 def load_unsloth(model_params: params.ModelParams, config: params.TrainParams, seed: int, checkpointing: bool):
     from unsloth import FastLanguageModel
 
@@ -189,8 +195,7 @@ def load_unsloth(model_params: params.ModelParams, config: params.TrainParams, s
         target_modules=config.lora.target_modules, bias="none", random_state=seed,
         use_gradient_checkpointing="unsloth" if checkpointing else False,
         max_seq_length=model_params.max_seq_length)
-    for adapter in model.peft_config.values():  # the adapter names its base as params.yaml does, not the cache folder
-        adapter.base_model_name_or_path = model_params.name
+    name_base(model, model_params)
     return model, tokenizer
 
 
@@ -218,8 +223,7 @@ def load_peft(model_params: params.ModelParams, config: params.TrainParams, chec
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    for adapter in model.peft_config.values():  # the adapter names its base as params.yaml does, not the cache folder
-        adapter.base_model_name_or_path = model_params.name
+    name_base(model, model_params)
     return model
 
 
