@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import shutil
 from pathlib import Path
 
@@ -17,21 +16,14 @@ import pyarrow.parquet as pq
 
 from stages import cli, params
 from stages.artifacts import atomic_dir
-from stages.hub import hub_snapshot
+from stages.hub import hub_snapshot, is_hub_id
 
 log = logging.getLogger("stages.fetch")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHECK_BATCH_ROWS = 1024  # rows decoded at a time by parquet_problem: memory stays flat
 
 
 class FetchError(cli.StageError):
     """The source could not be read or downloaded."""
-
-
-def is_hub_id(source: str) -> bool:
-    """A hub id looks like owner/name and is not an existing or explicitly local path."""
-    explicit_path = source.startswith(("/", "./", "../", "~")) or source.endswith((".parquet", ".jsonl", ".json"))
-    return not explicit_path and not Path(source).exists() and bool(HUB_ID.match(source))
 
 
 def local_files(source: Path, key: str = "data.source", suffixes: tuple[str, ...] = (".parquet",)) -> list[Path]:

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 from stages import cli, params
 from stages.artifacts import atomic_dir
 from stages.eval_sets import READERS, read_files
-from stages.fetch import download_hub, is_hub_id, local_files
+from stages.fetch import download_hub, local_files
+from stages.hub import is_hub_id
 
 log = logging.getLogger("stages.fetch_eval")
 SUFFIXES = (".parquet", ".jsonl", ".json")

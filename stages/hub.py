@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 
 from stages.cli import StageError
@@ -15,6 +16,15 @@ log = logging.getLogger("stages.hub")
 # before it (its agent registry, fetched once a day) and a stage's imports, a hub that answers nothing fails a
 # stage well within 15 s.
 PROBE_TIMEOUT = 5
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(source: str) -> bool:
+    """A hub id looks like owner/name and is not an existing or explicitly local path."""
+    explicit_path = source.startswith(("/", "./", "../", "~")) or source.endswith((".parquet", ".jsonl", ".json"))
+    return not explicit_path and not Path(source).exists() and bool(HUB_ID.match(source))
 
 
 class HubError(StageError):

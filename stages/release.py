@@ -11,17 +11,16 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import shutil
 from pathlib import Path
 
 from stages import cli, params, verdict
 from stages.artifacts import atomic_dir
+from stages.hub import is_hub_id
 from stages.prompts import prompt_text
 
 log = logging.getLogger("stages.release")
 TAGS = ["lora", "qlora", "unsloth", "math", "reasoning", "deepseek-r1"]
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 PROBLEM = "{problem}"  # the placeholder shown in the prompt format
 
 
@@ -44,11 +43,6 @@ class Inputs:
     prompt: str  # the exact prompt text with PROBLEM in place of the problem
 
 
-def hub_id(name: str) -> bool:
-    """A hub repo id (owner/name), not a local file or folder: only those belong in hub metadata."""
-    return bool(HUB_ID.fullmatch(name)) and not Path(name).expanduser().exists()
-
-
 def read_json(path: Path, stage: str) -> dict:
     try:
         return json.loads(path.read_text())
@@ -64,8 +58,8 @@ def card_data(inputs: Inputs):
     sources = [inputs.data.source] + [inputs.eval_data[name].source for name in inputs.eval.sets
                                       if name in inputs.eval_data]
     return ModelCardData(
-        base_model=inputs.model.name if hub_id(inputs.model.name) else None, library_name="peft",
-        datasets=list(dict.fromkeys(s for s in sources if hub_id(s))) or None, license="apache-2.0", tags=TAGS,
+        base_model=inputs.model.name if is_hub_id(inputs.model.name) else None, library_name="peft",
+        datasets=list(dict.fromkeys(s for s in sources if is_hub_id(s))) or None, license="apache-2.0", tags=TAGS,
         pipeline_tag="text-generation")
 
 
@@ -97,7 +91,8 @@ def funnel_section(inputs: Inputs) -> str:
     dropped = {rule: n for rule, n in funnel.get("dropped", {}).items() if n}
     other = {k: v for k, v in funnel.items() if k not in ("rows_in", "rows_out", "dropped", "difficulty")}
     splits = ", ".join(f"{name} {split['rows']}" for name, split in inputs.splits.items())
-    source = f"`{inputs.data.source}`" + (f" (revision `{inputs.data.revision}`)" if hub_id(inputs.data.source) else "")
+    revision = f" (revision `{inputs.data.revision}`)" if is_hub_id(inputs.data.source) else ""
+    source = f"`{inputs.data.source}`{revision}"
     lines = [f"From {funnel.get('rows_in')} rows of {source}, the filter kept {funnel.get('rows_out')} math "
              f"problems with their reasoning and answer (rules in order; a row counts under the first it breaks):", "",
              _table(("dropped by", "rows"), dropped)]
@@ -140,7 +135,7 @@ def results_section(inputs: Inputs) -> str:
 
 def usage_section(inputs: Inputs) -> str:
     model, config = inputs.model, inputs.eval
-    revision = f', revision="{model.revision}"' if hub_id(model.name) else ""
+    revision = f', revision="{model.revision}"' if is_hub_id(model.name) else ""
     context = config.max_new_tokens + 1024  # room for a prompt and the evaluation's budget
     content = 'problem + "\\n" + ' + json.dumps(model.directive) if model.directive else "problem"
     sampling = (f"max_new_tokens={config.max_new_tokens}, "
@@ -255,7 +250,7 @@ def assemble(adapter: Path, out: Path, card, model: params.ModelParams) -> None:
             if file.is_file() and file.name != "README.md":  # PEFT's blank template; the card replaces it
                 shutil.copyfile(file, tmp / file.name)
         config = json.loads(config_file.read_text())
-        if hub_id(model.name) and config.get("base_model_name_or_path") == model.name:
+        if is_hub_id(model.name) and config.get("base_model_name_or_path") == model.name:
             # AutoPeftModelForCausalLM loads the base at this revision: the one the adapter was trained on.
             config["revision"] = model.revision
             (tmp / config_file.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -116,7 +116,7 @@ def test_local_model_and_data_stay_out_of_the_hub_metadata(tmp_path, monkeypatch
     assert json.loads((project / "release" / "adapter_config.json").read_text())["revision"] is None
     assert f'AutoModelForCausalLM.from_pretrained("{local_model}", dtype=' in card_of(project).text
     (tmp_path / "project" / "models" / "owner").mkdir()
-    assert not release.hub_id("models/owner") and release.hub_id("openai/gsm8k")  # a folder here is no hub id
+    assert not release.is_hub_id("models/owner") and release.is_hub_id("openai/gsm8k")  # a folder here is no hub id
 
 
 def test_a_missing_adapter_or_report_is_named(tmp_path, monkeypatch):
