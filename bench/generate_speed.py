@@ -1,18 +1,25 @@
-"""Benchmark: evaluation generation throughput, HF `generate` (dynamic cache, LoRA as PEFT layers,
-batch 256) against the evaluate stage's route (LoRA merged into bf16 weights, prompts sorted by length,
-static KV cache so transformers compiles the forward), side by side in one run, on the real 1.5B shape
-(random weights: no response ends early), ~100-token prompts, sampling as the model card says.
+"""Benchmark: the evaluate stage's generation routes side by side in one run, on the real 1.5B shape
+with random weights and a random merged LoRA, ~100-token prompts, sampling as the model card says.
 
-    python -m tests.random_model /tmp/r1 && python -m bench.generate_speed /tmp/r1
+Workloads: `real-length` ends each response (EOS forced: random weights never stop) at a length drawn
+from a seeded lognormal (--mean, --sd, cut at --budget), as reasoning traces do; `uniform` runs every
+response to --budget. Reports useful tokens/s (tokens up to and including EOS), the share of decode
+slots that kept a token, and peak GPU memory, per route; speedup = continuous / padded.
+
+    python -m tests.random_model /tmp/r1
+    python -m bench.generate_speed /tmp/r1 --workload real-length --mean 2000 --sd 1500 --budget 4096
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from stages import generation, params
@@ -41,64 +48,84 @@ def prompts(tokenizer, count: int) -> list[str]:
             for i in range(count)]
 
 
+def end_lengths(count: int, mean: float, sd: float, budget: int, seed: int = 0) -> list[int]:
+    """Response lengths in tokens: lognormal with this mean and sd, at least 1, cut at the budget."""
+    sigma2 = np.log1p((sd / mean) ** 2)
+    draws = np.random.default_rng(seed).lognormal(np.log(mean) - sigma2 / 2, np.sqrt(sigma2), count)
+    return np.clip(np.rint(draws), 1, budget).astype(int).tolist()
+
+
+def padded_slot_share(outputs: list[generation.Generation], size: int) -> float:
+    """Decode slots that kept a token in the padded route: its batches of `size` rows (prompts of equal
+    length keep their order) each run until their longest response ends; the first token is prefill's."""
+    paid = sum(size * (max(o.n_tokens for o in outputs[i:i + size]) - 1) for i in range(0, len(outputs), size))
+    return sum(o.n_tokens - 1 for o in outputs) / paid
+
+
+def run_route(route: str, model, tokenizer, texts: list[str], config: params.EvalParams,
+              end_at: list[int] | None) -> dict:
+    config = dataclasses.replace(config, batching=route)
+    slots = generation.batch_size(config, model, len(tokenizer(texts[0], add_special_tokens=False)["input_ids"]))
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = generation.generate(model, tokenizer, texts, config, seed=0, end_at=end_at)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    useful = sum(o.n_tokens for o in outputs)
+    if end_at:  # sampled noise may draw end-of-sequence sooner (about 1 token in 150k)
+        assert all(o.n_tokens <= end for o, end in zip(outputs, end_at, strict=True)), "a forced end was missed"
+    share = (generation.generate_continuous.stats.slot_share if route == "continuous"
+             else padded_slot_share(outputs, slots))
+    return {"slots": slots, "seconds": round(seconds, 1), "useful_tokens": useful,
+            "useful_tokens_per_second": round(useful / seconds), "decode_slot_share": round(share, 3),
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir")
-    parser.add_argument("--prompts", type=int, default=512)
-    parser.add_argument("--baseline-prompts", type=int, default=256, help="one batch of 256 for the baseline")
-    parser.add_argument("--new-tokens", type=int, default=1024)
-    parser.add_argument("--batch-size", default="auto", help="the stage's batch size: auto (default) or a number")
+    parser.add_argument("--workload", choices=["real-length", "uniform"], default="real-length")
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--mean", type=float, default=2000, help="real-length: mean response tokens")
+    parser.add_argument("--sd", type=float, default=1500, help="real-length: standard deviation")
+    parser.add_argument("--budget", type=int, default=4096, help="eval.max_new_tokens")
+    parser.add_argument("--batch-size", default="auto", help="eval.batch_size: auto (default) or a number")
+    parser.add_argument("--routes", default="padded,continuous", help="comma-separated, run in this order")
+    parser.add_argument("--commit", default="", help="the commit measured, recorded in the JSON")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tiny_model.add_chat_template(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     adapter = random_adapter(args.model_dir, Path("/tmp/bench-adapter"))
     config = params.load("eval", ROOT / "params.yaml")
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    config = params.EvalParams(**{**config.__dict__, "max_new_tokens": args.new_tokens, "batch_size": batch,
-                                  "static_cache": True})
+    config = dataclasses.replace(config, max_new_tokens=args.budget, batch_size=batch, static_cache=True)
     texts = prompts(tokenizer, args.prompts)
-    prompt_tokens = len(tokenizer(texts[0], add_special_tokens=False)["input_ids"])
-    results = {"gpu": torch.cuda.get_device_name(0), "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens}
-
-    base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, device_map={"": 0})
-    model = PeftModel.from_pretrained(base, adapter).eval()
-    tokenizer.padding_side = "left"
-    batch = tokenizer(texts[:args.baseline_prompts], add_special_tokens=False, return_tensors="pt",
-                      padding=True).to("cuda")
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        output = model.generate(**batch, max_new_tokens=args.new_tokens, do_sample=True, temperature=0.6,
-                                top_p=0.95, pad_token_id=tokenizer.eos_token_id)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    generated = (output.shape[1] - batch["input_ids"].shape[1]) * output.shape[0]
-    results["baseline"] = {"route": "HF generate, dynamic cache, PEFT LoRA layers", "prompts": args.baseline_prompts,
-                           "batch": args.baseline_prompts, "seconds": round(seconds, 1),
-                           "tokens_per_second": round(generated / seconds)}
-    print(json.dumps(results["baseline"]), flush=True)
-    del model, base, output
-    torch.cuda.empty_cache()
-
+    end_at = end_lengths(args.prompts, args.mean, args.sd, args.budget) if args.workload == "real-length" else None
+    workload = {"prompts": args.prompts, "prompt_tokens": len(tokenizer(texts[0], add_special_tokens=False)[
+        "input_ids"]), "budget": args.budget, "temperature": config.temperature, "top_p": config.top_p}
+    if end_at:
+        workload |= {"mean": args.mean, "sd": args.sd, "drawn_mean": round(float(np.mean(end_at))),
+                     "cut_at_budget": sum(n == args.budget for n in end_at)}
+    results = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+               "commit": args.commit, "workload": args.workload, "settings": workload, "routes": {}}
     model_params = params.ModelParams(name=args.model_dir, revision="main", max_seq_length=4096, directive="")
     model = generation.load_model(model_params, adapter)
-    stage_batch = generation.batch_size(config, model, prompt_tokens)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    outputs = generation.generate(model, tokenizer, texts, config, seed=0)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    generated = sum(o.n_tokens for o in outputs)
-    results["stage"] = {"route": "merged bf16, sorted batches, static cache + compile (compile time included)",
-                        "prompts": args.prompts, "batch": stage_batch, "seconds": round(seconds, 1),
-                        "tokens_per_second": round(generated / seconds),
-                        "peak_gpu_memory_gib": round(torch.cuda.max_memory_reserved() / 2**30, 1)}
-    results["speedup"] = round(results["stage"]["tokens_per_second"] / results["baseline"]["tokens_per_second"], 2)
+    for route in args.routes.split(","):
+        results["routes"][route] = run_route(route, model, tokenizer, texts, config, end_at)
+        print(json.dumps({route: results["routes"][route]}), flush=True)
+        torch.cuda.empty_cache()
+    if {"padded", "continuous"} <= results["routes"].keys():
+        routes = results["routes"]
+        results["speedup"] = round(routes["continuous"]["useful_tokens_per_second"]
+                                   / routes["padded"]["useful_tokens_per_second"], 2)
     print(json.dumps(results, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Batched generation for evaluation: the base model, or the base model with the LoRA merged into its
-weights, answering many prompts at once, sorted by length; on a GPU with a static KV cache, which makes
-transformers compile the forward pass.
+weights, answering many prompts at once. The default route is continuous batching (stages.continuous);
+the padded route (eval.batching: padded) runs transformers' generate on batches of prompts sorted by
+length, on a GPU with a static KV cache, which makes transformers compile the forward pass.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from stages import params
 from stages.cli import StageError
+from stages.continuous import ContinuousBatcher, DecodeStep
 from stages.prompts import THINK_CLOSE
 
 log = logging.getLogger("stages.evaluate")
@@ -46,6 +48,8 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if isinstance(attention_mask, DecodeStep):  # continuous batching: key/value are the slot cache
+        return attention_mask.attend(query, key, value, scaling), None
     batch, q_heads, q_length, head_dim = query.shape
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads
@@ -156,43 +160,103 @@ def batch_size(config: params.EvalParams, model, longest_prompt: int) -> int:
     return max(8, min(512, int(0.6 * free // sequence_bytes) // 8 * 8))
 
 
+def to_generation(tokenizer, new_tokens: list[int], eos: int) -> Generation:
+    """The record of one response from its generated ids (anything after end-of-sequence ignored)."""
+    ended = eos in new_tokens
+    cut = new_tokens.index(eos) if ended else len(new_tokens)
+    text = _decode(tokenizer, new_tokens[:cut])
+    reasoning, answer = think_token_counts(tokenizer, new_tokens[:cut], text)
+    return Generation(text=text, n_tokens=cut + 1 if ended else cut, hit_max_tokens=not ended,
+                      reasoning_tokens=reasoning, answer_tokens=answer)
+
+
 def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, seed: int,
-             desc: str = "generate") -> list[Generation]:
-    """Generate one response per prompt, in batches of prompts of similar length."""
-    static = torch.cuda.is_available() and config.static_cache
+             desc: str = "generate", end_at: list[int] | None = None) -> list[Generation]:
+    """Generate one response per prompt. end_at (benchmarks): force each response's end-of-sequence as
+    its token number end_at[i], since random weights never end by themselves."""
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     longest = max(map(len, encoded), default=0)
     check_context(model, longest, config.max_new_tokens)
     size = batch_size(config, model, longest)
-    log.info("%s: %d prompts in batches of %d, up to %d new tokens each", desc, len(prompts), size,
-             config.max_new_tokens)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-        tokenizer.eos_token_id
-    results: list[Generation | None] = [None] * len(prompts)
+    eos = tokenizer.eos_token_id
+    route = generate_padded if config.batching == "padded" else generate_continuous
+    log.info("%s: %d prompts, %s batching of %d, up to %d new tokens each", desc, len(prompts), config.batching,
+             size, config.max_new_tokens)
     torch.manual_seed(seed)
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as progress:
-        for start in range(0, len(order), size):
-            indices = order[start:start + size]
-            rows = [encoded[i] for i in indices]
-            if static:  # full batches and bucketed lengths: the compiled graphs are reused
-                rows += [rows[0]] * (size - len(rows))
-            width = _bucket(max(map(len, rows))) if static else max(map(len, rows))
-            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
-            attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
-            sample = config.temperature > 0
-            with torch.inference_mode():
-                output = model.generate(
-                    input_ids=input_ids, attention_mask=attention, max_new_tokens=config.max_new_tokens,
-                    do_sample=sample, temperature=config.temperature if sample else None,
-                    top_p=config.top_p if sample else None, top_k=None, pad_token_id=pad, eos_token_id=eos,
-                    cache_implementation="static" if static else None)
-            for i, new_tokens in zip(indices, output[:, width:].tolist(), strict=False):
-                ended = eos in new_tokens
-                cut = new_tokens.index(eos) if ended else len(new_tokens)
-                text = _decode(tokenizer, new_tokens[:cut])
-                reasoning, answer = think_token_counts(tokenizer, new_tokens[:cut], text)
-                results[i] = Generation(text=text, n_tokens=cut + 1 if ended else cut, hit_max_tokens=not ended,
-                                        reasoning_tokens=reasoning, answer_tokens=answer)
-            progress.update(len(indices))
+        ids = route(model, encoded, config, size, eos, tokenizer.pad_token_id, progress, end_at)
+    return [to_generation(tokenizer, new_tokens, eos) for new_tokens in ids]
+
+
+def generate_continuous(model, encoded: list[list[int]], config: params.EvalParams, slots: int, eos: int,
+                        pad: int | None, progress, end_at: list[int] | None) -> list[list[int]]:
+    """Continuous batching (stages.continuous), longest prompts first."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    budgets = [min(config.max_new_tokens, end_at[i]) if end_at else config.max_new_tokens for i in order]
+    length = max(map(len, encoded), default=0) + config.max_new_tokens
+    try:
+        engine = ContinuousBatcher(model, slots, length, eos, config.temperature, config.top_p,
+                                   graphs=config.static_cache)
+    except ValueError as e:
+        raise GenerationError(f"evaluate: eval.batching is 'continuous', but {e}; set eval.batching: padded") from e
+    results: list[list[int]] = [[] for _ in encoded]
+
+    def done(k: int, new_tokens: list[int]) -> None:
+        i = order[k]
+        if end_at and len(new_tokens) == end_at[i]:
+            new_tokens[-1] = eos
+        results[i] = new_tokens
+        progress.update(1)
+
+    with torch.inference_mode():
+        engine.run([encoded[i] for i in order], budgets, done)
+    stats = engine.stats
+    log.info("decoded in %d steps, %.0f%% of the decode slots kept a token (graphs of %s slots)",
+             stats.decode_steps, 100 * stats.slot_share, stats.graph_sizes or "no")
+    generate_continuous.stats = stats  # for benchmarks
+    return results
+
+
+class EndAt:
+    """A transformers logits processor that forces end-of-sequence as each row's token number end_at[row]."""
+
+    def __init__(self, end_at: list[int], prompt_width: int, eos: int, device):
+        self.end_at, self.prompt_width, self.eos = torch.tensor(end_at, device=device), prompt_width, eos
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        ending = self.end_at == input_ids.shape[1] - self.prompt_width + 1
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.eos] = 0
+        return torch.where(ending[:, None], forced, scores)
+
+
+def generate_padded(model, encoded: list[list[int]], config: params.EvalParams, size: int, eos: int,
+                    pad: int | None, progress, end_at: list[int] | None) -> list[list[int]]:
+    """transformers' generate on batches of prompts of similar length (each batch runs until its longest
+    response ends)."""
+    static = torch.cuda.is_available() and config.static_cache
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    pad = eos if pad is None else pad
+    results: list[list[int]] = [[] for _ in encoded]
+    for start in range(0, len(order), size):
+        indices = order[start:start + size]
+        rows = [encoded[i] for i in indices]
+        ends = [end_at[i] for i in indices] if end_at else None
+        if static:  # full batches and bucketed lengths: the compiled graphs are reused
+            rows += [rows[0]] * (size - len(rows))
+            ends = ends and ends + [ends[0]] * (size - len(ends))
+        width = _bucket(max(map(len, rows))) if static else max(map(len, rows))
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+        sample = config.temperature > 0
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=config.max_new_tokens,
+                do_sample=sample, temperature=config.temperature if sample else None,
+                top_p=config.top_p if sample else None, top_k=None, pad_token_id=pad, eos_token_id=eos,
+                cache_implementation="static" if static else None,
+                logits_processor=[EndAt(ends, width, eos, model.device)] if ends else None)
+        for i, new_tokens in zip(indices, output[:, width:].tolist(), strict=False):
+            results[i] = new_tokens
+        progress.update(len(indices))
     return results

@@ -176,6 +176,7 @@ class EvalParams:
     temperature: Annotated[StrictFloat, Field(ge=0)]  # 0: greedy
     top_p: Annotated[StrictFloat, Field(gt=0, le=1)]
     max_new_tokens: Positive
+    batching: Literal["continuous", "padded"]
     batch_size: AutoOrPositive
     static_cache: StrictBool
     loop_ngram: Positive  # words, at least, in each copy of a loop

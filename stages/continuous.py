@@ -1,0 +1,290 @@
+"""Continuous batching for evaluation: a fixed number of slots, each holding one response's KV cache at
+its own length; a slot whose response ended takes the next waiting prompt, so no step decodes padding.
+
+On a GPU each decode step is one CUDA graph replay, and attention reads each slot's cache only up to
+that slot's own length (FlashAttention's variable-length kernel in PyTorch); on a CPU the same steps
+run eagerly with a masked SDPA. Prompts are prefilled eagerly, a group at a time, into free slots.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("stages.evaluate")
+PREFILL_TOKENS = 32_768  # prompt tokens per prefill forward: bounds its activation memory
+SMALLEST_GRAPH = 8  # slots of the smallest decode graph; once no prompt waits, the batch shrinks to fit
+
+
+class DecodeStep:
+    """What attention needs in a decode step over the slot cache; passed to the model in place of a mask,
+    so transformers hands it, untouched, to the attention function (stages.generation)."""
+
+    def __init__(self, positions: torch.Tensor, flash: bool):
+        self.positions = positions  # per slot: where this step's token is written (= tokens before it)
+        self.flash = flash
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None):
+        """query [slots, heads, 1, head_dim] against the slot cache [slots, length, kv_heads, head_dim] ->
+        [slots, 1, heads, head_dim], each slot's query seeing its cache up to and including its position."""
+        slots, length, kv_heads, head_dim = keys.shape
+        heads = query.shape[1]
+        used = self.positions + 1
+        if self.flash:  # query heads of each KV head as that slot's query rows: every KV head read once
+            groups = heads // kv_heads
+            rows = query.reshape(slots, kv_heads, groups, head_dim).transpose(1, 2).reshape(-1, kv_heads, head_dim)
+            steps = torch.arange(slots + 1, device=query.device, dtype=torch.int32)
+            output = torch.ops.aten._flash_attention_forward(
+                rows, keys.view(slots * length, kv_heads, head_dim), values.view(slots * length, kv_heads, head_dim),
+                steps * groups, steps * length, groups, length, 0.0, False, False, scale=scaling,
+                seqused_k=used.to(torch.int32))[0]
+            return output.reshape(slots, groups, kv_heads, head_dim).transpose(1, 2).reshape(slots, 1, heads, head_dim)
+        # Masked SDPA, each group of query heads folded into the query length (no K/V copies per head).
+        mask = (torch.arange(length, device=query.device) < used[:, None])[:, None, None, :]
+        folded = query.reshape(slots, kv_heads, heads // kv_heads, head_dim)
+        output = torch.nn.functional.scaled_dot_product_attention(
+            folded, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scaling)
+        return output.reshape(slots, 1, heads, head_dim)
+
+
+class SlotCache:
+    """The KV cache of every slot, per layer [slots, length, kv_heads, head_dim] (FlashAttention's layout).
+    transformers' attention layers call update(); set_prefill / set_decode say what it means."""
+
+    def __init__(self, config, slots: int, length: int, dtype: torch.dtype, device: torch.device):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (slots, length, config.num_key_value_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.rows: torch.Tensor | None = None  # prefill: the slots the new prompts go to
+        self.positions: torch.Tensor | None = None  # decode: each slot's write position
+
+    def set_prefill(self, rows: torch.Tensor) -> None:
+        self.rows, self.positions = rows, None
+
+    def set_decode(self, positions: torch.Tensor) -> None:
+        self.rows, self.positions = None, positions
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.rows is not None:  # prompts written from position 0; they attend to themselves only
+            length = key_states.shape[2]
+            keys[self.rows, :length] = key_states.transpose(1, 2)
+            values[self.rows, :length] = value_states.transpose(1, 2)
+            return key_states, value_states
+        slots = key_states.shape[0]
+        index = torch.arange(slots, device=key_states.device)
+        keys[index, self.positions] = key_states[:, :, 0]
+        values[index, self.positions] = value_states[:, :, 0]
+        return keys[:slots], values[:slots]
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Move the slots in `keep` to the front, in that order."""
+        for tensor in (*self.keys, *self.values):
+            tensor[:len(keep)] = tensor[keep]
+
+
+def sampler(temperature: float, top_p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Next tokens from logits [rows, vocab]: argmax for temperature 0, else the model card's sampling
+    (temperature, then top-p as transformers' TopPLogitsWarper cuts it). The logits are sorted as they
+    come (bf16 from the model: half the bytes of float, the same order), and the draw is an exponential
+    race (argmax of p / Exp(1)), the same distribution as multinomial and safe to capture in a graph."""
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(-1)
+        ascending, order = logits.sort(dim=-1)
+        scaled = ascending.float() / temperature
+        if top_p < 1:
+            cut = scaled.softmax(-1).cumsum(-1) <= 1 - top_p
+            cut[:, -1] = False  # the most likely token always stays
+            scaled = scaled.masked_fill(cut, float("-inf"))
+        probabilities = scaled.softmax(-1)
+        race = (probabilities / torch.empty_like(probabilities).exponential_()).argmax(-1, keepdim=True)
+        return order.gather(-1, race).squeeze(-1)
+    return sample
+
+
+def flash_decode_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """PyTorch's FlashAttention kernel with per-sequence key lengths (seqused_k) works here."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        keys = torch.zeros(2 * 64, 1, 64, device=device, dtype=dtype)
+        cumulative = torch.arange(3, device=device, dtype=torch.int32)
+        torch.ops.aten._flash_attention_forward(
+            torch.zeros(2, 2, 64, device=device, dtype=dtype), keys, keys, cumulative, cumulative * 64, 1, 64, 0.0,
+            False, False, seqused_k=torch.tensor([3, 5], device=device, dtype=torch.int32))
+        return True
+    except (RuntimeError, TypeError) as e:
+        log.info("FlashAttention with per-slot lengths is not available here (%s); decoding with masked SDPA",
+                 str(e).splitlines()[0])
+        return False
+
+
+@dataclass
+class Stats:
+    decode_steps: int = 0
+    slot_steps: int = 0  # decode steps x slots of the graph that ran them: the decode work paid for
+    generated_tokens: int = 0  # kept tokens, each response's first (from its prefill) included
+    prefilled_responses: int = 0
+    prefill_calls: int = 0
+    graph_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def slot_share(self) -> float:
+        """Share of paid decode slots that produced a kept token (prefill makes each response's first)."""
+        decoded = self.generated_tokens - self.prefilled_responses
+        return decoded / self.slot_steps if self.slot_steps else 0.0
+
+
+class ContinuousBatcher:
+    """Generates token ids for many prompts through `slots` concurrent KV-cache slots."""
+
+    def __init__(self, model, slots: int, length: int, eos: int, temperature: float, top_p: float,
+                 graphs: bool = True):
+        self.model, self.decoder, self.head = model, model.get_decoder(), model.get_output_embeddings()
+        config, self.device = model.config, model.device
+        if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+            raise ValueError("continuous batching supports full attention only (this model has sliding layers)")
+        self.slots, self.length, self.eos = slots, length, eos
+        self.cache = SlotCache(config, slots, length, model.dtype, self.device)
+        self.sample = sampler(temperature, top_p)
+        self.flash = flash_decode_available(self.device, model.dtype)
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's next input token
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.active = torch.zeros(slots, dtype=torch.long, device=self.device)  # 1: a response is in the slot
+        self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.use_graphs = graphs and self.device.type == "cuda"
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.stats = Stats()
+
+    def _decode(self, size: int) -> None:
+        """One token for the first `size` slots: writes next_tokens, then advances tokens and positions."""
+        positions = self.positions[:size]
+        self.cache.set_decode(positions)
+        hidden = self.decoder(input_ids=self.tokens[:size, None], position_ids=positions[:, None],
+                              attention_mask={"full_attention": DecodeStep(positions, self.flash)},
+                              past_key_values=self.cache, use_cache=True).last_hidden_state
+        next_tokens = self.sample(self.head(hidden[:, -1]))
+        self.next_tokens[:size].copy_(next_tokens)
+        self.tokens[:size].copy_(next_tokens)
+        self.positions[:size].add_(self.active[:size]).clamp_(max=self.length - 1)
+
+    def _graph_sizes(self) -> list[int]:
+        sizes, size = [], self.slots
+        while size >= SMALLEST_GRAPH:
+            sizes.append(size)
+            size //= 2
+        return sizes or [self.slots]
+
+    def _capture(self) -> None:
+        """One graph per decode size (slots, slots/2, ...), captured before any prompt is in the cache:
+        the warm-up steps write only into empty slots."""
+        pool = None
+        for size in self._graph_sizes():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._decode(size)  # warm-up: kernels chosen, workspaces allocated
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._decode(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        self.positions.zero_()
+        self.tokens.zero_()
+        self.stats.graph_sizes = sorted(self.graphs)
+
+    def _step(self, size: int) -> None:
+        if self.use_graphs:
+            self.graphs[size].replay()
+        else:
+            self._decode(size)
+        self.stats.decode_steps += 1
+        self.stats.slot_steps += size
+
+    def _prefill(self, slots: list[int], prompts: list[list[int]]) -> list[int]:
+        """Write the prompts' KV into `slots` and return each one's first generated token."""
+        width = max(map(len, prompts))
+        input_ids = torch.tensor([p + [self.eos] * (width - len(p)) for p in prompts], device=self.device)
+        rows = torch.tensor(slots, device=self.device)
+        self.cache.set_prefill(rows)
+        hidden = self.decoder(input_ids=input_ids, position_ids=torch.arange(width, device=self.device)[None],
+                              attention_mask={"full_attention": None}, past_key_values=self.cache,
+                              use_cache=True).last_hidden_state  # right padding: causal attention suffices
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        first = self.sample(self.head(hidden[torch.arange(len(prompts), device=self.device), last]))
+        self.tokens[rows] = first
+        self.positions[rows] = torch.tensor([len(p) for p in prompts], device=self.device)
+        self.active[rows] = 1
+        self.stats.prefill_calls += 1
+        return first.tolist()
+
+    def run(self, prompts: list[list[int]], budgets: list[int], on_done: Callable[[int, list[int]], None]) -> None:
+        """Generate for every prompt (ids) until its end-of-sequence token or its budget of new tokens;
+        on_done(index, new ids) as each one ends, end-of-sequence included when it came."""
+        if self.use_graphs and not self.graphs:
+            self._capture()
+        waiting = list(range(len(prompts)))[::-1]  # popped from the end: prompts go in their given order
+        owner: list[int | None] = [None] * self.slots  # prompt index in each slot
+        generated: dict[int, list[int]] = {}
+        size = self.slots
+        refill_at = max(1, self.slots // 16)  # free slots worth a prefill while prompts wait
+
+        def finish(slot: int) -> None:
+            index = owner[slot]
+            owner[slot] = None
+            self.stats.generated_tokens += len(generated[index])
+            on_done(index, generated.pop(index))
+
+        def ended(index: int) -> bool:
+            ids = generated[index]
+            return ids[-1] == self.eos or len(ids) >= budgets[index]
+
+        while waiting or any(o is not None for o in owner[:size]):
+            free = [s for s in range(size) if owner[s] is None]
+            if waiting and (len(free) >= min(refill_at, len(waiting)) or len(free) == size):
+                group, tokens = [], 0
+                for slot in free:
+                    if not waiting or (group and tokens + len(prompts[waiting[-1]]) > PREFILL_TOKENS):
+                        break
+                    index = waiting.pop()
+                    group.append((slot, index))
+                    tokens += len(prompts[index])
+                    owner[slot] = index
+                first = self._prefill([s for s, _ in group], [prompts[i] for _, i in group])
+                self.stats.prefilled_responses += len(group)
+                for (slot, index), token in zip(group, first, strict=True):
+                    generated[index] = [token]
+                    if ended(index):
+                        self._release(slot)
+                        finish(slot)
+                continue
+            if not waiting:  # the tail: decode with the smallest graph that holds every response left
+                busy = [s for s in range(size) if owner[s] is not None]
+                smaller = min((n for n in self._graph_sizes() if n >= len(busy)), default=size)
+                if smaller < size:
+                    keep = torch.tensor(busy, device=self.device)
+                    self.cache.compact(keep)
+                    for buffer in (self.tokens, self.positions, self.active):
+                        buffer[:len(busy)] = buffer[keep].clone()
+                        buffer[len(busy):] = 0
+                    owner = [owner[s] for s in busy] + [None] * (self.slots - len(busy))
+                    size = smaller
+            self._step(size)
+            for slot, token in enumerate(self.next_tokens[:size].tolist()):
+                index = owner[slot]
+                if index is None:
+                    continue
+                generated[index].append(token)
+                if ended(index):
+                    self._release(slot)
+                    finish(slot)
+
+    def _release(self, slot: int) -> None:
+        self.active[slot] = 0
+        self.positions[slot] = 0

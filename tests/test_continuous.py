@@ -1,0 +1,105 @@
+"""Continuous batching (stages.continuous) on CPU with the tiny model: the tokens of transformers' generate,
+sampling as transformers' top-p cuts it, forced ends for benchmarks."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import continuous, generation, params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """Greedy new ids from transformers' generate for the prompt alone (no padding)."""
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    with torch.inference_mode():
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+    return output[0, ids.shape[1]:].tolist()
+
+
+def forced_end(ids: list[int], end: int, eos: int) -> list[int]:
+    """ids ended as end_at=end forces: end-of-sequence as token number `end` unless one came before."""
+    return ids if eos in ids[:end] else ids[:end - 1] + [eos]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return generation.load_model(params.ModelParams(str(tiny_model_dir), "main", 1024, ""), None)
+
+
+def eval_config(**changes) -> params.EvalParams:
+    return dataclasses.replace(params.load("eval", ROOT / "params.yaml"), **changes)
+
+
+PROMPTS = [f"What is {i} plus {3 * i}? " * (1 + i % 4) for i in range(37)]
+
+
+def test_greedy_continuous_batching_returns_the_tokens_of_generate_for_each_prompt(model, tokenizer):
+    config = eval_config(temperature=0.0, max_new_tokens=24, batch_size=16, batching="continuous")
+    outputs = generation.generate(model, tokenizer, PROMPTS, config, seed=0)
+    stats = generation.generate_continuous.stats
+    assert stats.prefill_calls > 1  # slots were refilled ...
+    assert stats.slot_steps < stats.decode_steps * 16  # ... and the batch shrank once no prompt waited
+    assert any(not o.hit_max_tokens for o in outputs) and any(o.hit_max_tokens for o in outputs)
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        assert output == generation.to_generation(tokenizer, reference_ids(model, tokenizer, prompt, 24),
+                                                  tokenizer.eos_token_id)
+
+
+def test_both_routes_end_responses_where_forced_and_agree_when_greedy(model, tokenizer):
+    end_at = [1 + (5 * i) % 20 for i in range(len(PROMPTS))]
+    eos = tokenizer.eos_token_id
+    routes = {}
+    for batching in ("continuous", "padded"):
+        config = eval_config(temperature=0.0, max_new_tokens=20, batch_size=8, batching=batching)
+        routes[batching] = generation.generate(model, tokenizer, PROMPTS, config, seed=0, end_at=end_at)
+    assert routes["continuous"] == routes["padded"]
+    for prompt, output, end in zip(PROMPTS, routes["continuous"], end_at, strict=True):
+        expected = forced_end(reference_ids(model, tokenizer, prompt, end), end, eos)
+        assert output == generation.to_generation(tokenizer, expected, eos)
+
+
+def test_sampling_repeats_with_the_seed_and_changes_with_another(model, tokenizer):
+    config = eval_config(temperature=0.6, top_p=0.95, max_new_tokens=16, batch_size=8, batching="continuous")
+    first = generation.generate(model, tokenizer, PROMPTS[:12], config, seed=1)
+    assert generation.generate(model, tokenizer, PROMPTS[:12], config, seed=1) == first
+    assert generation.generate(model, tokenizer, PROMPTS[:12], config, seed=2) != first
+
+
+def test_the_sampler_keeps_transformers_top_p_set_and_draws_in_proportion():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    probabilities = torch.tensor([0.5, 0.3, 0.15, 0.04, 0.01])
+    logits = (probabilities.log() * 0.6).expand(40_000, -1).contiguous()  # /0.6 restores the probabilities
+    torch.manual_seed(0)
+    draws = continuous.sampler(temperature=0.6, top_p=0.9)(logits)
+    kept = TopPLogitsWarper(0.9)(None, TemperatureLogitsWarper(0.6)(None, logits[:1].clone()))[0] > float("-inf")
+    assert kept.tolist() == [True, True, True, False, False]
+    counts = torch.bincount(draws, minlength=5).float() / len(draws)
+    expected = torch.where(kept, probabilities, 0) / probabilities[kept].sum()
+    torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)
+
+
+def test_greedy_sampler_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
+    assert continuous.sampler(temperature=0.0, top_p=0.95)(logits).tolist() == [1, 0]
+
+
+def test_a_model_with_sliding_window_layers_is_refused_with_a_reason(model):
+    class Sliding:
+        config = dataclasses.make_dataclass("C", [("layer_types", list)])(["full_attention", "sliding_attention"])
+        device, dtype = model.device, model.dtype
+
+        def get_decoder(self):
+            return None
+
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(ValueError, match="sliding"):
+        continuous.ContinuousBatcher(Sliding(), slots=4, length=16, eos=0, temperature=0.0, top_p=1.0)
