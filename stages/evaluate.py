@@ -4,13 +4,13 @@ intervals and verdict are the report stage's, so a change there never re-runs th
 
 Generations of each (model, set) are kept in data/eval/generations/ under a fingerprint of what made
 them, so a run that dies resumes with the sets it finished, and a change of grading alone regenerates
-nothing.
+nothing. With eval.num_gpus above one, each model's missing sets are split over that many worker processes
+(stages/eval_workers.py), one per GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import logging
 from pathlib import Path
@@ -19,13 +19,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages import cli, params
+from stages import cli, eval_workers, params
 from stages.artifacts import atomic_file, fingerprint, write_json
 from stages.eval_sets import SCHEMA, heldout
 
 log = logging.getLogger("stages.evaluate")
 MODELS = ("base", "finetuned")
-GENERATION_CODE = Path(__file__).with_name("generation.py")  # turns prompts into tokens: part of the cache key
+# turn prompts into tokens: part of the cache key
+GENERATION_CODE = (Path(__file__).with_name("generation.py"), Path(__file__).with_name("continuous.py"))
 
 
 def load_sets(config: params.EvalParams, sets_dir: Path, test_split: Path) -> tuple[dict[str, pa.Table], int]:
@@ -85,48 +86,64 @@ def sample_rows(model_name: str, set_name: str, problems: pa.Table, generations,
 
 
 def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_params: params.ModelParams, seed: int,
-                 adapter: Path, cache_dir: Path, tokenizer) -> list[pd.DataFrame]:
-    """Sample rows of every (model, set): generated now, or reused from cache_dir when a file with the
-    same fingerprint (base model, adapter, rendered prompts, sampling, seed, generation code) is there.
+                 adapter: Path, cache_dir: Path, tokenizer, processes: int = 1) -> list[pd.DataFrame]:
+    """Sample rows of every (model, set): generated now (by `processes` workers when more than one,
+    stages.eval_workers), or reused from cache_dir when a file with the same fingerprint (base model, adapter,
+    rendered prompts, sampling, seed, generation code; the process count when more than one) is there.
     Stale files are removed."""
-    from stages import generation
     from stages.base_model import model_identity
     from stages.prompts import prompt_text
 
     # Only what decides the generated tokens: golds, markers and loop sizes grade them, so their changes
-    # reuse the files. batch_size and static_cache are in: under sampling, the random numbers a sequence
-    # draws depend on the batch it shares (the static cache pads batches with copies), so another batching
-    # gives other outputs. For batch_size 'auto' the key holds 'auto', not the size free memory gave.
-    sampling = {k: getattr(config, k)
-                for k in ("samples", "temperature", "top_p", "max_new_tokens", "batch_size", "static_cache")}
-    made_by = (model_identity(model_params), sampling, seed, GENERATION_CODE)
+    # reuse the files. batching, batch_size and static_cache are in: under sampling, the random numbers a
+    # sequence draws depend on the batch it shares, so another batching gives other outputs. For batch_size
+    # 'auto' the key holds 'auto', not the size free memory gave.
+    # Several processes split the batches (and seed each its own way): their count and the code that splits
+    # are in too, only when above one, so the files of one process stay valid.
+    sampling = {k: getattr(config, k) for k in ("samples", "temperature", "top_p", "max_new_tokens", "batching",
+                                                "batch_size", "static_cache")}
+    made_by = (model_identity(model_params), sampling, seed, *GENERATION_CODE)
+    if processes > 1:
+        made_by = (*made_by, {"processes": processes}, eval_workers.CODE)
     cache_dir.mkdir(parents=True, exist_ok=True)
     frames, kept = [], set()
     for model_name in MODELS:
         model_adapter = adapter if model_name == "finetuned" else None
-        model = None
+        files, missing = {}, []
         for set_name, problems in sets.items():
             prompts = [prompt_text(tokenizer, problem, directive=model_params.directive)
                        for problem in problems["problem"].to_pylist()]
             key = fingerprint(*made_by, prompts, *([model_adapter] if model_adapter else []))
-            cached = cache_dir / f"{model_name}-{set_name}-{key}.parquet"
+            files[set_name] = cached = cache_dir / f"{model_name}-{set_name}-{key}.parquet"
             kept.add(cached.name)
             if cached.is_file():
                 log.info("%s / %s: reusing %s", model_name, set_name, cached)
             else:
-                model = model or generation.load_model(model_params, model_adapter)
-                outputs = generation.generate(model, tokenizer, prompts * config.samples, config, seed,
-                                              desc=f"{model_name}/{set_name}")
-                with atomic_file(cached) as tmp:
-                    pq.write_table(pa.Table.from_pylist([dataclasses.asdict(o) for o in outputs]), tmp)
-            outputs = [generation.Generation(**row) for row in pq.read_table(cached).to_pylist()]
+                missing.append(eval_workers.Job(f"{model_name}/{set_name}", prompts * config.samples, cached))
+        if missing and processes > 1:
+            eval_workers.generate_sharded(missing, model_params, model_adapter, config, seed, processes)
+        elif missing:
+            generate_here(missing, model_params, model_adapter, config, seed, tokenizer)
+        for set_name, problems in sets.items():
+            outputs = eval_workers.read_generations(files[set_name])
             frames.append(sample_rows(model_name, set_name, problems, outputs, config.samples, config, tokenizer))
-        del model
-        gc.collect()
     for stale in cache_dir.glob("*.parquet"):
         if stale.name not in kept:
             stale.unlink()
     return frames
+
+
+def generate_here(jobs: list[eval_workers.Job], model_params: params.ModelParams, adapter: Path | None,
+                  config: params.EvalParams, seed: int, tokenizer) -> None:
+    """Every job's generations, by this process, each written to job.out as soon as it is done."""
+    from stages import generation
+
+    model = generation.load_model(model_params, adapter)
+    for job in jobs:
+        outputs = generation.generate(model, tokenizer, job.prompts, config, seed, desc=job.desc)
+        eval_workers.write_generations(job.out, outputs)
+    del model
+    gc.collect()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,9 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     from stages.base_model import load_tokenizer
 
     generation.check_adapter(args.adapter, model_params)
+    processes = eval_workers.process_count(config.num_gpus)
     sets, without_gold = load_sets(config, args.sets, args.test_split)
     tokenizer = load_tokenizer(model_params)
-    frames = generate_all(sets, config, model_params, seed, args.adapter, args.generations, tokenizer)
+    frames = generate_all(sets, config, model_params, seed, args.adapter, args.generations, tokenizer, processes)
     samples = pd.concat(frames, ignore_index=True)
     with atomic_file(args.samples) as tmp:
         samples.to_parquet(tmp, index=False)

@@ -142,23 +142,26 @@ def test_a_change_of_prompt_rendering_regenerates(project, generate_calls, monke
     assert len(list((project / "data" / "eval" / "generations").glob("*.parquet"))) == 6
 
 
-def test_a_change_of_generation_code_regenerates(project, generate_calls, monkeypatch, tmp_path):
+@pytest.mark.parametrize("edited", ["generation.py", "continuous.py"])
+def test_a_change_of_generation_code_regenerates(project, generate_calls, monkeypatch, tmp_path, edited):
     evaluate.main([])
     generate_calls.clear()
-    changed = tmp_path / "generation.py"
-    shutil.copy(evaluate.GENERATION_CODE, changed)
-    changed.write_text(changed.read_text() + "\n# any edit, even one that changes no output, regenerates\n")
-    monkeypatch.setattr(evaluate, "GENERATION_CODE", changed)
+    code = list(evaluate.GENERATION_CODE)
+    at = [path.name for path in code].index(edited)
+    code[at] = Path(shutil.copy(code[at], tmp_path / edited))
+    code[at].write_text(code[at].read_text() + "\n# any edit, even one that changes no output, regenerates\n")
+    monkeypatch.setattr(evaluate, "GENERATION_CODE", tuple(code))
     evaluate.main([])
     assert len(generate_calls) == 6
 
 
-def test_a_second_run_reuses_generations_unless_sampling_changes(project, caplog):
+@pytest.mark.parametrize("change", [{"max_new_tokens": 6}, {"batching": "padded"}])
+def test_a_second_run_reuses_generations_unless_sampling_changes(project, caplog, change):
     evaluate.main([])
     with caplog.at_level(logging.INFO, logger="stages.evaluate"):
         evaluate.main([])
     assert sum("reusing" in r.message for r in caplog.records) == 6
-    set_params(project, "eval", max_new_tokens=6)
+    set_params(project, "eval", **change)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="stages.evaluate"):
         evaluate.main([])
@@ -218,7 +221,8 @@ def test_reasoning_and_answer_tokens_are_counted_on_the_generated_ids(tokenizer)
     problems = pa.table({"id": ["p"], "problem": ["What is 12 + 13?"], "gold": ["25"], "level": ["1"],
                          "numeric": [True]})
     for name, (ids, max_new_tokens, expected) in scripts.items():
-        config = params.EvalParams(**{**config.__dict__, "max_new_tokens": max_new_tokens})
+        # ScriptedModel stands in for transformers' generate: the padded route's interface
+        config = params.EvalParams(**{**config.__dict__, "max_new_tokens": max_new_tokens, "batching": "padded"})
         outputs = generation.generate(ScriptedModel(ids), tokenizer, ["prompt"], config, seed=0)
         row = evaluate.sample_rows("base", "s", problems, outputs, 1, config, tokenizer).iloc[0]
         assert (row["reasoning_tokens"], row["answer_tokens"], row["response_tokens"], row["closed_think"]) \
@@ -330,3 +334,60 @@ def test_each_sample_row_measures_how_the_response_reasons(tokenizer):
     total = len(tokenizer(early, add_special_tokens=False)["input_ids"])
     assert rows["outcome_efficiency"].tolist() == pytest.approx([first / total, 0.0, 0.0])
     assert rows["boxed"].tolist() == [True, True, False]
+
+
+def test_two_worker_processes_give_the_samples_of_one_under_greedy_decoding(project, capfd):
+    set_params(project, "eval", temperature=0.0, num_gpus=1)
+    evaluate.main([])
+    alone = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
+    generations = project / "data" / "eval" / "generations"
+    files_alone = {f.name for f in generations.iterdir()}
+    set_params(project, "eval", num_gpus=2)  # on CPU: two CPU processes, each with every other prompt
+    capfd.readouterr()
+    evaluate.main([])
+    log = capfd.readouterr().err
+    assert "base/gsm8k [worker 1]" in log and "finetuned/math500 [worker 0]" in log  # each worker answered its share
+    pd.testing.assert_frame_equal(pd.read_parquet(project / "data" / "eval" / "samples.parquet"), alone)
+    files = {f.name for f in generations.iterdir()}
+    assert len(files) == 6 and not files & files_alone  # the process count is in the key; one process's files: stale
+
+
+FAIL_GENERATION = '''  # sitecustomize for worker processes: the one generating $FAIL_GENERATION exits with code 3
+import os
+import sys
+
+if os.environ.get("FAIL_GENERATION"):
+    from stages import generation
+
+    real = generation.generate
+
+    def generate(*args, **kwargs):
+        if kwargs.get("desc") == os.environ["FAIL_GENERATION"]:
+            sys.exit(3)
+        return real(*args, **kwargs)
+
+    generation.generate = generate
+'''
+
+
+def test_a_failing_worker_is_one_line_and_keeps_only_the_sets_every_worker_finished(project, tmp_path, monkeypatch,
+                                                                                     caplog):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAIL_GENERATION)  # runs first in every worker process
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("FAIL_GENERATION", "base/gsm8k [worker 1]")
+    set_params(project, "eval", sets=["heldout", "gsm8k"], samples=1, num_gpus=2)
+    with pytest.raises(evaluate.eval_workers.WorkerError) as error:
+        evaluate.main([])
+    assert re.fullmatch(r"evaluate: generation worker 1 of 2 \(CPU\) failed with exit code 3; its log above says "
+                        r"why [^\n]*", str(error.value))
+    generations = project / "data" / "eval" / "generations"
+    assert [f.name.rsplit("-", 1)[0] for f in generations.iterdir()] == ["base-heldout"]  # nothing half-written
+    assert not (project / "data" / "eval" / "samples.parquet").exists()
+    monkeypatch.delenv("FAIL_GENERATION")
+    set_params(project, "eval", sets=["heldout"])  # what the failed run finished is reused
+    with caplog.at_level(logging.INFO, logger="stages.evaluate"):
+        evaluate.main([])
+    assert [r.message.split(":")[0] for r in caplog.records if "reusing" in r.message] == ["base / heldout"]
+    assert len(pd.read_parquet(project / "data" / "eval" / "samples.parquet")) == 2 * 2

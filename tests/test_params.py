@@ -82,7 +82,8 @@ def test_nested_key_path_names_the_lora_field():
 @pytest.mark.parametrize(("section", "cls", "key"), [("model", params.ModelParams, "max_seq_length"),
                                                      ("train", params.TrainParams, "num_gpus"),
                                                      ("train", params.TrainParams, "micro_batch_size"),
-                                                     ("eval", params.EvalParams, "limit")])
+                                                     ("eval", params.EvalParams, "limit"),
+                                                     ("eval", params.EvalParams, "num_gpus")])
 def test_bool_is_rejected_where_an_integer_is_expected(section, cls, key):
     raw = params.read(ROOT / "params.yaml")[section] | {key: True}
     with pytest.raises(params.ParamsError, match=rf"{section}\.{key}: .*got True"):
@@ -112,3 +113,11 @@ def test_direct_construction_is_validated_and_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.max_seq_length = 16
     assert dataclasses.asdict(config) == {"name": "m", "revision": "main", "max_seq_length": 8, "directive": ""}
+
+
+@pytest.mark.parametrize("value", [0, -1, "two", "all", 1.5])
+def test_eval_num_gpus_must_be_auto_or_a_positive_integer(value):
+    raw = params.read(ROOT / "params.yaml")["eval"] | {"num_gpus": value}
+    with pytest.raises(params.ParamsError, match=rf"^params: eval\.num_gpus: must be 'auto' or a positive integer, "
+                                                 rf"got {re.escape(repr(value))}$"):
+        params.build(params.EvalParams, raw, "eval")

@@ -1,0 +1,177 @@
+"""Evaluation generation split over several processes, one per GPU (eval.num_gpus): each worker loads the
+model once and answers its share of every set's prompts; the parent merges the shares back in prompt order.
+
+    python -m stages.eval_workers JOB_FILE WORKER   # started by generate_sharded, not by hand
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages import cli, params
+from stages.artifacts import PROJECT_ROOT, atomic_file
+
+log = logging.getLogger("stages.evaluate")
+CODE = Path(__file__)  # decides which worker, with which seed, answers each prompt: part of the cache key
+
+
+class WorkerError(cli.StageError):
+    """eval.num_gpus cannot be met here, or a generation worker failed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    desc: str  # model/set, in logs and progress bars
+    prompts: list[str]  # every prompt (times samples), in the order the generations are written
+    out: Path  # the cache file the merged generations go to
+
+
+def process_count(num_gpus: int | str) -> int:
+    """eval.num_gpus resolved: 'auto' is every visible CUDA GPU (1 without CUDA); N is N processes, at most
+    the visible GPUs on a CUDA machine (on a machine without CUDA, N CPU processes)."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num_gpus == "auto":
+        return max(visible, 1)
+    if visible and num_gpus > visible:
+        raise WorkerError(f"evaluate: eval.num_gpus is {num_gpus}, but {visible} CUDA GPU(s) are visible here; "
+                          "lower it, use 'auto', or check CUDA_VISIBLE_DEVICES")
+    return num_gpus
+
+
+def worker_gpus(processes: int) -> list[str | None]:
+    """Each worker's CUDA_VISIBLE_DEVICES: the k-th GPU this process sees (so the worker's cuda:0 is it);
+    None on a machine without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [None] * processes
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g.strip() for g in visible.split(",")] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return gpus[:processes]
+
+
+def share(items: list, worker: int, processes: int) -> list:
+    """The worker's share: item i goes to worker i % processes, so shares differ by one item at most."""
+    return items[worker::processes]
+
+
+def merge(shares: list[list]) -> list:
+    """The items of every worker's share back in their original order (the inverse of share)."""
+    merged = [None] * sum(map(len, shares))
+    for worker, part in enumerate(shares):
+        merged[worker::len(shares)] = part
+    return merged
+
+
+def write_generations(path: Path, outputs: list) -> None:
+    with atomic_file(path) as tmp:
+        pq.write_table(pa.Table.from_pylist([dataclasses.asdict(o) for o in outputs]), tmp)
+
+
+def read_generations(path: Path) -> list:
+    from stages import generation
+
+    return [generation.Generation(**row) for row in pq.read_table(path).to_pylist()]
+
+
+def generate_sharded(jobs: list[Job], model_params: params.ModelParams, adapter: Path | None,
+                     config: params.EvalParams, seed: int, processes: int) -> None:
+    """Every job's prompts answered by `processes` workers (worker k samples with seed + k, so no two draw
+    the same numbers), each job's generations written to job.out once every worker has its share. When a
+    worker fails, the others are stopped, jobs every worker finished are still written, and WorkerError."""
+    from stages.base_model import local_model_dir
+
+    # Downloaded (if need be) once, here: the workers load this folder and never touch the hub.
+    local_model = dataclasses.replace(model_params, name=str(local_model_dir(model_params)))
+    gpus = worker_gpus(processes)
+    with tempfile.TemporaryDirectory(prefix="eval-shares-") as folder:
+        job_file = Path(folder) / "job.json"
+        job_file.write_text(json.dumps({
+            "model": dataclasses.asdict(local_model), "adapter": str(adapter.absolute()) if adapter else None,
+            "eval": dataclasses.asdict(config), "seed": seed, "processes": processes,
+            "jobs": [{"desc": job.desc, "prompts": job.prompts} for job in jobs]}))
+        log.info("%s: %d worker(s) (%s)", ", ".join(job.desc for job in jobs), processes,
+                 ", ".join(f"worker {k}: {'GPU ' + gpu if gpu else 'CPU'}" for k, gpu in enumerate(gpus)))
+        failure = run_workers(job_file, gpus)
+        for index, job in enumerate(jobs):
+            shares = [job_file.with_name(f"{index}-{k}.parquet") for k in range(processes)]
+            if all(path.is_file() for path in shares):
+                write_generations(job.out, merge([read_generations(path) for path in shares]))
+    if failure:
+        raise WorkerError(f"evaluate: {failure}; its log above says why (sets that every worker finished are "
+                          "kept and not generated again)")
+
+
+def run_workers(job_file: Path, gpus: list[str | None]) -> str | None:
+    """Start one worker per entry of gpus and wait for all; at the first failure stop the others and
+    return it in words (None when all succeed)."""
+    import torch
+
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    # CPU workers share the cores: each taking all of them makes every one several times slower.
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, torch.get_num_threads() // len(gpus))))}
+    workers = [subprocess.Popen([sys.executable, "-m", "stages.eval_workers", str(job_file), str(k)],
+                                env=env | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu else threads))
+               for k, gpu in enumerate(gpus)]
+    try:
+        while True:
+            failed = next((k for k, worker in enumerate(workers) if worker.poll()), None)  # a non-zero exit code
+            if failed is not None:
+                code, gpu = workers[failed].returncode, gpus[failed]
+                return (f"generation worker {failed} of {len(workers)} ({f'GPU {gpu}' if gpu else 'CPU'}) failed "
+                        f"with exit code {code}{f' (killed by signal {-code})' if code < 0 else ''}")
+            if all(worker.returncode == 0 for worker in workers):
+                return None
+            time.sleep(0.2)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.terminate()
+        for worker in workers:
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("job", type=Path, help="the JSON job file written by generate_sharded")
+    parser.add_argument("worker", type=int, help="this worker's index: its share and its seed offset")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {args.worker} %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    job = json.loads(args.job.read_text())
+    model_params, config = params.ModelParams(**job["model"]), params.EvalParams(**job["eval"])
+    from stages import generation
+    from stages.base_model import load_tokenizer
+
+    tokenizer = load_tokenizer(model_params)
+    model = None
+    for index, item in enumerate(job["jobs"]):
+        prompts = share(item["prompts"], args.worker, job["processes"])
+        outputs = []
+        if prompts:
+            model = model or generation.load_model(model_params, job["adapter"] and Path(job["adapter"]))
+            outputs = generation.generate(model, tokenizer, prompts, config, job["seed"] + args.worker,
+                                          desc=f"{item['desc']} [worker {args.worker}]")
+        write_generations(args.job.with_name(f"{index}-{args.worker}.parquet"), outputs)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,55 @@
+"""How eval.num_gpus splits generation: the shares, their merge, and the processes and GPUs it resolves to.
+The stage run with several worker processes is in tests/test_evaluate.py."""
+
+import pytest
+import torch
+
+from stages import eval_workers
+
+
+@pytest.mark.parametrize(("items", "processes"), [(7, 3), (8, 2), (1, 2), (0, 4), (5, 1)])
+def test_shares_differ_by_one_item_at_most_and_merge_back_in_order(items, processes):
+    prompts = [f"prompt {i}" for i in range(items)]
+    shares = [eval_workers.share(prompts, k, processes) for k in range(processes)]
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert sorted(p for part in shares for p in part) == sorted(prompts)
+    assert eval_workers.merge(shares) == prompts
+
+
+@pytest.fixture
+def cuda_gpus(monkeypatch):
+    """Fake a CUDA machine with this many visible GPUs."""
+    def fake(count: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    return fake
+
+
+def test_auto_is_every_visible_gpu_and_one_process_without_cuda(cuda_gpus):
+    cuda_gpus(4)
+    assert eval_workers.process_count("auto") == 4
+    cuda_gpus(0)
+    assert eval_workers.process_count("auto") == 1
+
+
+def test_more_gpus_than_visible_is_one_line_naming_the_param_and_the_count(cuda_gpus):
+    cuda_gpus(2)
+    assert eval_workers.process_count(2) == 2
+    with pytest.raises(eval_workers.WorkerError, match=r"^evaluate: eval\.num_gpus is 3, but 2 CUDA GPU\(s\) are "
+                                                       r"visible here; [^\n]*$"):
+        eval_workers.process_count(3)
+
+
+def test_an_explicit_count_without_cuda_is_that_many_cpu_processes(cuda_gpus):
+    cuda_gpus(0)
+    assert eval_workers.process_count(3) == 3
+    assert eval_workers.worker_gpus(3) == [None, None, None]
+
+
+def test_each_worker_sees_its_own_gpu_of_those_this_process_sees(cuda_gpus, monkeypatch):
+    cuda_gpus(4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert eval_workers.worker_gpus(2) == ["0", "1"]
+    cuda_gpus(2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
+    assert eval_workers.worker_gpus(2) == ["3", "5"]
