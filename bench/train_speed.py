@@ -62,9 +62,9 @@ def synthetic_examples(count: int, vocab: int, max_len: int, seed: int, min_len:
 def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, min_length: int = 256) -> dict:
     config = params.build(params.TrainParams, params.read(ROOT / "params.yaml")["train"] | overrides, "train")
     model_params = params.ModelParams(name=model_dir, revision="main", max_seq_length=4096, directive="")
-    from stages import training
+    from stages import train_choices, train_data, train_model
 
-    backend = training.resolve_backend(config.backend)
+    backend = train_choices.resolve_backend(config.backend)
     if backend == "unsloth":
         import unsloth  # noqa: F401
     import torch
@@ -72,14 +72,14 @@ def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, 
 
     set_seed(0)
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30
-    micro = training.micro_batch_size(config, memory)
-    checkpointing, _ = training.gradient_checkpointing(config, backend, micro, model_params.max_seq_length,
-                                                       training.check_model_limits(model_params), memory)
+    micro = train_choices.micro_batch_size(config, memory)
+    checkpointing, _ = train_choices.gradient_checkpointing(config, backend, micro, model_params.max_seq_length,
+                                                            train_model.check_model_limits(model_params), memory)
     if backend == "unsloth":
-        model, tokenizer = training.load_unsloth(model_params, config, seed=0, checkpointing=checkpointing)
+        model, tokenizer = train_model.load_unsloth(model_params, config, seed=0, checkpointing=checkpointing)
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = training.load_peft(model_params, config, checkpointing)
+        model = train_model.load_peft(model_params, config, checkpointing)
     examples = synthetic_examples(config.sequences_per_step * steps, model.config.vocab_size, 4096, seed=0,
                                   min_len=min_length)
 
@@ -93,11 +93,11 @@ def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, 
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
-        args = training.training_arguments(config, Path(out), micro, seed=0)
+        args = train_choices.training_arguments(config, Path(out), micro, seed=0)
         args.max_steps, args.eval_strategy, args.save_strategy = steps, "no", "no"
         args.load_best_model_at_end, args.logging_steps, args.disable_tqdm = False, 1, True
         trainer = Trainer(model=model, args=args, train_dataset=examples,
-                          data_collator=training.collator(tokenizer, config.packing), callbacks=[timer])
+                          data_collator=train_data.collator(tokenizer, config.packing), callbacks=[timer])
         torch.cuda.reset_peak_memory_stats()
         trainer.train()
     (t0, n0), (t1, n1) = timer.marks[warmup_steps - 1], timer.marks[-1]

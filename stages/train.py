@@ -2,7 +2,9 @@
 metrics/train.json and per-step loss/learning-rate plots (dvclive) in metrics/train/.
 
 Resumes from the last checkpoint in models/checkpoints/ of a run that died, when nothing it depends on
-changed (params, data, base model, the stage's code); a run that finished is never resumed.
+changed (params, data, base model, the stage's code); a run that finished is never resumed. Runs as one
+process, as train.num_gpus DDP processes under torchrun, or under a torchrun the user starts on several
+nodes; global rank 0 alone prepares the checkpoints and writes the adapter and metrics.
 """
 
 from __future__ import annotations
@@ -37,14 +39,17 @@ def read_split(path: Path, limit: int | None = None, required: bool = True) -> p
     return table if limit is None else table.slice(0, limit)
 
 
+# NVLink multicast stays off: on shared hosts it can take every GPU of the machine down.
+NO_NVLINK_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def relaunch_distributed(num_gpus: int, argv: list[str]) -> int:
     """Run this stage as num_gpus DDP processes under torchrun (gloo on CPU, NCCL on GPUs)."""
-    # NVLink multicast stays off: on shared hosts it can take every GPU of the machine down.
-    env = os.environ | {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    env = os.environ | NO_NVLINK_MULTICAST
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_gpus}",
                "-m", "stages.train", *argv]
     log.info("launching %d processes: %s", num_gpus, " ".join(command))
@@ -64,29 +69,32 @@ def main(argv: list[str] | None = None) -> None:
     config = params.load("train")
     model_params = params.load("model")
     seed = params.load_seed()
-    from stages import training  # imports torch only; transformers comes after Unsloth
+    # These import torch only; transformers comes after Unsloth.
+    from stages import train_checkpoints, train_choices, train_data, train_model, train_output
 
     # Everything that can fail is checked before the checkpoints of an earlier run are touched.
-    backend = training.resolve_backend(config.backend)
+    backend = train_choices.resolve_backend(config.backend)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (patches transformers, so before anything imports it)
     train_file, val_file = args.splits / "train.parquet", args.splits / "val.parquet"
     train_table, val_table = read_split(train_file), read_split(val_file, config.max_val_rows, required=False)
-    memory = training.cuda_memory_gib()
-    micro = training.micro_batch_size(config, memory)
-    training.check_merge(config, backend)
-    model_config = training.check_model_limits(model_params, config.lora.target_modules)
-    checkpointing, why = training.gradient_checkpointing(config, backend, micro, model_params.max_seq_length,
-                                                         model_config, memory)
-    worker = "LOCAL_RANK" in os.environ  # one of several processes started by torchrun
-    if not worker:
-        made_from = fingerprint(dataclasses.asdict(model_params), dataclasses.asdict(config), seed,
-                                model_identity(model_params), train_file, val_file, *stage_code("train"))
-        training.prepare_checkpoints(args.checkpoints, made_from)
+    memory = train_choices.cuda_memory_gib()
+    worker = train_choices.under_torchrun()  # one of the processes torchrun started: ours, or the user's (nodes)
+    if worker:
+        os.environ.update(NO_NVLINK_MULTICAST)  # under the user's torchrun too, before the processes connect
+    processes = train_choices.world_size(config)
+    micro = train_choices.micro_batch_size(config, memory, processes)
+    train_choices.check_merge(config, backend)
+    model_config = train_model.check_model_limits(model_params, config.lora.target_modules)
+    checkpointing, why = train_choices.gradient_checkpointing(config, backend, micro, model_params.max_seq_length,
+                                                              model_config, memory)
     if config.num_gpus > 1 and not worker:
         if code := relaunch_distributed(config.num_gpus, sys.argv[1:] if argv is None else argv):
             raise cli.StageError(f"train: a distributed worker failed (exit code {code}); see its log above")
         return
+    if processes != config.num_gpus and rank_zero():
+        log.info("train.num_gpus=%d is ignored: torchrun started %d processes (WORLD_SIZE), which set the "
+                 "accumulation", config.num_gpus, processes)
 
     from transformers import EarlyStoppingCallback, Trainer, set_seed
 
@@ -94,27 +102,34 @@ def main(argv: list[str] | None = None) -> None:
 
     set_seed(seed)  # LoRA weights are initialized before the Trainer would seed anything
     if backend == "unsloth":
-        model, tokenizer = training.load_unsloth(model_params, config, seed, checkpointing)
+        model, tokenizer = train_model.load_unsloth(model_params, config, seed, checkpointing)
     else:
         tokenizer = load_tokenizer(model_params)
-        model = training.load_peft(model_params, config, checkpointing)
-    train_examples = training.tokenize(tokenizer, train_table, model_params.max_seq_length, "train",
+        model = train_model.load_peft(model_params, config, checkpointing)
+    train_examples = train_data.tokenize(tokenizer, train_table, model_params.max_seq_length, "train",
+                                         directive=model_params.directive)
+    val_examples = train_data.tokenize(tokenizer, val_table, model_params.max_seq_length, "val",
                                        directive=model_params.directive)
-    val_examples = training.tokenize(tokenizer, val_table, model_params.max_seq_length, "val",
-                                     directive=model_params.directive)
     validate = len(val_examples) > 0
     if not validate:
         log.info("no validation rows in %s: no early stopping, the last checkpoint is the result", val_file)
 
-    resume = training.latest_checkpoint(args.checkpoints)
-    resumed_from = training.checkpoint_step(resume) if resume else 0
+    arguments = train_choices.training_arguments(config, args.checkpoints, micro, seed, validate, processes)
+    if arguments.process_index == 0:  # global rank 0 alone; the other processes, on every node, wait for it
+        # num_gpus as the processes actually used: they set the data order and the accumulation.
+        made_from = fingerprint(dataclasses.asdict(model_params),
+                                dataclasses.asdict(dataclasses.replace(config, num_gpus=processes)), seed,
+                                model_identity(model_params), train_file, val_file, *stage_code("train"))
+        train_checkpoints.prepare_checkpoints(args.checkpoints, made_from)
+    resume = train_checkpoints.resume_point(args.checkpoints, arguments.process_index)
+    resumed_from = train_checkpoints.checkpoint_step(resume) if resume else 0
     # Rank 0 alone logs: dvclive clears and writes its folder, which ranks must not do at once.
-    callbacks = [training.live_callback(args.live, resumed_from)] if rank_zero() else []
+    callbacks = [train_output.live_callback(args.live, resumed_from)] if rank_zero() else []
     if validate and config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-    trainer = Trainer(model=model, args=training.training_arguments(config, args.checkpoints, micro, seed, validate),
-                      train_dataset=train_examples, eval_dataset=val_examples if validate else None,
-                      data_collator=training.collator(tokenizer, config.packing), callbacks=callbacks)
+    trainer = Trainer(model=model, args=arguments, train_dataset=train_examples,
+                      eval_dataset=val_examples if validate else None,
+                      data_collator=train_data.collator(tokenizer, config.packing), callbacks=callbacks)
     log.info("%s backend, %d train / %d val examples, micro-batch %d x accumulation %d x %d process(es)%s",
              backend, len(train_examples), len(val_examples), micro, trainer.args.gradient_accumulation_steps,
              trainer.args.world_size, f", resuming from {resume}" if resume else "")
@@ -128,14 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall_seconds = time.perf_counter() - started
 
-    if trainer.is_world_process_zero():
+    if trainer.is_world_process_zero():  # global rank 0: one adapter, however many nodes
         with atomic_dir(args.adapter) as tmp:  # the best checkpoint's weights (load_best_model_at_end)
-            training.save_adapter(model, tokenizer, tmp)
+            train_output.save_adapter(model, tokenizer, tmp)
         with atomic_dir(args.merged) as tmp:
-            training.export_merged(model, tokenizer, tmp, backend, config.merge_16bit)
-        write_json(args.metrics, training.summary(trainer, output, wall_seconds, resumed_from, tokens_before)
-                   | {"micro_batch_size": micro, "gradient_checkpointing": checkpointing})
-        training.mark_finished(args.checkpoints)
+            train_output.export_merged(model, tokenizer, tmp, backend, config.merge_16bit)
+        write_json(args.metrics, train_output.summary(trainer, output, wall_seconds, resumed_from, tokens_before)
+                   | {"gradient_checkpointing": checkpointing})
+        train_checkpoints.mark_finished(args.checkpoints)
         log.info("adapter -> %s (%s)", args.adapter,
                  f"best val loss {trainer.state.best_metric} at {trainer.state.best_model_checkpoint}" if validate
                  else f"last step {trainer.state.global_step}, no validation split")

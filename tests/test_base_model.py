@@ -11,7 +11,7 @@ import pytest
 import yaml
 from huggingface_hub import constants
 
-from stages import base_model, generation, params, training
+from stages import base_model, generation, params, train_model
 from stages.base_model import ModelLoadError, load_tokenizer, local_model_dir
 from tests.conftest import ROOT
 from tests.hub_stub import closed_port_url, hub_stub, run_stage
@@ -98,8 +98,8 @@ def test_a_name_that_does_not_resolve_is_unreachable(hub, monkeypatch):
 
 
 @pytest.mark.parametrize("load", [
-    training.check_model_limits,
-    lambda m: training.load_peft(m, params.build(params.TrainParams, params.read(ROOT / "params.yaml")["train"],
+    train_model.check_model_limits,
+    lambda m: train_model.load_peft(m, params.build(params.TrainParams, params.read(ROOT / "params.yaml")["train"],
                                                  "train")),
     lambda m: generation.load_model(m, None),
 ], ids=["check_model_limits", "load_peft", "generation.load_model"])
@@ -139,7 +139,7 @@ def test_the_adapter_names_the_hub_id_not_the_cache_folder(hub, tiny_model_dir, 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # PEFT's save looks the base model's config up on the hub otherwise
     config = params.build(params.TrainParams, params.read(ROOT / "params.yaml")["train"], "train")
-    peft_model = training.load_peft(model(), config)
+    peft_model = train_model.load_peft(model(), config)
     peft_model.save_pretrained(tmp_path / "adapter")
     assert yaml.safe_load((tmp_path / "adapter" / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == REPO

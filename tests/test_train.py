@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from stages import artifacts, cli, params, training
+from stages import artifacts, cli, params, train_choices, train_data, train_model
 from stages import train as train_stage
 from tests import magpie_data
 from tests.conftest import DIRECTIVE, ROOT, copy_project, set_params, splits_table, train_project, write_splits
@@ -142,7 +142,14 @@ def test_the_train_fingerprint_covers_the_code_dvc_reruns_the_stage_for():
     code = {path.relative_to(ROOT).as_posix() for path in artifacts.stage_code("train")}
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
     assert code == {dep for dep in deps if dep.endswith(".py")}
-    assert {"stages/prompts.py", "stages/training.py", "stages/train.py"} <= code
+    assert {"stages/prompts.py", "stages/train_choices.py", "stages/train.py"} <= code
+
+
+def test_the_train_modules_leave_transformers_unimported_for_unsloth_to_patch_first():
+    modules = "train_checkpoints, train_choices, train_data, train_model, train_output"
+    check = f"import sys; from stages import {modules}; print(sorted({{'transformers', 'peft'}} & sys.modules.keys()))"
+    imported = subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=True, capture_output=True, text=True)
+    assert imported.stdout.strip() == "[]"
 
 
 def test_early_stopping_patience_survives_a_resume(project, monkeypatch):
@@ -204,7 +211,7 @@ def test_each_ddp_process_loads_the_model_onto_its_own_gpu(monkeypatch, tiny_mod
     config = params.TrainParams(**{**config.__dict__, "load_in_4bit": False})
     model_params = params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=1024, directive="")
     with pytest.raises(Loaded) as loaded:
-        training.load_peft(model_params, config)
+        train_model.load_peft(model_params, config)
     assert loaded.value.args[0] == {"": 1}
 
 
@@ -275,11 +282,11 @@ def test_merged_export_matches_the_adapted_model(project, tiny_model_dir):
 def test_packed_examples_do_not_attend_to_each_other(tokenizer, tiny_model_dir, gradient_checkpointing):
     config = params.load("train", ROOT / "params.yaml")
     model_params = params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=1024, directive="")
-    model = training.load_peft(model_params, config, gradient_checkpointing).train()
+    model = train_model.load_peft(model_params, config, gradient_checkpointing).train()
     table = splits_table([magpie_data.row(3), magpie_data.row(40), magpie_data.row(77)])
-    examples = training.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE)
+    examples = train_data.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE)
     examples = list(examples)
-    packed = training.collator(tokenizer, packing=True)(examples)
+    packed = train_data.collator(tokenizer, packing=True)(examples)
     assert packed["input_ids"].shape[0] == 1
     with torch.no_grad():
         packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
@@ -290,14 +297,14 @@ def test_packed_examples_do_not_attend_to_each_other(tokenizer, tiny_model_dir, 
             assert torch.allclose(packed_logits[start:end], alone, atol=1e-5)
             start = end
         packed_loss = model(**packed).loss
-        padded_loss = model(**training.collator(tokenizer, packing=False)(examples)).loss
+        padded_loss = model(**train_data.collator(tokenizer, packing=False)(examples)).loss
     assert packed_loss == pytest.approx(float(padded_loss), rel=1e-5)
 
 
 def test_tokenized_examples_keep_every_token_at_4_bytes_each(tokenizer):
     table = splits_table(magpie_data.clean_rows(5))
     # chunks must not lose rows
-    examples = training.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE, chunk_rows=2)
+    examples = train_data.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE, chunk_rows=2)
     assert len(examples) == 5
     assert all(ids.dtype.itemsize == 4 for ids in examples.ids)
     assert [e["input_ids"][-1] for e in examples] == [tokenizer.eos_token_id] * 5
@@ -305,8 +312,8 @@ def test_tokenized_examples_keep_every_token_at_4_bytes_each(tokenizer):
 
 def test_loss_covers_the_completion_only(tokenizer):
     table = splits_table([magpie_data.row(7)])
-    (example,) = training.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE)
-    prompt_length = example["labels"].count(training.IGNORE_INDEX)
+    (example,) = train_data.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE)
+    prompt_length = example["labels"].count(train_data.IGNORE_INDEX)
     prompt = tokenizer.decode(example["input_ids"][:prompt_length])
     assert prompt.endswith("<｜Assistant｜><think>\n")
     assert example["labels"][prompt_length:] == example["input_ids"][prompt_length:]
@@ -316,14 +323,14 @@ def test_loss_covers_the_completion_only(tokenizer):
 @pytest.mark.parametrize(("memory_gib", "expected"), [(None, 2), (80.0, 8), (40.0, 4), (16.0, 2)])
 def test_auto_micro_batch_follows_gpu_memory(memory_gib, expected):
     config = params.load("train", ROOT / "params.yaml")
-    assert training.micro_batch_size(config, memory_gib) == expected
+    assert train_choices.micro_batch_size(config, memory_gib) == expected
 
 
 def test_micro_batch_must_divide_the_sequences_per_step():
     config = params.load("train", ROOT / "params.yaml")
     config = params.TrainParams(**{**config.__dict__, "micro_batch_size": 3})
-    with pytest.raises(training.TrainError, match="micro_batch_size=3"):
-        training.micro_batch_size(config, None)
+    with pytest.raises(train_choices.TrainError, match="micro_batch_size=3"):
+        train_choices.micro_batch_size(config, None)
 
 
 def test_an_empty_train_split_is_a_clear_error_and_leaves_no_adapter(project):
@@ -335,7 +342,7 @@ def test_an_empty_train_split_is_a_clear_error_and_leaves_no_adapter(project):
 
 def test_a_sequence_length_above_the_models_limit_is_refused(project):
     set_params(project, "model", max_seq_length=8192)
-    with pytest.raises(training.TrainError, match="above the base model's limit of 4096"):
+    with pytest.raises(train_choices.TrainError, match="above the base model's limit of 4096"):
         train_stage.main([])
 
 
@@ -343,7 +350,7 @@ def test_an_unknown_target_module_is_named(project):
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["train"]["lora"]["target_modules"] = ["q_proj", "qkv_proj"]
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    with pytest.raises(training.TrainError, match=r"\['qkv_proj'\] not found.*q_proj"):
+    with pytest.raises(train_choices.TrainError, match=r"\['qkv_proj'\] not found.*q_proj"):
         train_stage.main([])
     assert not (project / "models" / "adapter").exists()
 
@@ -367,7 +374,7 @@ def test_two_process_ddp_keeps_sequences_per_step_and_saves_one_adapter(project,
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_unsloth_backend_without_a_gpu_says_so(project):
     set_params(project, "train", backend="unsloth")
-    with pytest.raises(training.TrainError, match="needs a CUDA GPU"):
+    with pytest.raises(train_choices.TrainError, match="needs a CUDA GPU"):
         train_stage.main([])
 
 
@@ -375,8 +382,8 @@ def test_training_prompt_tokens_are_exactly_what_evaluation_feeds_the_model(toke
     from stages.prompts import prompt_text
 
     table = splits_table([magpie_data.row(5)])
-    (example,) = training.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE)
-    prompt_length = example["labels"].count(training.IGNORE_INDEX)
+    (example,) = train_data.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE)
+    prompt_length = example["labels"].count(train_data.IGNORE_INDEX)
     evaluation_prompt = prompt_text(tokenizer, table["instruction"][0].as_py(), directive=DIRECTIVE)  # as evaluate
     assert DIRECTIVE and DIRECTIVE in evaluation_prompt
     assert example["input_ids"][:prompt_length] == tokenizer(evaluation_prompt, add_special_tokens=False)["input_ids"]
@@ -397,17 +404,17 @@ def test_the_same_seed_gives_the_same_adapter(project):
 
 def test_the_train_stage_ends_every_prompt_with_the_model_directive(project, monkeypatch):
     set_params(project, "model", directive="Answer with one number.")
-    real, prompts = training.tokenize, []
+    real, prompts = train_data.tokenize, []
 
     class Tokenized(Exception):
         pass
 
     def tokenize(tokenizer, *args, **kwargs):
         for example in real(tokenizer, *args, **kwargs):
-            prompts.append(tokenizer.decode(example["input_ids"][:example["labels"].count(training.IGNORE_INDEX)]))
+            prompts.append(tokenizer.decode(example["input_ids"][:example["labels"].count(train_data.IGNORE_INDEX)]))
         raise Tokenized  # the prompts are all this test needs: no training
 
-    monkeypatch.setattr(training, "tokenize", tokenize)
+    monkeypatch.setattr(train_data, "tokenize", tokenize)
     with pytest.raises(Tokenized):
         train_stage.main([])
     assert len(prompts) == 24 and all(p.endswith("\nAnswer with one number.<｜Assistant｜><think>\n") for p in prompts)
@@ -427,7 +434,7 @@ R1_SHAPE = types.SimpleNamespace(num_hidden_layers=28, hidden_size=1536, interme
 def test_auto_gradient_checkpointing_turns_off_only_when_a_micro_batch_fits(memory_gib, micro, backend, expected):
     config = params.load("train", ROOT / "params.yaml")
     assert config.gradient_checkpointing == "auto"
-    on, why = training.gradient_checkpointing(config, backend, micro, 4096, R1_SHAPE, memory_gib)
+    on, why = train_choices.gradient_checkpointing(config, backend, micro, 4096, R1_SHAPE, memory_gib)
     assert on is expected and why.startswith("auto")
 
 
