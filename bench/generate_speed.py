@@ -82,6 +82,26 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
 
 
+def run_processes(processes: int, model_dir: str, adapter: Path, texts: list[str], config: params.EvalParams,
+                  end_at: list[int] | None) -> dict:
+    """The stage's multi-GPU path (stages.eval_workers): `processes` workers, one per GPU, each answering
+    prompt i when i mod processes is its number; the time includes each worker's start (model load, graph
+    capture), as in the stage."""
+    import tempfile
+
+    from stages import eval_workers
+
+    model_params = params.ModelParams(name=model_dir, revision="main", max_seq_length=4096, directive="")
+    with tempfile.TemporaryDirectory() as folder:
+        job = eval_workers.Job("bench", texts, Path(folder) / "out.parquet", end_at)
+        start = time.perf_counter()
+        eval_workers.generate_sharded([job], model_params, adapter, config, 0, processes)
+        seconds = time.perf_counter() - start
+        useful = sum(o.n_tokens for o in eval_workers.read_generations(job.out))
+    return {"processes": processes, "seconds": round(seconds, 1), "useful_tokens": useful,
+            "useful_tokens_per_second": round(useful / seconds)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir")
@@ -92,6 +112,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=4096, help="eval.max_new_tokens")
     parser.add_argument("--batch-size", default="auto", help="eval.batch_size: auto (default) or a number")
     parser.add_argument("--routes", default="padded,continuous", help="comma-separated, run in this order")
+    parser.add_argument("--processes", default="", help="e.g. 1,2: instead of --routes, the continuous route "
+                        "through the stage's worker processes (one per GPU), each count in turn; speedup: last/first")
     parser.add_argument("--commit", default="", help="the commit measured, recorded in the JSON")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -113,6 +135,16 @@ def main() -> None:
                      "cut_at_budget": sum(n == args.budget for n in end_at)}
     results = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
                "commit": args.commit, "workload": args.workload, "settings": workload, "routes": {}}
+    if args.processes:
+        counts = [int(n) for n in args.processes.split(",")]
+        results["gpus"] = torch.cuda.device_count()
+        results["processes"] = [run_processes(n, args.model_dir, adapter, texts, config, end_at) for n in counts]
+        results["speedup"] = round(results["processes"][-1]["useful_tokens_per_second"]
+                                   / results["processes"][0]["useful_tokens_per_second"], 2)
+        print(json.dumps(results, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+        return
     model_params = params.ModelParams(name=args.model_dir, revision="main", max_seq_length=4096, directive="")
     model = generation.load_model(model_params, adapter)
     for route in args.routes.split(","):

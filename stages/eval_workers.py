@@ -36,6 +36,7 @@ class Job:
     desc: str  # model/set, in logs and progress bars
     prompts: list[str]  # every prompt (times samples), in the order the generations are written
     out: Path  # the cache file the merged generations go to
+    end_at: list[int] | None = None  # benchmarks: each response's forced end (generation.generate's end_at)
 
 
 def process_count(num_gpus: int | str) -> int:
@@ -103,7 +104,7 @@ def generate_sharded(jobs: list[Job], model_params: params.ModelParams, adapter:
         job_file.write_text(json.dumps({
             "model": dataclasses.asdict(local_model), "adapter": str(adapter.absolute()) if adapter else None,
             "eval": dataclasses.asdict(config), "seed": seed, "processes": processes,
-            "jobs": [{"desc": job.desc, "prompts": job.prompts} for job in jobs]}))
+            "jobs": [{"desc": job.desc, "prompts": job.prompts, "end_at": job.end_at} for job in jobs]}))
         log.info("%s: %d worker(s) (%s)", ", ".join(job.desc for job in jobs), processes,
                  ", ".join(f"worker {k}: {'GPU ' + gpu if gpu else 'CPU'}" for k, gpu in enumerate(gpus)))
         failure = run_workers(job_file, gpus)
@@ -165,11 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     model = None
     for index, item in enumerate(job["jobs"]):
         prompts = share(item["prompts"], args.worker, job["processes"])
+        end_at = item["end_at"] and share(item["end_at"], args.worker, job["processes"])
         outputs = []
         if prompts:
             model = model or generation.load_model(model_params, job["adapter"] and Path(job["adapter"]))
             outputs = generation.generate(model, tokenizer, prompts, config, job["seed"] + args.worker,
-                                          desc=f"{item['desc']} [worker {args.worker}]")
+                                          desc=f"{item['desc']} [worker {args.worker}]", end_at=end_at)
         write_generations(args.job.with_name(f"{index}-{args.worker}.parquet"), outputs)
 
 

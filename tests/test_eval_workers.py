@@ -53,3 +53,22 @@ def test_each_worker_sees_its_own_gpu_of_those_this_process_sees(cuda_gpus, monk
     cuda_gpus(2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
     assert eval_workers.worker_gpus(2) == ["3", "5"]
+
+
+def test_forced_ends_reach_every_worker_and_two_workers_match_one_process(tiny_model_dir, tokenizer, tmp_path):
+    import dataclasses
+    from pathlib import Path
+
+    from stages import generation, params
+
+    config = dataclasses.replace(params.load("eval", Path(__file__).parents[1] / "params.yaml"), temperature=0.0,
+                                 max_new_tokens=12, batch_size=4)
+    model_params = params.ModelParams(str(tiny_model_dir), "main", 1024, "")
+    prompts = [f"What is {i} times {i + 1}?" for i in range(7)]
+    end_at = [1 + (3 * i) % 12 for i in range(7)]
+    job = eval_workers.Job("bench", prompts, tmp_path / "out.parquet", end_at)
+    eval_workers.generate_sharded([job], model_params, None, config, 0, processes=2)
+    model = generation.load_model(model_params, None)
+    assert eval_workers.read_generations(job.out) == generation.generate(model, tokenizer, prompts, config, 0,
+                                                                         end_at=end_at)
+    assert all(g.n_tokens <= end for g, end in zip(eval_workers.read_generations(job.out), end_at, strict=True))
