@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     resume = train_checkpoints.resume_point(args.checkpoints, arguments.process_index)
     resumed_from = train_checkpoints.checkpoint_step(resume) if resume else 0
     # Rank 0 alone logs: dvclive clears and writes its folder, which ranks must not do at once.
-    callbacks = [train_output.live_callback(args.live, resumed_from)] if rank_zero() else []
+    clock = train_output.step_clock()
+    callbacks = [clock, *([train_output.live_callback(args.live, resumed_from)] if rank_zero() else [])]
     if validate and config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = Trainer(model=model, args=arguments, train_dataset=train_examples,
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
             train_output.save_adapter(model, tokenizer, tmp)
         with atomic_dir(args.merged) as tmp:
             train_output.export_merged(model, tokenizer, tmp, backend, config.merge_16bit)
-        write_json(args.metrics, train_output.summary(trainer, output, wall_seconds, resumed_from, tokens_before)
+        write_json(args.metrics, train_output.summary(trainer, output, wall_seconds, resumed_from, tokens_before,
+                                                     clock)
                    | {"gradient_checkpointing": checkpointing})
         train_checkpoints.mark_finished(args.checkpoints)
         log.info("adapter -> %s (%s)", args.adapter,

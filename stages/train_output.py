@@ -14,7 +14,30 @@ from stages.artifacts import atomic_file
 from stages.train_checkpoints import checkpoint_step
 
 
-def summary(trainer, train_output, wall_seconds: float, resumed_from: int, tokens_before: int) -> dict:
+def step_clock():
+    """A callback that notes the time and tokens seen at the end of every optimizer step, so speed can be
+    given without the first step (Unsloth's compilation, kernel tuning and CUDA start-up land there)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.marks: list[tuple[float, int]] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+        def tokens_per_second_after_first_step(self) -> float | None:
+            if len(self.marks) < 2:
+                return None
+            (start, seen), (end, last) = self.marks[0], self.marks[-1]
+            return (last - seen) / (end - start) if end > start else None
+
+    return StepClock()
+
+
+def summary(trainer, train_output, wall_seconds: float, resumed_from: int, tokens_before: int, clock=None) -> dict:
     """The numbers metrics/train.json keeps: losses, where and why training ended, the batch geometry (micro-batch
     x accumulation x processes = train.sequences_per_step), speed, memory."""
     state, args = trainer.state, trainer.args
@@ -37,6 +60,7 @@ def summary(trainer, train_output, wall_seconds: float, resumed_from: int, token
         "processes": args.world_size,
         "tokens_seen": state.num_input_tokens_seen,
         "tokens_per_second": tokens / runtime if runtime else None,
+        "tokens_per_second_after_first_step": clock.tokens_per_second_after_first_step() if clock else None,
         "peak_gpu_memory_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
         "wall_seconds": wall_seconds,
     }
