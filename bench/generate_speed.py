@@ -55,13 +55,6 @@ def end_lengths(count: int, mean: float, sd: float, budget: int, seed: int = 0) 
     return np.clip(np.rint(draws), 1, budget).astype(int).tolist()
 
 
-def padded_slot_share(outputs: list[generation.Generation], size: int) -> float:
-    """Decode slots that kept a token in the padded route: its batches of `size` rows (prompts of equal
-    length keep their order) each run until their longest response ends; the first token is prefill's."""
-    paid = sum(size * (max(o.n_tokens for o in outputs[i:i + size]) - 1) for i in range(0, len(outputs), size))
-    return sum(o.n_tokens - 1 for o in outputs) / paid
-
-
 def run_route(route: str, model, tokenizer, texts: list[str], config: params.EvalParams,
               end_at: list[int] | None) -> dict:
     config = dataclasses.replace(config, batching=route)
@@ -69,16 +62,16 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    outputs = generation.generate(model, tokenizer, texts, config, seed=0, end_at=end_at)
+    stats: dict = {}
+    outputs = generation.generate(model, tokenizer, texts, config, seed=0, end_at=end_at, stats=stats)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     useful = sum(o.n_tokens for o in outputs)
     if end_at:  # sampled noise may draw end-of-sequence sooner (about 1 token in 150k)
         assert all(o.n_tokens <= end for o, end in zip(outputs, end_at, strict=True)), "a forced end was missed"
-    share = (generation.generate_continuous.stats.slot_share if route == "continuous"
-             else padded_slot_share(outputs, slots))
     return {"slots": slots, "seconds": round(seconds, 1), "useful_tokens": useful,
-            "useful_tokens_per_second": round(useful / seconds), "decode_slot_share": round(share, 3),
+            "useful_tokens_per_second": round(useful / seconds),
+            "decode_slot_share": round(stats["decode_slot_share"], 3),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
 
 

@@ -133,12 +133,6 @@ class Stats:
     prefill_calls: int = 0
     graph_sizes: list[int] = field(default_factory=list)
 
-    @property
-    def slot_share(self) -> float:
-        """Share of paid decode slots that produced a kept token (prefill makes each response's first)."""
-        decoded = self.generated_tokens - self.prefilled_responses
-        return decoded / self.slot_steps if self.slot_steps else 0.0
-
 
 class ContinuousBatcher:
     """Generates token ids for many prompts through `slots` concurrent KV-cache slots."""

@@ -7,6 +7,7 @@ length, on a GPU with a static KV cache, which makes transformers compile the fo
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -170,10 +171,11 @@ def to_generation(tokenizer, new_tokens: list[int], eos: int) -> Generation:
                       reasoning_tokens=reasoning, answer_tokens=answer)
 
 
-def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, seed: int,
-             desc: str = "generate", end_at: list[int] | None = None) -> list[Generation]:
+def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, seed: int, desc: str = "generate",
+             end_at: list[int] | None = None, stats: dict | None = None) -> list[Generation]:
     """Generate one response per prompt. end_at (benchmarks): force each response's end-of-sequence as
-    its token number end_at[i], since random weights never end by themselves."""
+    its token number end_at[i], since random weights never end by themselves. stats, when given, receives
+    how the route used its decode slots."""
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     longest = max(map(len, encoded), default=0)
     check_context(model, longest, config.max_new_tokens)
@@ -184,13 +186,20 @@ def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, se
              size, config.max_new_tokens)
     torch.manual_seed(seed)
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as progress:
-        ids = route(model, encoded, config, size, eos, tokenizer.pad_token_id, progress, end_at)
-    return [to_generation(tokenizer, new_tokens, eos) for new_tokens in ids]
+        ids, paid_slots, details = route(model, encoded, config, size, eos, tokenizer.pad_token_id, progress, end_at)
+    generations = [to_generation(tokenizer, new_tokens, eos) for new_tokens in ids]
+    # Each response's first token comes from its prompt's forward pass; the rest each took a decode slot.
+    share = sum(max(g.n_tokens - 1, 0) for g in generations) / paid_slots if paid_slots else 0.0
+    log.info("%s: %.0f%% of the decode slots paid for kept a token", desc, 100 * share)
+    if stats is not None:
+        stats.update(details, decode_slot_share=share)
+    return generations
 
 
 def generate_continuous(model, encoded: list[list[int]], config: params.EvalParams, slots: int, eos: int,
-                        pad: int | None, progress, end_at: list[int] | None) -> list[list[int]]:
-    """Continuous batching (stages.continuous), longest prompts first."""
+                        pad: int | None, progress, end_at: list[int] | None) -> tuple[list[list[int]], int, dict]:
+    """Continuous batching (stages.continuous), longest prompts first: the new ids of each prompt, the decode
+    slots paid for, and the engine's counts."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     budgets = [min(config.max_new_tokens, end_at[i]) if end_at else config.max_new_tokens for i in order]
     length = max(map(len, encoded), default=0) + config.max_new_tokens
@@ -210,11 +219,8 @@ def generate_continuous(model, encoded: list[list[int]], config: params.EvalPara
 
     with torch.inference_mode():
         engine.run([encoded[i] for i in order], budgets, done)
-    stats = engine.stats
-    log.info("decoded in %d steps, %.0f%% of the decode slots kept a token (graphs of %s slots)",
-             stats.decode_steps, 100 * stats.slot_share, stats.graph_sizes or "no")
-    generate_continuous.stats = stats  # for benchmarks
-    return results
+    log.info("decoded in %d steps (graphs of %s slots)", engine.stats.decode_steps, engine.stats.graph_sizes or "no")
+    return results, engine.stats.slot_steps, dataclasses.asdict(engine.stats)
 
 
 class EndAt:
@@ -231,13 +237,14 @@ class EndAt:
 
 
 def generate_padded(model, encoded: list[list[int]], config: params.EvalParams, size: int, eos: int,
-                    pad: int | None, progress, end_at: list[int] | None) -> list[list[int]]:
+                    pad: int | None, progress, end_at: list[int] | None) -> tuple[list[list[int]], int, dict]:
     """transformers' generate on batches of prompts of similar length (each batch runs until its longest
-    response ends)."""
+    response ends): the new ids of each prompt, the decode slots paid for, and the batches run."""
     static = torch.cuda.is_available() and config.static_cache
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     pad = eos if pad is None else pad
     results: list[list[int]] = [[] for _ in encoded]
+    paid_slots = batches = 0
     for start in range(0, len(order), size):
         indices = order[start:start + size]
         rows = [encoded[i] for i in indices]
@@ -258,5 +265,7 @@ def generate_padded(model, encoded: list[list[int]], config: params.EvalParams, 
                 logits_processor=[EndAt(ends, width, eos, model.device)] if ends else None)
         for i, new_tokens in zip(indices, output[:, width:].tolist(), strict=False):
             results[i] = new_tokens
+        paid_slots += len(rows) * max(output.shape[1] - width - 1, 0)
+        batches += 1
         progress.update(len(indices))
-    return results
+    return results, paid_slots, {"batches": batches}

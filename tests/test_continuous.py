@@ -41,10 +41,10 @@ PROMPTS = [f"What is {i} plus {3 * i}? " * (1 + i % 4) for i in range(37)]
 
 def test_greedy_continuous_batching_returns_the_tokens_of_generate_for_each_prompt(model, tokenizer):
     config = eval_config(temperature=0.0, max_new_tokens=24, batch_size=16, batching="continuous")
-    outputs = generation.generate(model, tokenizer, PROMPTS, config, seed=0)
-    stats = generation.generate_continuous.stats
-    assert stats.prefill_calls > 1  # slots were refilled ...
-    assert stats.slot_steps < stats.decode_steps * 16  # ... and the batch shrank once no prompt waited
+    stats = {}
+    outputs = generation.generate(model, tokenizer, PROMPTS, config, seed=0, stats=stats)
+    assert stats["prefill_calls"] > 1  # slots were refilled ...
+    assert stats["slot_steps"] < stats["decode_steps"] * 16  # ... and the batch shrank once no prompt waited
     assert any(not o.hit_max_tokens for o in outputs) and any(o.hit_max_tokens for o in outputs)
     for prompt, output in zip(PROMPTS, outputs, strict=True):
         assert output == generation.to_generation(tokenizer, reference_ids(model, tokenizer, prompt, 24),
@@ -103,3 +103,13 @@ def test_a_model_with_sliding_window_layers_is_refused_with_a_reason(model):
 
     with pytest.raises(ValueError, match="sliding"):
         continuous.ContinuousBatcher(Sliding(), slots=4, length=16, eos=0, temperature=0.0, top_p=1.0)
+
+
+@pytest.mark.parametrize("batching", ["continuous", "padded"])
+def test_each_route_reports_the_share_of_decode_slots_that_kept_a_token(model, tokenizer, batching):
+    config = eval_config(temperature=0.0, max_new_tokens=8, batch_size=4, batching=batching)
+    stats = {}
+    outputs = generation.generate(model, tokenizer, PROMPTS[:4], config, seed=0, end_at=[2, 4, 6, 8], stats=stats)
+    lengths = [o.n_tokens for o in outputs]
+    # one batch of 4 either way (4 slots are below the smallest graph): it decodes until its longest ends
+    assert stats["decode_slot_share"] == sum(n - 1 for n in lengths) / (4 * (max(lengths) - 1))

@@ -35,8 +35,9 @@ def test_greedy_continuous_batching_returns_the_tokens_of_generate_in_fp32(model
     end_at = [8 + 5 * (i % 4) for i in range(12)]  # uneven ends: slots are refilled and the batch shrinks
     config = dataclasses.replace(params.load("eval", ROOT / "params.yaml"), temperature=0.0, max_new_tokens=32,
                                  batch_size=8, batching="continuous", static_cache=True)
-    outputs = generation.generate(model, tokenizer, prompts, config, seed=0, end_at=end_at)
-    assert generation.generate_continuous.stats.graph_sizes  # the CUDA-graph path ran
+    stats = {}
+    outputs = generation.generate(model, tokenizer, prompts, config, seed=0, end_at=end_at, stats=stats)
+    assert stats["graph_sizes"]  # the CUDA-graph path ran
     for prompt, output, end in zip(prompts, outputs, end_at, strict=True):
         expected = reference_ids(model, tokenizer, prompt, end)
         assert generation.to_generation(tokenizer, expected[:end - 1] + [tokenizer.eos_token_id],
