@@ -176,6 +176,8 @@ def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, se
     """Generate one response per prompt. end_at (benchmarks): force each response's end-of-sequence as
     its token number end_at[i], since random weights never end by themselves. stats, when given, receives
     how the route used its decode slots."""
+    if not prompts:
+        return []
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     longest = max(map(len, encoded), default=0)
     check_context(model, longest, config.max_new_tokens)

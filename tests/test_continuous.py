@@ -51,6 +51,11 @@ def test_greedy_continuous_batching_returns_the_tokens_of_generate_for_each_prom
                                                   tokenizer.eos_token_id)
 
 
+def test_no_prompts_give_no_generations_and_allocate_nothing(model, tokenizer, monkeypatch):
+    monkeypatch.setattr(generation, "ContinuousBatcher", None)  # would fail if a cache were built
+    assert generation.generate(model, tokenizer, [], eval_config(batching="continuous"), seed=0) == []
+
+
 def test_both_routes_end_responses_where_forced_and_agree_when_greedy(model, tokenizer):
     end_at = [1 + (5 * i) % 20 for i in range(len(PROMPTS))]
     eos = tokenizer.eos_token_id
