@@ -153,6 +153,7 @@ class ContinuousBatcher:
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.use_graphs = graphs and self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.owner: list[int | None] = [None] * slots  # the prompt (index) each slot is answering
         self.stats = Stats()
 
     def _decode(self, size: int) -> None:
@@ -223,62 +224,63 @@ class ContinuousBatcher:
         on_done(index, new ids) as each one ends, end-of-sequence included when it came."""
         if self.use_graphs and not self.graphs:
             self._capture()
+        self.owner = [None] * self.slots
         waiting = list(range(len(prompts)))[::-1]  # popped from the end: prompts go in their given order
-        owner: list[int | None] = [None] * self.slots  # prompt index in each slot
         generated: dict[int, list[int]] = {}
         size = self.slots
         refill_at = max(1, self.slots // 16)  # free slots worth a prefill while prompts wait
 
-        def finish(slot: int) -> None:
-            index = owner[slot]
-            owner[slot] = None
-            self.stats.generated_tokens += len(generated[index])
-            on_done(index, generated.pop(index))
-
-        def ended(index: int) -> bool:
+        def take(slot: int, token: int) -> None:
+            index = self.owner[slot]
             ids = generated[index]
-            return ids[-1] == self.eos or len(ids) >= budgets[index]
+            ids.append(token)
+            if token == self.eos or len(ids) >= budgets[index]:
+                self._release(slot)
+                self.stats.generated_tokens += len(ids)
+                on_done(index, generated.pop(index))
 
-        while waiting or any(o is not None for o in owner[:size]):
-            free = [s for s in range(size) if owner[s] is None]
+        while waiting or any(index is not None for index in self.owner[:size]):
+            free = [slot for slot in range(size) if self.owner[slot] is None]
             if waiting and (len(free) >= min(refill_at, len(waiting)) or len(free) == size):
-                group, tokens = [], 0
-                for slot in free:
-                    if not waiting or (group and tokens + len(prompts[waiting[-1]]) > PREFILL_TOKENS):
-                        break
-                    index = waiting.pop()
-                    group.append((slot, index))
-                    tokens += len(prompts[index])
-                    owner[slot] = index
-                first = self._prefill([s for s, _ in group], [prompts[i] for _, i in group])
-                self.stats.prefilled_responses += len(group)
-                for (slot, index), token in zip(group, first, strict=True):
-                    generated[index] = [token]
-                    if ended(index):
-                        self._release(slot)
-                        finish(slot)
+                group = self._admit(free, waiting, prompts)
+                first = self._prefill(group, [prompts[self.owner[slot]] for slot in group])
+                for slot, token in zip(group, first, strict=True):
+                    generated[self.owner[slot]] = []
+                    take(slot, token)
                 continue
             if not waiting:  # the tail: decode with the smallest graph that holds every response left
-                busy = [s for s in range(size) if owner[s] is not None]
-                smaller = min((n for n in self._graph_sizes() if n >= len(busy)), default=size)
-                if smaller < size:
-                    keep = torch.tensor(busy, device=self.device)
-                    self.cache.compact(keep)
-                    for buffer in (self.tokens, self.positions, self.active):
-                        buffer[:len(busy)] = buffer[keep].clone()
-                        buffer[len(busy):] = 0
-                    owner = [owner[s] for s in busy] + [None] * (self.slots - len(busy))
-                    size = smaller
+                size = self._shrink(size)
             self._step(size)
             for slot, token in enumerate(self.next_tokens[:size].tolist()):
-                index = owner[slot]
-                if index is None:
-                    continue
-                generated[index].append(token)
-                if ended(index):
-                    self._release(slot)
-                    finish(slot)
+                if self.owner[slot] is not None:
+                    take(slot, token)
+
+    def _admit(self, free: list[int], waiting: list[int], prompts: list[list[int]]) -> list[int]:
+        """Give waiting prompts to free slots, as many as one prefill takes; returns those slots."""
+        group, tokens = [], 0
+        for slot in free:
+            if not waiting or (group and tokens + len(prompts[waiting[-1]]) > PREFILL_TOKENS):
+                break
+            self.owner[slot] = waiting.pop()
+            tokens += len(prompts[self.owner[slot]])
+            group.append(slot)
+        self.stats.prefilled_responses += len(group)
+        return group
+
+    def _shrink(self, size: int) -> int:
+        """Move the busy slots to the front and return the smallest graph size that holds them."""
+        busy = [slot for slot in range(size) if self.owner[slot] is not None]
+        smaller = min((n for n in self._graph_sizes() if n >= len(busy)), default=size)
+        if smaller < size:
+            keep = torch.tensor(busy, device=self.device)
+            self.cache.compact(keep)
+            for buffer in (self.tokens, self.positions, self.active):
+                buffer[:len(busy)] = buffer[keep].clone()
+                buffer[len(busy):] = 0
+            self.owner = [self.owner[slot] for slot in busy] + [None] * (self.slots - len(busy))
+        return smaller
 
     def _release(self, slot: int) -> None:
+        self.owner[slot] = None
         self.active[slot] = 0
         self.positions[slot] = 0
