@@ -118,3 +118,41 @@ def test_each_route_reports_the_share_of_decode_slots_that_kept_a_token(model, t
     lengths = [o.n_tokens for o in outputs]
     # one batch of 4 either way (4 slots are below the smallest graph): it decodes until its longest ends
     assert stats["decode_slot_share"] == sum(n - 1 for n in lengths) / (4 * (max(lengths) - 1))
+
+
+def reference_varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout, causal,
+                               debug_mask, *, scale=None, seqused_k=None):
+    """FlashAttention's variable-length forward as documented, one sequence at a time: rows
+    cu_seqlens_q[i]:cu_seqlens_q[i+1] of query attend to the first seqused_k[i] rows from cu_seqlens_k[i] of
+    key/value (non-causal), head h to key head h // (heads / key heads)."""
+    assert not causal and dropout == 0.0
+    output = torch.empty_like(query)
+    groups = query.shape[1] // key.shape[1]
+    for i in range(len(cu_seqlens_q) - 1):
+        start, end, k0 = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(cu_seqlens_k[i])
+        used = int(seqused_k[i]) if seqused_k is not None else int(cu_seqlens_k[i + 1]) - k0
+        k = key[k0:k0 + used].repeat_interleave(groups, dim=1).transpose(0, 1)  # [heads, used, dim]
+        v = value[k0:k0 + used].repeat_interleave(groups, dim=1).transpose(0, 1)
+        q = query[start:end].transpose(0, 1)  # [heads, rows, dim]
+        output[start:end] = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale).transpose(0, 1)
+    return output, None, None, None, None
+
+
+def test_the_flash_decode_layout_gives_each_query_head_its_key_head_and_its_slot_length(monkeypatch):
+    """The GPU path folds each KV head's query heads into that slot's query rows; checked against masked
+    SDPA with FlashAttention's documented semantics standing in for the CUDA kernel."""
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", reference_varlen_attention)
+    torch.manual_seed(0)
+    slots, length, kv_heads, heads, head_dim = 5, 32, 2, 12, 16
+    keys, values = (torch.randn(slots, length, kv_heads, head_dim) for _ in range(2))
+    query = torch.randn(slots, heads, 1, head_dim)
+    positions = torch.tensor([0, 3, 31, 17, 8])
+    flash = continuous.DecodeStep(positions, flash=True).attend(query, keys, values, head_dim ** -0.5)
+    masked = continuous.DecodeStep(positions, flash=False).attend(query, keys, values, head_dim ** -0.5)
+    torch.testing.assert_close(flash, masked)
+    # and masked SDPA itself is plain attention over each slot's first position + 1 keys, head h on kv h // 6
+    for slot, position in enumerate(positions.tolist()):
+        k = keys[slot, :position + 1].repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+        v = values[slot, :position + 1].repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+        expected = torch.nn.functional.scaled_dot_product_attention(query[slot], k, v, scale=head_dim ** -0.5)
+        torch.testing.assert_close(masked[slot, 0], expected[:, 0])
