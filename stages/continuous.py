@@ -16,6 +16,7 @@ import torch
 
 log = logging.getLogger("stages.evaluate")
 PREFILL_TOKENS = 32_768  # prompt tokens per prefill forward: bounds its activation memory
+PROGRESS_STEPS = 64  # decode steps between progress reports
 SMALLEST_GRAPH = 8  # slots of the smallest decode graph; once no prompt waits, the batch shrinks to fit
 
 
@@ -219,9 +220,11 @@ class ContinuousBatcher:
         self.stats.prefill_calls += 1
         return first.tolist()
 
-    def run(self, prompts: list[list[int]], budgets: list[int], on_done: Callable[[int, list[int]], None]) -> None:
+    def run(self, prompts: list[list[int]], budgets: list[int], on_done: Callable[[int, list[int]], None],
+            on_tokens: Callable[[int], None] | None = None) -> None:
         """Generate for every prompt (ids) until its end-of-sequence token or its budget of new tokens;
-        on_done(index, new ids) as each one ends, end-of-sequence included when it came."""
+        on_done(index, new ids) as each one ends, end-of-sequence included when it came; on_tokens(all new
+        tokens so far) every PROGRESS_STEPS decode steps and at the end (responses finish late: progress)."""
         if self.use_graphs and not self.graphs:
             self._capture()
         self.owner = [None] * self.slots
@@ -230,7 +233,11 @@ class ContinuousBatcher:
         size = self.slots
         refill_at = max(1, self.slots // 16)  # free slots worth a prefill while prompts wait
 
+        taken = 0
+
         def take(slot: int, token: int) -> None:
+            nonlocal taken
+            taken += 1
             index = self.owner[slot]
             ids = generated[index]
             ids.append(token)
@@ -254,6 +261,10 @@ class ContinuousBatcher:
             for slot, token in enumerate(self.next_tokens[:size].tolist()):
                 if self.owner[slot] is not None:
                     take(slot, token)
+            if on_tokens and self.stats.decode_steps % PROGRESS_STEPS == 0:
+                on_tokens(taken)
+        if on_tokens:
+            on_tokens(taken)
 
     def _admit(self, free: list[int], waiting: list[int], prompts: list[list[int]]) -> list[int]:
         """Give waiting prompts to free slots, as many as one prefill takes; returns those slots."""

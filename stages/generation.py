@@ -219,8 +219,11 @@ def generate_continuous(model, encoded: list[list[int]], config: params.EvalPara
         results[i] = new_tokens
         progress.update(1)
 
+    def tokens_so_far(count: int) -> None:
+        progress.set_postfix(tokens=count, refresh=False)
+
     with torch.inference_mode():
-        engine.run([encoded[i] for i in order], budgets, done)
+        engine.run([encoded[i] for i in order], budgets, done, tokens_so_far)
     log.info("decoded in %d steps (graphs of %s slots)", engine.stats.decode_steps, engine.stats.graph_sizes or "no")
     return results, engine.stats.slot_steps, dataclasses.asdict(engine.stats)
 

@@ -156,3 +156,11 @@ def test_the_flash_decode_layout_gives_each_query_head_its_key_head_and_its_slot
         v = values[slot, :position + 1].repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
         expected = torch.nn.functional.scaled_dot_product_attention(query[slot], k, v, scale=head_dim ** -0.5)
         torch.testing.assert_close(masked[slot, 0], expected[:, 0])
+
+
+def test_progress_reports_the_tokens_generated_so_far_while_responses_run(model):
+    engine = continuous.ContinuousBatcher(model, slots=4, length=200, eos=-1, temperature=0.0, top_p=1.0)
+    reports, done = [], {}
+    engine.run([[5, 6, 7]] * 6, [150] * 6, done.__setitem__, reports.append)
+    assert len(reports) > 2 and reports == sorted(reports)  # reported during the run, not only when prompts end
+    assert reports[-1] == sum(map(len, done.values())) == 6 * 150
