@@ -58,7 +58,6 @@ def end_lengths(count: int, mean: float, sd: float, budget: int, seed: int = 0) 
 def run_route(route: str, model, tokenizer, texts: list[str], config: params.EvalParams,
               end_at: list[int] | None) -> dict:
     config = dataclasses.replace(config, batching=route)
-    slots = generation.batch_size(config, model, len(tokenizer(texts[0], add_special_tokens=False)["input_ids"]))
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -69,7 +68,7 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
     useful = sum(o.n_tokens for o in outputs)
     if end_at:  # sampled noise may draw end-of-sequence sooner (about 1 token in 150k)
         assert all(o.n_tokens <= end for o, end in zip(outputs, end_at, strict=True)), "a forced end was missed"
-    return {"slots": slots, "seconds": round(seconds, 1), "useful_tokens": useful,
+    return {"slots": stats["batch_size"], "seconds": round(seconds, 1), "useful_tokens": useful,
             "useful_tokens_per_second": round(useful / seconds),
             "decode_slot_share": round(stats["decode_slot_share"], 3),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}

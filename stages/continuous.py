@@ -51,13 +51,18 @@ class DecodeStep:
         return output.reshape(slots, 1, heads, head_dim)
 
 
+def token_kv_shape(config) -> tuple[int, int]:
+    """(KV heads, head dim): one layer's keys (or values) of one token."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_key_value_heads, head_dim
+
+
 class SlotCache:
     """The KV cache of every slot, per layer [slots, length, kv_heads, head_dim] (FlashAttention's layout).
     transformers' attention layers call update(); set_prefill / set_decode say what it means."""
 
     def __init__(self, config, slots: int, length: int, dtype: torch.dtype, device: torch.device):
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (slots, length, config.num_key_value_heads, head_dim)
+        shape = (slots, length, *token_kv_shape(config))
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.rows: torch.Tensor | None = None  # prefill: the slots the new prompts go to
@@ -129,8 +134,6 @@ def flash_decode_available(device: torch.device, dtype: torch.dtype) -> bool:
 class Stats:
     decode_steps: int = 0
     slot_steps: int = 0  # decode steps x slots of the graph that ran them: the decode work paid for
-    generated_tokens: int = 0  # kept tokens, each response's first (from its prefill) included
-    prefilled_responses: int = 0
     prefill_calls: int = 0
     graph_sizes: list[int] = field(default_factory=list)
 
@@ -243,7 +246,6 @@ class ContinuousBatcher:
             ids.append(token)
             if token == self.eos or len(ids) >= budgets[index]:
                 self._release(slot)
-                self.stats.generated_tokens += len(ids)
                 on_done(index, generated.pop(index))
 
         while waiting or any(index is not None for index in self.owner[:size]):
@@ -275,7 +277,6 @@ class ContinuousBatcher:
             self.owner[slot] = waiting.pop()
             tokens += len(prompts[self.owner[slot]])
             group.append(slot)
-        self.stats.prefilled_responses += len(group)
         return group
 
     def _shrink(self, size: int) -> int:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from stages import params
 from stages.cli import StageError
-from stages.continuous import ContinuousBatcher, DecodeStep
+from stages.continuous import ContinuousBatcher, DecodeStep, token_kv_shape
 from stages.prompts import THINK_CLOSE
 
 log = logging.getLogger("stages.evaluate")
@@ -153,9 +153,8 @@ def batch_size(config: params.EvalParams, model, longest_prompt: int) -> int:
         return config.batch_size if torch.cuda.is_available() else min(config.batch_size, 16)
     if not torch.cuda.is_available():
         return 16
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize
+    kv_heads, head_dim = token_kv_shape(model.config)
+    kv_bytes_per_token = 2 * model.config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
     free, _ = torch.cuda.mem_get_info()
     sequence_bytes = kv_bytes_per_token * (_bucket(longest_prompt) + config.max_new_tokens)
     return max(8, min(512, int(0.6 * free // sequence_bytes) // 8 * 8))
@@ -186,23 +185,25 @@ def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, se
     route = generate_padded if config.batching == "padded" else generate_continuous
     log.info("%s: %d prompts, %s batching of %d, up to %d new tokens each", desc, len(prompts), config.batching,
              size, config.max_new_tokens)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)  # longest prompts first
     torch.manual_seed(seed)
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as progress:
-        ids, paid_slots, details = route(model, encoded, config, size, eos, tokenizer.pad_token_id, progress, end_at)
+        ids, paid_slots, details = route(model, encoded, order, config, size, eos, tokenizer.pad_token_id, progress,
+                                         end_at)
     generations = [to_generation(tokenizer, new_tokens, eos) for new_tokens in ids]
     # Each response's first token comes from its prompt's forward pass; the rest each took a decode slot.
     share = sum(max(g.n_tokens - 1, 0) for g in generations) / paid_slots if paid_slots else 0.0
     log.info("%s: %.0f%% of the decode slots paid for kept a token", desc, 100 * share)
     if stats is not None:
-        stats.update(details, decode_slot_share=share)
+        stats.update(details, batch_size=size, decode_slot_share=share)
     return generations
 
 
-def generate_continuous(model, encoded: list[list[int]], config: params.EvalParams, slots: int, eos: int,
-                        pad: int | None, progress, end_at: list[int] | None) -> tuple[list[list[int]], int, dict]:
-    """Continuous batching (stages.continuous), longest prompts first: the new ids of each prompt, the decode
-    slots paid for, and the engine's counts."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+def generate_continuous(model, encoded: list[list[int]], order: list[int], config: params.EvalParams, slots: int,
+                        eos: int, pad: int | None, progress,
+                        end_at: list[int] | None) -> tuple[list[list[int]], int, dict]:
+    """Continuous batching (stages.continuous), prompts admitted in `order`: the new ids of each prompt, the
+    decode slots paid for, and the engine's counts."""
     budgets = [min(config.max_new_tokens, end_at[i]) if end_at else config.max_new_tokens for i in order]
     length = max(map(len, encoded), default=0) + config.max_new_tokens
     try:
@@ -241,12 +242,12 @@ class EndAt:
         return torch.where(ending[:, None], forced, scores)
 
 
-def generate_padded(model, encoded: list[list[int]], config: params.EvalParams, size: int, eos: int,
-                    pad: int | None, progress, end_at: list[int] | None) -> tuple[list[list[int]], int, dict]:
-    """transformers' generate on batches of prompts of similar length (each batch runs until its longest
-    response ends): the new ids of each prompt, the decode slots paid for, and the batches run."""
+def generate_padded(model, encoded: list[list[int]], order: list[int], config: params.EvalParams, size: int,
+                    eos: int, pad: int | None, progress, end_at: list[int] | None) -> tuple[list[list[int]], int, dict]:
+    """transformers' generate on batches of consecutive prompts of `order` (sorted by length, so a batch's
+    prompts are alike; each batch runs until its longest response ends): the new ids of each prompt, the
+    decode slots paid for, and the batches run."""
     static = torch.cuda.is_available() and config.static_cache
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     pad = eos if pad is None else pad
     results: list[list[int]] = [[] for _ in encoded]
     paid_slots = batches = 0
