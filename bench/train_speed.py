@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -47,16 +48,17 @@ ROUTES = {
 }
 
 
-def synthetic_examples(count: int, vocab: int, max_len: int, seed: int, min_len: int = 256) -> list[dict]:
-    import random
+def synthetic_examples(count: int, vocab: int, max_len: int, seed: int, min_len: int = 256):
+    """The train stage's own dataset type: random token ids, each sequence's first 100 tokens masked as prompt."""
+    import numpy as np
+
+    from stages import train_data
 
     rng = random.Random(seed)
-    examples = []
-    for _ in range(count):
-        length = rng.randint(min_len, max_len)
-        ids = [rng.randrange(10, vocab) for _ in range(length)]
-        examples.append({"input_ids": ids, "labels": [-100] * 100 + ids[100:]})
-    return examples
+    lengths = [rng.randint(min_len, max_len) for _ in range(count)]
+    ids = np.random.default_rng(seed).integers(10, vocab, sum(lengths), dtype=np.int32)
+    starts = np.cumsum([0, *lengths])
+    return train_data.Examples([ids[a:b] for a, b in zip(starts, starts[1:], strict=False)], [100] * count)
 
 
 def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, min_length: int = 256) -> dict:
@@ -68,7 +70,9 @@ def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, 
     if backend == "unsloth":
         import unsloth  # noqa: F401
     import torch
-    from transformers import AutoTokenizer, Trainer, TrainerCallback, set_seed
+    from transformers import AutoTokenizer, TrainerCallback, set_seed
+
+    from stages.train_order import BalancedTrainer, attention_weight
 
     set_seed(0)
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -96,8 +100,9 @@ def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, 
         args = train_choices.training_arguments(config, Path(out), micro, seed=0)
         args.max_steps, args.eval_strategy, args.save_strategy = steps, "no", "no"
         args.load_best_model_at_end, args.logging_steps, args.disable_tqdm = False, 1, True
-        trainer = Trainer(model=model, args=args, train_dataset=examples,
-                          data_collator=train_data.collator(tokenizer, config.packing), callbacks=[timer])
+        trainer = BalancedTrainer(model=model, args=args, train_dataset=examples,
+                                  data_collator=train_data.collator(tokenizer, config.packing), callbacks=[timer],
+                                  attention_weight=attention_weight(model.config))
         torch.cuda.reset_peak_memory_stats()
         trainer.train()
     (t0, n0), (t1, n1) = timer.marks[warmup_steps - 1], timer.marks[-1]
@@ -115,6 +120,7 @@ def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, 
             "gradient_checkpointing": checkpointing,
             "packing": config.packing, "tokens_per_second": round(tokens_per_second),
             "median_step_seconds": round(statistics.median(step_seconds), 2),
+            "step_seconds": [round(t, 2) for t in step_seconds],
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "mfu": round(6 * non_embedding * tokens_per_second / peak, 3) if peak else None, "gpu": gpu}
 

@@ -96,9 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         log.info("train.num_gpus=%d is ignored: torchrun started %d processes (WORLD_SIZE), which set the "
                  "accumulation", config.num_gpus, processes)
 
-    from transformers import EarlyStoppingCallback, Trainer, set_seed
+    from transformers import EarlyStoppingCallback, set_seed
 
     from stages.base_model import load_tokenizer
+    from stages.train_order import BalancedTrainer, attention_weight
 
     set_seed(seed)  # LoRA weights are initialized before the Trainer would seed anything
     if backend == "unsloth":
@@ -128,12 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     callbacks = [clock, *([train_output.live_callback(args.live, resumed_from)] if rank_zero() else [])]
     if validate and config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-    trainer = Trainer(model=model, args=arguments, train_dataset=train_examples,
-                      eval_dataset=val_examples if validate else None,
-                      data_collator=train_data.collator(tokenizer, config.packing), callbacks=callbacks)
-    log.info("%s backend, %d train / %d val examples, micro-batch %d x accumulation %d x %d process(es)%s",
+    trainer = BalancedTrainer(model=model, args=arguments, train_dataset=train_examples,
+                              eval_dataset=val_examples if validate else None,
+                              data_collator=train_data.collator(tokenizer, config.packing), callbacks=callbacks,
+                              attention_weight=attention_weight(model_config))
+    log.info("%s backend, %d train / %d val examples, micro-batch %d x accumulation %d x %d process(es)%s%s",
              backend, len(train_examples), len(val_examples), micro, trainer.args.gradient_accumulation_steps,
-             trainer.args.world_size, f", resuming from {resume}" if resume else "")
+             trainer.args.world_size, " (packed: sequences per micro-batch vary, tokens balanced)" if config.packing
+             else "", f", resuming from {resume}" if resume else "")
     log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
     tokens_before = 0
     if resume:

@@ -130,6 +130,7 @@ def training_arguments(config: params.TrainParams, checkpoints: Path, micro: int
         logging_steps=1, report_to="none", seed=seed, data_seed=seed, bf16=cuda, use_cpu=not cuda,
         gradient_checkpointing=False,  # set on the model by each backend
         remove_unused_columns=False, include_num_input_tokens_seen="all" if config.packing else "non_padding",
-        train_sampling_strategy="random" if config.packing else "group_by_length",
+        # Packed: each step's shuffled sequences split into micro-batches of equal cost (stages/train_order.py).
+        train_sampling_strategy="batch_rebalance" if config.packing else "group_by_length",
         dataloader_num_workers=0, ddp_find_unused_parameters=False if processes > 1 else None,
     )

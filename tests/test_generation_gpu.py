@@ -67,5 +67,9 @@ def test_sampled_generation_with_graphs_ends_where_forced_and_repeats_with_the_s
     prompts = [f"What is {i} squared? Explain." for i in range(40)]
     end_at = [1 + (7 * i) % 64 for i in range(40)]
     first = generation.generate(model, tokenizer, prompts, config, seed=3, end_at=end_at)
-    assert [o.n_tokens for o in first] == end_at
+    # Random weights seldom end by themselves (1 sampled end-of-sequence in 12,800 draws on an H200; one of
+    # these 40 responses did on an H100): each response ends where forced, or before it with a sampled end.
+    assert all(o.n_tokens == end or (o.n_tokens < end and not o.hit_max_tokens)
+               for o, end in zip(first, end_at, strict=True))
+    assert sum(o.n_tokens == end for o, end in zip(first, end_at, strict=True)) >= len(end_at) - 2
     assert generation.generate(model, tokenizer, prompts, config, seed=3, end_at=end_at) == first
