@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -173,7 +174,8 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = f"train-{result['date']}-{(gpu or 'cpu').split()[-1].lower()}-{args.commit or 'local'}.json"
+        model = re.search(r"[A-Z]\d{2,4}", gpu or "")  # "NVIDIA H100 80GB HBM3" -> h100
+        name = f"train-{result['date']}-{model[0].lower() if model else 'cpu'}-{args.commit or 'local'}.json"
         (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -91,3 +91,30 @@ def test_the_trainer_feeds_packed_micro_batches_of_equal_tokens(tokenizer, tiny_
     assert len(batches) == 12 and sum(batches) == sum(sizes)  # 96 rows, 16 a step, 2 micro-batches a step
     # longest first, each to the lighter half: never more than one sequence apart (a count split: up to 2,976)
     assert all(abs(first - second) <= 1024 for first, second in zip(batches[::2], batches[1::2], strict=True))
+
+
+def test_a_balanced_step_learns_what_a_count_split_step_learns(tokenizer, tiny_model_dir, tmp_path):
+    """The loss is normalized by the step's label tokens, not per micro-batch, so regrouping a step's sequences
+    changes neither the loss nor the gradient."""
+    from transformers import set_seed
+
+    config = params.load("train", ROOT / "params.yaml")
+    model_params = params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=1024, directive="")
+    rng = np.random.default_rng(1)
+    sizes = [900, 700, 600, 800, 25, 40, 35, 50, 20, 45, 20, 30, 30, 60, 25, 35]  # in order: the long ones first
+    examples = train_data.Examples([rng.integers(10, 300, size, dtype=np.int32) for size in sizes], [8] * 16)
+    logged = {}
+    for strategy in ("sequential", "batch_rebalance"):
+        set_seed(3)
+        model = train_model.load_peft(model_params, config, True)
+        args = train_choices.training_arguments(config, tmp_path / strategy, micro=8, seed=3, validate=False)
+        args.max_steps, args.save_strategy, args.train_sampling_strategy = 1, "no", strategy
+        trainer = BalancedTrainer(model=model, args=args, train_dataset=examples, attention_weight=0.0,
+                                  data_collator=train_data.collator(tokenizer, True))
+        batches = [batch["input_ids"].shape[1] for batch in trainer.get_train_dataloader()]
+        trainer.train()
+        logged[strategy] = batches, trainer.state.log_history[0]
+    (count_split, counted), (balanced_split, balanced) = logged["sequential"], logged["batch_rebalance"]
+    assert count_split == [3150, 265] and max(balanced_split) - min(balanced_split) < 900
+    assert balanced["loss"] == pytest.approx(counted["loss"], rel=1e-5)
+    assert balanced["grad_norm"] == pytest.approx(counted["grad_norm"], rel=1e-4)
