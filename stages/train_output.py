@@ -16,7 +16,9 @@ from stages.train_checkpoints import checkpoint_step
 
 def step_clock():
     """A callback that notes the time and tokens seen at the end of every optimizer step, so speed can be
-    given without the first step (Unsloth's compilation, kernel tuning and CUDA start-up land there)."""
+    given without the first step (Unsloth's compilation, kernel tuning and CUDA start-up land there), and
+    over the second half of the steps: the next few steps are slower still (on an H100 1.7 s, then about
+    1.0 s from the eighth; probably compilation for new micro-batch lengths), which a long run does not feel."""
     import time
 
     from transformers import TrainerCallback
@@ -29,9 +31,15 @@ def step_clock():
             self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
         def tokens_per_second_after_first_step(self) -> float | None:
+            return self.tokens_per_second_since(0)
+
+        def tokens_per_second_second_half(self) -> float | None:
+            return self.tokens_per_second_since((len(self.marks) - 1) // 2)
+
+        def tokens_per_second_since(self, mark: int) -> float | None:
             if len(self.marks) < 2:
                 return None
-            (start, seen), (end, last) = self.marks[0], self.marks[-1]
+            (start, seen), (end, last) = self.marks[mark], self.marks[-1]
             return (last - seen) / (end - start) if end > start else None
 
     return StepClock()
@@ -61,6 +69,7 @@ def summary(trainer, train_output, wall_seconds: float, resumed_from: int, token
         "tokens_seen": state.num_input_tokens_seen,
         "tokens_per_second": tokens / runtime if runtime else None,
         "tokens_per_second_after_first_step": clock.tokens_per_second_after_first_step() if clock else None,
+        "tokens_per_second_second_half": clock.tokens_per_second_second_half() if clock else None,
         "peak_gpu_memory_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
         "wall_seconds": wall_seconds,
     }

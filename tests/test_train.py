@@ -445,15 +445,18 @@ def test_explicit_gradient_checkpointing_is_kept_and_recorded(project):
     assert metrics["gradient_checkpointing"] is False and metrics["micro_batch_size"] == 2
 
 
-def test_speed_after_the_first_step_counts_the_tokens_and_time_of_the_later_steps(monkeypatch):
+def test_speed_after_the_first_step_and_over_the_second_half_counts_the_tokens_and_time_of_those_steps(monkeypatch):
     import time
     from types import SimpleNamespace
 
     from stages import train_output
 
-    clock, now = train_output.step_clock(), iter([10.0, 12.0, 14.5])
+    clock, now = train_output.step_clock(), iter([10.0, 12.0, 14.5, 15.0, 15.5])
     monkeypatch.setattr(time, "perf_counter", lambda: next(now))
     assert clock.tokens_per_second_after_first_step() is None
     for seen in (1_000, 3_000, 8_000):  # the first step's tokens and time (compilation) are left out
         clock.on_step_end(None, SimpleNamespace(num_input_tokens_seen=seen), None)
     assert clock.tokens_per_second_after_first_step() == (8_000 - 1_000) / (14.5 - 10.0)
+    for seen in (10_000, 12_000):  # five steps: the second half is steps 4 and 5 (from the end of step 3)
+        clock.on_step_end(None, SimpleNamespace(num_input_tokens_seen=seen), None)
+    assert clock.tokens_per_second_second_half() == (12_000 - 8_000) / (15.5 - 14.5)
