@@ -93,23 +93,49 @@ class SlotCache:
             tensor[:len(keep)] = tensor[keep]
 
 
-def sampler(temperature: float, top_p: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Next tokens from logits [rows, vocab]: argmax for temperature 0, else the model card's sampling
-    (temperature, then top-p as transformers' TopPLogitsWarper cuts it). The logits are sorted as they
-    come (bf16 from the model: half the bytes of float, the same order), and the draw is an exponential
-    race (argmax of p / Exp(1)), the same distribution as multinomial and safe to capture in a graph."""
-    def sample(logits: torch.Tensor) -> torch.Tensor:
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) of int64 values in [0, 2^32), as tensor operations (graph
+    safe, the same on CPU and GPU). Products stay below 2^63: each multiplier goes in as two 16-bit halves."""
+    def times(x: torch.Tensor, multiplier: int) -> torch.Tensor:
+        high, low = multiplier >> 16, multiplier & 0xFFFF
+        return ((((x * high) & 0xFFFF) << 16) + x * low) & 0xFFFFFFFF
+
+    x = x ^ (x >> 16)
+    x = times(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = times(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One number in (0, 1) per row, a hash of the row's 63-bit key (seed, prompt, sample number) and its
+    counter (the position of the token whose logits are sampled): a response draws the same numbers
+    whatever batch, slot or GPU it runs in."""
+    mixed = _mix32(_mix32((keys >> 32) & 0xFFFFFFFF) ^ (keys & 0xFFFFFFFF))
+    mixed = _mix32(mixed ^ (counters & 0xFFFFFFFF))
+    return ((mixed >> 8).float() + 0.5) / 2**24  # 24 bits: exact in float32, never 0 or 1
+
+
+def sampler(temperature: float, top_p: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Next tokens from logits [rows, vocab] and one uniform number per row: argmax for temperature 0, else
+    the model card's sampling (temperature, then top-p as transformers' TopPLogitsWarper cuts it). The logits
+    are sorted as they come (bf16 from the model: half the bytes of float, the same order), and the draw
+    inverts the kept tokens' cumulative distribution at the row's number: one number a row instead of
+    noise over the whole vocabulary, and no random state (graph safe)."""
+    def sample(logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         if temperature == 0:
             return logits.argmax(-1)
         ascending, order = logits.sort(dim=-1)
-        scaled = ascending.float() / temperature
+        cumulative = (ascending.float() / temperature).softmax(-1).cumsum(-1)
+        # the tokens cut (the least likely, a prefix of the ascending order) end at `floor`; 0 when none are
+        floor = torch.zeros_like(cumulative[:, :1])
         if top_p < 1:
-            cut = scaled.softmax(-1).cumsum(-1) <= 1 - top_p
+            cut = cumulative <= 1 - top_p
             cut[:, -1] = False  # the most likely token always stays
-            scaled = scaled.masked_fill(cut, float("-inf"))
-        probabilities = scaled.softmax(-1)
-        race = (probabilities / torch.empty_like(probabilities).exponential_()).argmax(-1, keepdim=True)
-        return order.gather(-1, race).squeeze(-1)
+            floor = torch.where(cut, cumulative, 0).amax(-1, keepdim=True)
+        target = floor + numbers[:, None] * (cumulative[:, -1:] - floor)  # inside the kept tokens' mass
+        pick = torch.searchsorted(cumulative, target).clamp_(max=cumulative.shape[-1] - 1)
+        return order.gather(-1, pick).squeeze(-1)
     return sample
 
 
@@ -155,6 +181,7 @@ class ContinuousBatcher:
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.active = torch.zeros(slots, dtype=torch.long, device=self.device)  # 1: a response is in the slot
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.keys = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's sampling key
         self.use_graphs = graphs and self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.owner: list[int | None] = [None] * slots  # the prompt (index) each slot is answering
@@ -167,7 +194,7 @@ class ContinuousBatcher:
         hidden = self.decoder(input_ids=self.tokens[:size, None], position_ids=positions[:, None],
                               attention_mask={"full_attention": DecodeStep(positions, self.flash)},
                               past_key_values=self.cache, use_cache=True).last_hidden_state
-        next_tokens = self.sample(self.head(hidden[:, -1]))
+        next_tokens = self.sample(self.head(hidden[:, -1]), uniforms(self.keys[:size], positions))
         self.next_tokens[:size].copy_(next_tokens)
         self.tokens[:size].copy_(next_tokens)
         self.positions[:size].add_(self.active[:size]).clamp_(max=self.length - 1)
@@ -206,7 +233,7 @@ class ContinuousBatcher:
         self.stats.decode_steps += 1
         self.stats.slot_steps += size
 
-    def _prefill(self, slots: list[int], prompts: list[list[int]]) -> list[int]:
+    def _prefill(self, slots: list[int], prompts: list[list[int]], keys: list[int]) -> list[int]:
         """Write the prompts' KV into `slots` and return each one's first generated token."""
         width = max(map(len, prompts))
         input_ids = torch.tensor([p + [self.eos] * (width - len(p)) for p in prompts], device=self.device)
@@ -216,7 +243,9 @@ class ContinuousBatcher:
                               attention_mask={"full_attention": None}, past_key_values=self.cache,
                               use_cache=True).last_hidden_state  # right padding: causal attention suffices
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        first = self.sample(self.head(hidden[torch.arange(len(prompts), device=self.device), last]))
+        self.keys[rows] = torch.tensor(keys, device=self.device)
+        first = self.sample(self.head(hidden[torch.arange(len(prompts), device=self.device), last]),
+                            uniforms(self.keys[rows], last))
         self.tokens[rows] = first
         self.positions[rows] = torch.tensor([len(p) for p in prompts], device=self.device)
         self.active[rows] = 1
@@ -224,10 +253,12 @@ class ContinuousBatcher:
         return first.tolist()
 
     def run(self, prompts: list[list[int]], budgets: list[int], on_done: Callable[[int, list[int]], None],
-            on_tokens: Callable[[int], None] | None = None) -> None:
+            on_tokens: Callable[[int], None] | None = None, keys: list[int] | None = None) -> None:
         """Generate for every prompt (ids) until its end-of-sequence token or its budget of new tokens;
         on_done(index, new ids) as each one ends, end-of-sequence included when it came; on_tokens(all new
-        tokens so far) every PROGRESS_STEPS decode steps and at the end (responses finish late: progress)."""
+        tokens so far) every PROGRESS_STEPS decode steps and at the end (responses finish late: progress).
+        keys: each prompt's sampling key, below 2^63 (default: its index)."""
+        keys = list(range(len(prompts))) if keys is None else keys
         if self.use_graphs and not self.graphs:
             self._capture()
         self.owner = [None] * self.slots
@@ -252,7 +283,8 @@ class ContinuousBatcher:
             free = [slot for slot in range(size) if self.owner[slot] is None]
             if waiting and (len(free) >= min(refill_at, len(waiting)) or len(free) == size):
                 group = self._admit(free, waiting, prompts)
-                first = self._prefill(group, [prompts[self.owner[slot]] for slot in group])
+                first = self._prefill(group, [prompts[self.owner[slot]] for slot in group],
+                                      [keys[self.owner[slot]] for slot in group])
                 for slot, token in zip(group, first, strict=True):
                     generated[self.owner[slot]] = []
                     take(slot, token)
@@ -286,7 +318,7 @@ class ContinuousBatcher:
         if smaller < size:
             keep = torch.tensor(busy, device=self.device)
             self.cache.compact(keep)
-            for buffer in (self.tokens, self.positions, self.active):
+            for buffer in (self.tokens, self.positions, self.active, self.keys):
                 buffer[:len(busy)] = buffer[keep].clone()
                 buffer[len(busy):] = 0
             self.owner = [self.owner[slot] for slot in busy] + [None] * (self.slots - len(busy))

@@ -91,8 +91,9 @@ def read_generations(path: Path) -> list:
 
 def generate_sharded(jobs: list[Job], model_params: params.ModelParams, adapter: Path | None,
                      config: params.EvalParams, seed: int, processes: int) -> None:
-    """Every job's prompts answered by `processes` workers (worker k samples with seed + k, so no two draw
-    the same numbers), each job's generations written to job.out once every worker has its share. When a
+    """Every job's prompts answered by `processes` workers (sampling keys from the whole job's prompts, so a
+    response draws what it would in one process), each job's generations written to job.out once every
+    worker has its share. When a
     worker fails, the others are stopped, jobs every worker finished are still written, and WorkerError."""
     from stages.base_model import local_model_dir
 
@@ -167,11 +168,14 @@ def main(argv: list[str] | None = None) -> None:
     for index, item in enumerate(job["jobs"]):
         prompts = share(item["prompts"], args.worker, job["processes"])
         end_at = item["end_at"] and share(item["end_at"], args.worker, job["processes"])
+        # Continuous batching keys each response's random numbers by the whole list's keys: the samples equal
+        # one process's. The padded route samples by the seed, offset per worker so no two draw alike.
+        keys = share(generation.sampling_keys(item["prompts"], job["seed"]), args.worker, job["processes"])
         outputs = []
         if prompts:
             model = model or generation.load_model(model_params, job["adapter"] and Path(job["adapter"]))
             outputs = generation.generate(model, tokenizer, prompts, config, job["seed"] + args.worker,
-                                          desc=f"{item['desc']} [worker {args.worker}]", end_at=end_at)
+                                          desc=f"{item['desc']} [worker {args.worker}]", end_at=end_at, keys=keys)
         write_generations(args.job.with_name(f"{index}-{args.worker}.parquet"), outputs)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -170,13 +171,29 @@ def to_generation(tokenizer, new_tokens: list[int], eos: int) -> Generation:
                       reasoning_tokens=reasoning, answer_tokens=answer)
 
 
+def sampling_keys(prompts: list[str], seed: int) -> list[int]:
+    """Each prompt's sampling key for continuous batching, from the seed, the prompt's text and how many
+    times the same text came before it in the list (the samples of one problem draw apart). Keys of the
+    whole list, before it is split over workers, so the split does not change them."""
+    seen: dict[str, int] = {}
+    keys = []
+    for prompt in prompts:
+        sample = seen[prompt] = seen.get(prompt, -1) + 1
+        digest = hashlib.blake2b(f"{seed}\0{sample}\0{prompt}".encode(), digest_size=8).digest()
+        keys.append(int.from_bytes(digest, "little") >> 1)  # 63 bits: a non-negative int64
+    return keys
+
+
 def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, seed: int, desc: str = "generate",
-             end_at: list[int] | None = None, stats: dict | None = None) -> list[Generation]:
+             end_at: list[int] | None = None, stats: dict | None = None,
+             keys: list[int] | None = None) -> list[Generation]:
     """Generate one response per prompt. end_at (benchmarks): force each response's end-of-sequence as
     its token number end_at[i], since random weights never end by themselves. stats, when given, receives
-    how the route used its decode slots."""
+    how the route used its decode slots. keys: the prompts' sampling keys (default: sampling_keys with the
+    seed); continuous batching keys each response's random numbers by them, the padded route by the seed."""
     if not prompts:
         return []
+    keys = sampling_keys(prompts, seed) if keys is None else keys
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     longest = max(map(len, encoded), default=0)
     check_context(model, longest, config.max_new_tokens)
@@ -189,7 +206,7 @@ def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, se
     torch.manual_seed(seed)
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as progress:
         ids, paid_slots, details = route(model, encoded, order, config, size, eos, tokenizer.pad_token_id, progress,
-                                         end_at)
+                                         end_at, keys)
     generations = [to_generation(tokenizer, new_tokens, eos) for new_tokens in ids]
     # Each response's first token comes from its prompt's forward pass; the rest each took a decode slot.
     share = sum(max(g.n_tokens - 1, 0) for g in generations) / paid_slots if paid_slots else 0.0
@@ -200,8 +217,8 @@ def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, se
 
 
 def generate_continuous(model, encoded: list[list[int]], order: list[int], config: params.EvalParams, slots: int,
-                        eos: int, pad: int | None, progress,
-                        end_at: list[int] | None) -> tuple[list[list[int]], int, dict]:
+                        eos: int, pad: int | None, progress, end_at: list[int] | None,
+                        keys: list[int]) -> tuple[list[list[int]], int, dict]:
     """Continuous batching (stages.continuous), prompts admitted in `order`: the new ids of each prompt, the
     decode slots paid for, and the engine's counts."""
     budgets = [min(config.max_new_tokens, end_at[i]) if end_at else config.max_new_tokens for i in order]
@@ -224,7 +241,7 @@ def generate_continuous(model, encoded: list[list[int]], order: list[int], confi
         progress.set_postfix(tokens=count, refresh=False)
 
     with torch.inference_mode():
-        engine.run([encoded[i] for i in order], budgets, done, tokens_so_far)
+        engine.run([encoded[i] for i in order], budgets, done, tokens_so_far, [keys[i] for i in order])
     log.info("decoded in %d steps (graphs of %s slots)", engine.stats.decode_steps, engine.stats.graph_sizes or "no")
     return results, engine.stats.slot_steps, dataclasses.asdict(engine.stats)
 
@@ -243,7 +260,8 @@ class EndAt:
 
 
 def generate_padded(model, encoded: list[list[int]], order: list[int], config: params.EvalParams, size: int,
-                    eos: int, pad: int | None, progress, end_at: list[int] | None) -> tuple[list[list[int]], int, dict]:
+                    eos: int, pad: int | None, progress, end_at: list[int] | None,
+                    keys: list[int] | None = None) -> tuple[list[list[int]], int, dict]:
     """transformers' generate on batches of consecutive prompts of `order` (sorted by length, so a batch's
     prompts are alike; each batch runs until its longest response ends): the new ids of each prompt, the
     decode slots paid for, and the batches run."""

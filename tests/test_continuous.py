@@ -81,8 +81,8 @@ def test_the_sampler_keeps_transformers_top_p_set_and_draws_in_proportion():
 
     probabilities = torch.tensor([0.5, 0.3, 0.15, 0.04, 0.01])
     logits = (probabilities.log() * 0.6).expand(40_000, -1).contiguous()  # /0.6 restores the probabilities
-    torch.manual_seed(0)
-    draws = continuous.sampler(temperature=0.6, top_p=0.9)(logits)
+    numbers = continuous.uniforms(torch.arange(40_000), torch.full((40_000,), 7))  # one key per row
+    draws = continuous.sampler(temperature=0.6, top_p=0.9)(logits, numbers)
     kept = TopPLogitsWarper(0.9)(None, TemperatureLogitsWarper(0.6)(None, logits[:1].clone()))[0] > float("-inf")
     assert kept.tolist() == [True, True, True, False, False]
     counts = torch.bincount(draws, minlength=5).float() / len(draws)
@@ -92,7 +92,31 @@ def test_the_sampler_keeps_transformers_top_p_set_and_draws_in_proportion():
 
 def test_greedy_sampler_is_argmax():
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
-    assert continuous.sampler(temperature=0.0, top_p=0.95)(logits).tolist() == [1, 0]
+    assert continuous.sampler(temperature=0.0, top_p=0.95)(logits, torch.rand(2)).tolist() == [1, 0]
+
+
+def test_the_sampling_numbers_are_uniform_and_change_with_key_and_position():
+    keys = torch.tensor([0, 1, 2**40, 2**63 - 1]).repeat_interleave(25_000)
+    numbers = continuous.uniforms(keys, torch.arange(100_000) % 25_000)
+    assert 0 < numbers.min() and numbers.max() < 1
+    counts = torch.histc(numbers, bins=20, min=0, max=1)
+    assert ((counts - 5_000).abs() < 5_000 * 0.05).all()  # 20 bins of 5,000 +- 5% (about 7 standard deviations)
+    assert numbers.unique().numel() > 99_000  # 24 bits: a few collisions among 100,000
+    neighbours = continuous.uniforms(torch.full((10_000,), 5), torch.arange(10_000))
+    assert abs(torch.corrcoef(torch.stack([neighbours[:-1], neighbours[1:]]))[0, 1]) < 0.05
+
+
+def test_a_sampled_response_does_not_depend_on_its_batch_slots_or_neighbours(model, tokenizer):
+    prompts = PROMPTS[:12] * 2  # each problem twice: two samples
+    keys = generation.sampling_keys(prompts, seed=5)
+    outputs = {}
+    for slots in (4, 16):
+        config = eval_config(temperature=0.6, top_p=0.95, max_new_tokens=16, batch_size=slots, batching="continuous")
+        outputs[slots] = generation.generate(model, tokenizer, prompts, config, seed=5)
+    assert outputs[4] == outputs[16]
+    alone = generation.generate(model, tokenizer, prompts[7:9], config, seed=5, keys=keys[7:9])
+    assert alone == outputs[4][7:9]
+    assert outputs[4][:12] != outputs[4][12:]  # the second sample of a problem is drawn apart from the first
 
 
 def test_a_model_with_sliding_window_layers_is_refused_with_a_reason(model):

@@ -72,3 +72,20 @@ def test_forced_ends_reach_every_worker_and_two_workers_match_one_process(tiny_m
     assert eval_workers.read_generations(job.out) == generation.generate(model, tokenizer, prompts, config, 0,
                                                                          end_at=end_at)
     assert all(g.n_tokens <= end for g, end in zip(eval_workers.read_generations(job.out), end_at, strict=True))
+
+
+def test_two_workers_sample_what_one_process_samples(tiny_model_dir, tokenizer, tmp_path):
+    import dataclasses
+    from pathlib import Path
+
+    from stages import generation, params
+
+    config = dataclasses.replace(params.load("eval", Path(__file__).parents[1] / "params.yaml"), temperature=0.6,
+                                 top_p=0.95, max_new_tokens=12, batch_size=4, batching="continuous")
+    model_params = params.ModelParams(str(tiny_model_dir), "main", 1024, "")
+    prompts = [f"What is {i} times {i + 1}?" for i in range(5)] * 3  # three samples of each: odd counts per worker
+    job = eval_workers.Job("sampled", prompts, tmp_path / "out.parquet")
+    eval_workers.generate_sharded([job], model_params, None, config, 4, processes=2)
+    model = generation.load_model(model_params, None)
+    assert eval_workers.read_generations(job.out) == generation.generate(model, tokenizer, prompts, config, 4)
+
