@@ -133,4 +133,7 @@ def training_arguments(config: params.TrainParams, checkpoints: Path, micro: int
         # Packed: each step's shuffled sequences split into micro-batches of equal cost (stages/train_order.py).
         train_sampling_strategy="batch_rebalance" if config.packing else "group_by_length",
         dataloader_num_workers=0, ddp_find_unused_parameters=False if processes > 1 else None,
+        # DDP would send rank 0's buffers to every rank before each forward; this model's (rotary tables) are
+        # the same everywhere and never change, so that is a copy and a sync a micro-batch for nothing.
+        ddp_broadcast_buffers=False if processes > 1 else None,
     )

@@ -355,6 +355,14 @@ def test_an_unknown_target_module_is_named(project):
     assert not (project / "models" / "adapter").exists()
 
 
+def test_ddp_neither_searches_unused_parameters_nor_broadcasts_the_unchanging_buffers(tmp_path):
+    config = params.load("train", ROOT / "params.yaml")
+    two = train_choices.training_arguments(config, tmp_path, micro=2, seed=0, processes=2)
+    assert (two.ddp_find_unused_parameters, two.ddp_broadcast_buffers) == (False, False)
+    one = train_choices.training_arguments(config, tmp_path, micro=2, seed=0, processes=1)
+    assert (one.ddp_find_unused_parameters, one.ddp_broadcast_buffers) == (None, None)
+
+
 @pytest.mark.slow
 def test_two_process_ddp_keeps_sequences_per_step_and_saves_one_adapter(project, capfd):
     set_params(project, "train", num_gpus=2, max_steps=4, sequences_per_step=8)
