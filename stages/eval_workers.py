@@ -89,6 +89,35 @@ def read_generations(path: Path) -> list:
     return [generation.Generation(**row) for row in pq.read_table(path).to_pylist()]
 
 
+def generate_jobs(model, tokenizer, jobs: list[Job], keys: list[list[int]], config: params.EvalParams, seed: int,
+                  desc: str) -> None:
+    """Every job's prompts in one generate call, so the batch runs down to one tail (its last, longest
+    responses at small batch) rather than one per job; each job's generations are written to job.out as
+    soon as its last response ends, so a run that dies keeps the jobs it finished. keys: each job's
+    sampling keys (generation.sampling_keys); seed: the padded route's."""
+    from stages import generation
+
+    prompts = [prompt for job in jobs for prompt in job.prompts]
+    owner = [(j, i) for j, job in enumerate(jobs) for i in range(len(job.prompts))]
+    outputs: list[list] = [[None] * len(job.prompts) for job in jobs]
+    left = [len(job.prompts) for job in jobs]
+    for job in jobs:
+        if not job.prompts:
+            write_generations(job.out, [])
+    forced = any(job.end_at for job in jobs)  # benchmarks; jobs without forced ends are never forced
+    end_at = [end for job in jobs for end in job.end_at or [config.max_new_tokens + 1] * len(job.prompts)]
+
+    def on_generation(k: int, generation) -> None:
+        j, i = owner[k]
+        outputs[j][i] = generation
+        left[j] -= 1
+        if not left[j]:
+            write_generations(jobs[j].out, outputs[j])
+
+    generation.generate(model, tokenizer, prompts, config, seed, desc=desc, end_at=end_at if forced else None,
+                        keys=[key for job_keys in keys for key in job_keys], on_generation=on_generation)
+
+
 def generate_sharded(jobs: list[Job], model_params: params.ModelParams, adapter: Path | None,
                      config: params.EvalParams, seed: int, processes: int) -> None:
     """Every job's prompts answered by `processes` workers (sampling keys from the whole job's prompts, so a
@@ -164,19 +193,18 @@ def main(argv: list[str] | None = None) -> None:
     from stages.base_model import load_tokenizer
 
     tokenizer = load_tokenizer(model_params)
-    model = None
-    for index, item in enumerate(job["jobs"]):
-        prompts = share(item["prompts"], args.worker, job["processes"])
-        end_at = item["end_at"] and share(item["end_at"], args.worker, job["processes"])
-        # Continuous batching keys each response's random numbers by the whole list's keys: the samples equal
-        # one process's. The padded route samples by the seed, offset per worker so no two draw alike.
-        keys = share(generation.sampling_keys(item["prompts"], job["seed"]), args.worker, job["processes"])
-        outputs = []
-        if prompts:
-            model = model or generation.load_model(model_params, job["adapter"] and Path(job["adapter"]))
-            outputs = generation.generate(model, tokenizer, prompts, config, job["seed"] + args.worker,
-                                          desc=f"{item['desc']} [worker {args.worker}]", end_at=end_at, keys=keys)
-        write_generations(args.job.with_name(f"{index}-{args.worker}.parquet"), outputs)
+    processes, worker = job["processes"], args.worker
+    shares = [Job(item["desc"], share(item["prompts"], worker, processes),
+                  args.job.with_name(f"{index}-{worker}.parquet"), item["end_at"] and share(item["end_at"], worker,
+                                                                                            processes))
+              for index, item in enumerate(job["jobs"])]
+    # Continuous batching keys each response's random numbers by the whole list's keys: the samples equal
+    # one process's. The padded route samples by the seed, offset per worker so no two draw alike.
+    keys = [share(generation.sampling_keys(item["prompts"], job["seed"]), worker, processes) for item in job["jobs"]]
+    model = generation.load_model(model_params, job["adapter"] and Path(job["adapter"])) \
+        if any(part.prompts for part in shares) else None
+    generate_jobs(model, tokenizer, shares, keys, config, job["seed"] + worker,
+                  f"{' + '.join(item['desc'] for item in job['jobs'])} [worker {worker}]")
 
 
 if __name__ == "__main__":

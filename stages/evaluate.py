@@ -135,13 +135,13 @@ def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_par
 
 def generate_here(jobs: list[eval_workers.Job], model_params: params.ModelParams, adapter: Path | None,
                   config: params.EvalParams, seed: int, tokenizer) -> None:
-    """Every job's generations, by this process, each written to job.out as soon as it is done."""
+    """Every job's generations, by this process, in one generate call (one tail), each written to job.out as
+    soon as its last response ends."""
     from stages import generation
 
     model = generation.load_model(model_params, adapter)
-    for job in jobs:
-        outputs = generation.generate(model, tokenizer, job.prompts, config, seed, desc=job.desc)
-        eval_workers.write_generations(job.out, outputs)
+    keys = [generation.sampling_keys(job.prompts, seed) for job in jobs]
+    eval_workers.generate_jobs(model, tokenizer, jobs, keys, config, seed, " + ".join(job.desc for job in jobs))
     del model
     gc.collect()
 

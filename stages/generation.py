@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,12 +186,13 @@ def sampling_keys(prompts: list[str], seed: int) -> list[int]:
 
 
 def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, seed: int, desc: str = "generate",
-             end_at: list[int] | None = None, stats: dict | None = None,
-             keys: list[int] | None = None) -> list[Generation]:
+             end_at: list[int] | None = None, stats: dict | None = None, keys: list[int] | None = None,
+             on_generation: Callable[[int, Generation], None] | None = None) -> list[Generation]:
     """Generate one response per prompt. end_at (benchmarks): force each response's end-of-sequence as
     its token number end_at[i], since random weights never end by themselves. stats, when given, receives
     how the route used its decode slots. keys: the prompts' sampling keys (default: sampling_keys with the
-    seed); continuous batching keys each response's random numbers by them, the padded route by the seed."""
+    seed); continuous batching keys each response's random numbers by them, the padded route by the seed.
+    on_generation(i, generation) as each response ends (the padded route: as each batch ends)."""
     if not prompts:
         return []
     keys = sampling_keys(prompts, seed) if keys is None else keys
@@ -204,10 +206,16 @@ def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, se
              size, config.max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)  # longest prompts first
     torch.manual_seed(seed)
+    generations: list[Generation] = [None] * len(prompts)  # type: ignore[list-item]  (each set once it ends)
+
+    def finished(i: int, new_tokens: list[int]) -> None:
+        generations[i] = to_generation(tokenizer, new_tokens, eos)
+        if on_generation:
+            on_generation(i, generations[i])
+
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as progress:
-        ids, paid_slots, details = route(model, encoded, order, config, size, eos, tokenizer.pad_token_id, progress,
-                                         end_at, keys)
-    generations = [to_generation(tokenizer, new_tokens, eos) for new_tokens in ids]
+        paid_slots, details = route(model, encoded, order, config, size, eos, tokenizer.pad_token_id, progress,
+                                    end_at, keys, finished)
     # Each response's first token comes from its prompt's forward pass; the rest each took a decode slot.
     share = sum(max(g.n_tokens - 1, 0) for g in generations) / paid_slots if paid_slots else 0.0
     log.info("%s: %.0f%% of the decode slots paid for kept a token", desc, 100 * share)
@@ -217,10 +225,10 @@ def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, se
 
 
 def generate_continuous(model, encoded: list[list[int]], order: list[int], config: params.EvalParams, slots: int,
-                        eos: int, pad: int | None, progress, end_at: list[int] | None,
-                        keys: list[int]) -> tuple[list[list[int]], int, dict]:
-    """Continuous batching (stages.continuous), prompts admitted in `order`: the new ids of each prompt, the
-    decode slots paid for, and the engine's counts."""
+                        eos: int, pad: int | None, progress, end_at: list[int] | None, keys: list[int],
+                        finished: Callable[[int, list[int]], None]) -> tuple[int, dict]:
+    """Continuous batching (stages.continuous), prompts admitted in `order`: finished(i, new ids) as each
+    response ends; returns the decode slots paid for and the engine's counts."""
     budgets = [min(config.max_new_tokens, end_at[i]) if end_at else config.max_new_tokens for i in order]
     length = max(map(len, encoded), default=0) + config.max_new_tokens
     try:
@@ -228,13 +236,12 @@ def generate_continuous(model, encoded: list[list[int]], order: list[int], confi
                                    graphs=config.static_cache)
     except ValueError as e:
         raise GenerationError(f"evaluate: eval.batching is 'continuous', but {e}; set eval.batching: padded") from e
-    results: list[list[int]] = [[] for _ in encoded]
 
     def done(k: int, new_tokens: list[int]) -> None:
         i = order[k]
         if end_at and len(new_tokens) == end_at[i]:
             new_tokens[-1] = eos
-        results[i] = new_tokens
+        finished(i, new_tokens)
         progress.update(1)
 
     def tokens_so_far(count: int) -> None:
@@ -243,7 +250,7 @@ def generate_continuous(model, encoded: list[list[int]], order: list[int], confi
     with torch.inference_mode():
         engine.run([encoded[i] for i in order], budgets, done, tokens_so_far, [keys[i] for i in order])
     log.info("decoded in %d steps (graphs of %s slots)", engine.stats.decode_steps, engine.stats.graph_sizes or "no")
-    return results, engine.stats.slot_steps, dataclasses.asdict(engine.stats)
+    return engine.stats.slot_steps, dataclasses.asdict(engine.stats)
 
 
 class EndAt:
@@ -260,14 +267,13 @@ class EndAt:
 
 
 def generate_padded(model, encoded: list[list[int]], order: list[int], config: params.EvalParams, size: int,
-                    eos: int, pad: int | None, progress, end_at: list[int] | None,
-                    keys: list[int] | None = None) -> tuple[list[list[int]], int, dict]:
+                    eos: int, pad: int | None, progress, end_at: list[int] | None, keys: list[int] | None,
+                    finished: Callable[[int, list[int]], None]) -> tuple[int, dict]:
     """transformers' generate on batches of consecutive prompts of `order` (sorted by length, so a batch's
-    prompts are alike; each batch runs until its longest response ends): the new ids of each prompt, the
-    decode slots paid for, and the batches run."""
+    prompts are alike; each batch runs until its longest response ends): finished(i, new ids) as each batch
+    ends; returns the decode slots paid for and the batches run. Samples by the seed, not by keys."""
     static = torch.cuda.is_available() and config.static_cache
     pad = eos if pad is None else pad
-    results: list[list[int]] = [[] for _ in encoded]
     paid_slots = batches = 0
     for start in range(0, len(order), size):
         indices = order[start:start + size]
@@ -288,8 +294,8 @@ def generate_padded(model, encoded: list[list[int]], order: list[int], config: p
                 cache_implementation="static" if static else None,
                 logits_processor=[EndAt(ends, width, eos, model.device)] if ends else None)
         for i, new_tokens in zip(indices, output[:, width:].tolist(), strict=False):
-            results[i] = new_tokens
+            finished(i, new_tokens)
         paid_slots += len(rows) * max(output.shape[1] - width - 1, 0)
         batches += 1
         progress.update(len(indices))
-    return results, paid_slots, {"batches": batches}
+    return paid_slots, {"batches": batches}

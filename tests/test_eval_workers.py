@@ -89,3 +89,48 @@ def test_two_workers_sample_what_one_process_samples(tiny_model_dir, tokenizer, 
     model = generation.load_model(model_params, None)
     assert eval_workers.read_generations(job.out) == generation.generate(model, tokenizer, prompts, config, 4)
 
+
+
+def test_jobs_run_as_one_call_that_writes_each_job_when_its_last_response_ends(tiny_model_dir, tokenizer, tmp_path,
+                                                                                monkeypatch):
+    import dataclasses
+    from pathlib import Path
+
+    import pytest
+
+    from stages import generation, params
+
+    config = dataclasses.replace(params.load("eval", Path(__file__).parents[1] / "params.yaml"), temperature=0.6,
+                                 top_p=0.95, max_new_tokens=12, batch_size=4, batching="continuous")
+    model = generation.load_model(params.ModelParams(str(tiny_model_dir), "main", 1024, ""), None)
+    # the first job's prompts are the longest (admitted first) and end at their first token
+    first = eval_workers.Job("a", [f"Compute the sum of the first {i} odd numbers, then square it." for i in range(3)],
+                             tmp_path / "a.parquet", [1, 1, 1])
+    second = eval_workers.Job("b", [f"What is {i}?" for i in range(5)], tmp_path / "b.parquet")
+    keys = [generation.sampling_keys(job.prompts, 9) for job in (first, second)]
+    calls, made = [], generation.to_generation
+
+    def dies_after_six(*args):
+        calls.append(1)
+        if len(calls) > 6:
+            raise RuntimeError("killed")
+        return made(*args)
+
+    monkeypatch.setattr(generation, "to_generation", dies_after_six)
+    with pytest.raises(RuntimeError, match="killed"):
+        eval_workers.generate_jobs(model, tokenizer, [first, second], keys, config, 9, "a + b")
+    assert first.out.is_file() and not second.out.is_file()  # the job that ended was kept
+    monkeypatch.setattr(generation, "to_generation", made)
+    real_generate, calls = generation.generate, []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", counted)
+    eval_workers.generate_jobs(model, tokenizer, [first, second], keys, config, 9, "a + b")
+    assert calls == [8]  # one call, both jobs' prompts: one tail
+    for job, job_keys in zip((first, second), keys, strict=True):  # what each job alone gives
+        assert eval_workers.read_generations(job.out) == real_generate(model, tokenizer, job.prompts, config, 9,
+                                                                       end_at=job.end_at, keys=job_keys)
+    assert [g.n_tokens for g in eval_workers.read_generations(first.out)] == [1, 1, 1]
