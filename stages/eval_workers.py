@@ -24,7 +24,6 @@ from stages import cli, params
 from stages.artifacts import PROJECT_ROOT, atomic_file
 
 log = logging.getLogger("stages.evaluate")
-CODE = Path(__file__)  # decides which worker, with which seed, answers each prompt: part of the cache key
 
 
 class WorkerError(cli.StageError):

@@ -25,8 +25,10 @@ from stages.eval_sets import SCHEMA, heldout
 
 log = logging.getLogger("stages.evaluate")
 MODELS = ("base", "finetuned")
-# turn prompts into tokens: part of the cache key
-GENERATION_CODE = (Path(__file__).with_name("generation.py"), Path(__file__).with_name("continuous.py"))
+# The code that turns prompts into tokens, part of the cache key (eval_workers.py too: its generate_jobs runs
+# a model's sets as one call, in one process or several).
+GENERATION_CODE = tuple(Path(__file__).with_name(name)
+                        for name in ("generation.py", "continuous.py", "eval_workers.py"))
 
 
 def load_sets(config: params.EvalParams, sets_dir: Path, test_split: Path) -> tuple[dict[str, pa.Table], int]:
@@ -95,16 +97,16 @@ def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_par
     from stages.prompts import prompt_text
 
     # Only what decides the generated tokens: golds, markers and loop sizes grade them, so their changes
-    # reuse the files. batching, batch_size and static_cache are in: under sampling, the random numbers a
-    # sequence draws depend on the batch it shares, so another batching gives other outputs. For batch_size
-    # 'auto' the key holds 'auto', not the size free memory gave.
-    # Several processes split the batches (and seed each its own way): their count and the code that splits
-    # are in too, only when above one, so the files of one process stay valid.
+    # reuse the files. batching, batch_size and static_cache are in: the padded route's random numbers depend
+    # on the batch a sequence shares (continuous batching keys them per prompt), and on a GPU bf16 rounding
+    # does on either route. For batch_size 'auto' the key holds 'auto', not the size free memory gave.
+    # Several processes split the batches (the padded route seeds each its own way): their count is in too,
+    # only when above one, so the files of one process stay valid.
     sampling = {k: getattr(config, k) for k in ("samples", "temperature", "top_p", "max_new_tokens", "batching",
                                                 "batch_size", "static_cache")}
     made_by = (model_identity(model_params), sampling, seed, *GENERATION_CODE)
     if processes > 1:
-        made_by = (*made_by, {"processes": processes}, eval_workers.CODE)
+        made_by = (*made_by, {"processes": processes})
     cache_dir.mkdir(parents=True, exist_ok=True)
     frames, kept = [], set()
     for model_name in MODELS:

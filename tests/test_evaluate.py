@@ -142,7 +142,7 @@ def test_a_change_of_prompt_rendering_regenerates(project, generate_calls, monke
     assert len(list((project / "data" / "eval" / "generations").glob("*.parquet"))) == 6
 
 
-@pytest.mark.parametrize("edited", ["generation.py", "continuous.py"])
+@pytest.mark.parametrize("edited", ["generation.py", "continuous.py", "eval_workers.py"])
 def test_a_change_of_generation_code_regenerates(project, generate_calls, monkeypatch, tmp_path, edited):
     evaluate.main([])
     generate_calls.clear()
