@@ -3,8 +3,11 @@ stage's default path, side by side in one run, on the real 1.5B shape (random we
 sequence lengths up to 4096 and 16 sequences per optimizer step.
 
     python -m tests.random_model /tmp/r1
-    python -m bench.train_speed /tmp/r1 [--steps 8] [--warmup-steps 2] [--routes]
+    python -m bench.train_speed /tmp/r1 [--steps 12] [--warmup-steps 6] [--routes]
     python -m bench.train_speed /tmp/r1 --repeats 3 --out bench/results --commit SHA   # the recorded protocol
+
+The first six steps are not timed: the default's early steps run slower (compilation for new micro-batch
+lengths, probably), which a long run does not feel; the baseline's steps are flat from the start.
 
 Each variant runs in its own process (Unsloth patches transformers on import). Reports tokens/s,
 median step time, peak GPU memory and MFU (6 x non-embedding parameters x tokens/s over the GPU's
@@ -129,8 +132,8 @@ def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model_dir")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup-steps", type=int, default=6)
     parser.add_argument("--routes", action="store_true", help="also measure the candidate routes (ROUTES)")
     parser.add_argument("--only", help="comma-separated substrings: measure only the variants whose name has one")
     parser.add_argument("--min-length", type=int, default=256, help="shortest sequence (4096: the worst case)")
