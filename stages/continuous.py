@@ -169,7 +169,7 @@ class ContinuousBatcher:
 
     def __init__(self, model, slots: int, length: int, eos: int, temperature: float, top_p: float,
                  graphs: bool = True):
-        self.model, self.decoder, self.head = model, model.get_decoder(), model.get_output_embeddings()
+        self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         config, self.device = model.config, model.device
         if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
             raise ValueError("continuous batching supports full attention only (this model has sliding layers)")
@@ -177,10 +177,10 @@ class ContinuousBatcher:
         self.cache = SlotCache(config, slots, length, model.dtype, self.device)
         self.sample = sampler(temperature, top_p)
         self.flash = flash_decode_available(self.device, model.dtype)
-        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's next input token
+        # each slot's next input token: the token a decode step just drew, read back by run()
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.active = torch.zeros(slots, dtype=torch.long, device=self.device)  # 1: a response is in the slot
-        self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.keys = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's sampling key
         self.use_graphs = graphs and self.device.type == "cuda"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -188,15 +188,13 @@ class ContinuousBatcher:
         self.stats = Stats()
 
     def _decode(self, size: int) -> None:
-        """One token for the first `size` slots: writes next_tokens, then advances tokens and positions."""
+        """One token for the first `size` slots: writes it to tokens (the next input), advances positions."""
         positions = self.positions[:size]
         self.cache.set_decode(positions)
         hidden = self.decoder(input_ids=self.tokens[:size, None], position_ids=positions[:, None],
                               attention_mask={"full_attention": DecodeStep(positions, self.flash)},
                               past_key_values=self.cache, use_cache=True).last_hidden_state
-        next_tokens = self.sample(self.head(hidden[:, -1]), uniforms(self.keys[:size], positions))
-        self.next_tokens[:size].copy_(next_tokens)
-        self.tokens[:size].copy_(next_tokens)
+        self.tokens[:size].copy_(self.sample(self.head(hidden[:, -1]), uniforms(self.keys[:size], positions)))
         self.positions[:size].add_(self.active[:size]).clamp_(max=self.length - 1)
 
     def _graph_sizes(self) -> list[int]:
@@ -292,7 +290,7 @@ class ContinuousBatcher:
             if not waiting:  # the tail: decode with the smallest graph that holds every response left
                 size = self._shrink(size)
             self._step(size)
-            for slot, token in enumerate(self.next_tokens[:size].tolist()):
+            for slot, token in enumerate(self.tokens[:size].tolist()):
                 if self.owner[slot] is not None:
                     take(slot, token)
             if on_tokens and self.stats.decode_steps % PROGRESS_STEPS == 0:
