@@ -68,13 +68,13 @@ def synthetic_examples(count: int, vocab: int, max_len: int, seed: int, min_len:
 def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, min_length: int = 256) -> dict:
     config = params.build(params.TrainParams, params.read(ROOT / "params.yaml")["train"] | overrides, "train")
     model_params = params.ModelParams(name=model_dir, revision="main", max_seq_length=4096, directive="")
-    from stages import train_choices, train_data, train_model
+    from stages import train_choices, train_data, train_model, train_output
 
     backend = train_choices.resolve_backend(config.backend)
     if backend == "unsloth":
         import unsloth  # noqa: F401
     import torch
-    from transformers import AutoTokenizer, TrainerCallback, set_seed
+    from transformers import AutoTokenizer, set_seed
 
     from stages.train_order import BalancedTrainer, attention_weight
 
@@ -91,30 +91,21 @@ def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, 
     examples = synthetic_examples(config.sequences_per_step * steps, model.config.vocab_size, 4096, seed=0,
                                   min_len=min_length)
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.marks = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
-
-    timer = StepTimer()
+    clock = train_output.step_clock(synchronize=True)
     with tempfile.TemporaryDirectory() as out:
         args = train_choices.training_arguments(config, Path(out), micro, seed=0)
         args.max_steps, args.eval_strategy, args.save_strategy = steps, "no", "no"
         args.load_best_model_at_end, args.logging_steps, args.disable_tqdm = False, 1, True
         trainer = BalancedTrainer(model=model, args=args, train_dataset=examples,
-                                  data_collator=train_data.collator(tokenizer, config.packing), callbacks=[timer],
+                                  data_collator=train_data.collator(tokenizer, config.packing), callbacks=[clock],
                                   attention_weight=attention_weight(model.config))
         torch.cuda.reset_peak_memory_stats()
         trainer.train()
-    (t0, n0), (t1, n1) = timer.marks[warmup_steps - 1], timer.marks[-1]
-    step_seconds = [b[0] - a[0] for a, b in zip(timer.marks[warmup_steps - 1:], timer.marks[warmup_steps:],
+    step_seconds = [b[0] - a[0] for a, b in zip(clock.marks[warmup_steps - 1:], clock.marks[warmup_steps:],
                                                   strict=False)]
     embedding = model.get_input_embeddings().weight
     base_params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
-    tokens_per_second = (n1 - n0) / (t1 - t0)
+    tokens_per_second = clock.tokens_per_second_since(warmup_steps - 1)
     gpu = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
     non_embedding = base_params - embedding.numel()

@@ -14,8 +14,10 @@ from stages.artifacts import atomic_file
 from stages.train_checkpoints import checkpoint_step
 
 
-def step_clock():
-    """A callback that notes the time and tokens seen at the end of every optimizer step, so speed can be
+def step_clock(synchronize: bool = False):
+    """A callback that notes the time and tokens seen at the end of every optimizer step (synchronize: after
+    waiting for the GPU, as benchmarks timing single steps want; the stage's logging waits a moment later
+    anyway), so speed can be
     given without the first step (Unsloth's compilation, kernel tuning and CUDA start-up land there), and
     over the second half of the steps: the next few steps are slower still (on an H100 1.7 s, then about
     1.0 s from the eighth; probably compilation for new micro-batch lengths), which a long run does not feel."""
@@ -28,6 +30,8 @@ def step_clock():
             self.marks: list[tuple[float, int]] = []
 
         def on_step_end(self, args, state, control, **kwargs):
+            if synchronize:
+                torch.cuda.synchronize()
             self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
         def tokens_per_second_after_first_step(self) -> float | None:
