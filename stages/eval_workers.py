@@ -121,8 +121,8 @@ def generate_sharded(jobs: list[Job], model_params: params.ModelParams, adapter:
                      config: params.EvalParams, seed: int, processes: int) -> None:
     """Every job's prompts answered by `processes` workers (sampling keys from the whole job's prompts, so a
     response draws what it would in one process), each job's generations written to job.out once every
-    worker has its share. When a
-    worker fails, the others are stopped, jobs every worker finished are still written, and WorkerError."""
+    worker has its share. When a worker fails, the others are stopped, jobs every worker finished are still
+    written, and WorkerError."""
     from stages.base_model import local_model_dir
 
     # Downloaded (if need be) once, here: the workers load this folder and never touch the hub.
