@@ -34,15 +34,16 @@ class DecodeStep:
         slots, length, kv_heads, head_dim = keys.shape
         heads = query.shape[1]
         used = self.positions + 1
-        if self.flash:  # query heads of each KV head as that slot's query rows: every KV head read once
-            groups = heads // kv_heads
-            rows = query.reshape(slots, kv_heads, groups, head_dim).transpose(1, 2).reshape(-1, kv_heads, head_dim)
+        if self.flash:
+            # One query row per slot with every head: FlashAttention folds each KV head's query heads into rows
+            # itself (every KV head read once) and, when few slots leave SMs idle, splits each slot's keys over
+            # several blocks (split-KV; measured on an H200: 8 slots at ~3,000 tokens, 7.9 -> 5.1 ms a step).
             steps = torch.arange(slots + 1, device=query.device, dtype=torch.int32)
             output = torch.ops.aten._flash_attention_forward(
-                rows, keys.view(slots * length, kv_heads, head_dim), values.view(slots * length, kv_heads, head_dim),
-                steps * groups, steps * length, groups, length, 0.0, False, False, scale=scaling,
-                seqused_k=used.to(torch.int32))[0]
-            return output.reshape(slots, groups, kv_heads, head_dim).transpose(1, 2).reshape(slots, 1, heads, head_dim)
+                query.reshape(slots, heads, head_dim), keys.view(slots * length, kv_heads, head_dim),
+                values.view(slots * length, kv_heads, head_dim), steps, steps * length, 1, length, 0.0, False, False,
+                scale=scaling, seqused_k=used.to(torch.int32))[0]
+            return output.reshape(slots, 1, heads, head_dim)
         # Masked SDPA, each group of query heads folded into the query length (no K/V copies per head).
         mask = (torch.arange(length, device=query.device) < used[:, None])[:, None, None, :]
         folded = query.reshape(slots, kv_heads, heads // kv_heads, head_dim)

@@ -163,7 +163,7 @@ def reference_varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, ma
 
 
 def test_the_flash_decode_layout_gives_each_query_head_its_key_head_and_its_slot_length(monkeypatch):
-    """The GPU path folds each KV head's query heads into that slot's query rows; checked against masked
+    """The GPU path gives FlashAttention one query row per slot, every head in it; checked against masked
     SDPA with FlashAttention's documented semantics standing in for the CUDA kernel."""
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", reference_varlen_attention)
     torch.manual_seed(0)
