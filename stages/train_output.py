@@ -123,4 +123,13 @@ def live_callback(live_dir: Path, resumed_from: int):
             kept = [rows[0]] + [r for r in rows[1:] if int(r.split("\t")[step_column]) <= resumed_from]
             with atomic_file(tsv) as tmp:  # steps after the checkpoint are trained (and logged) again
                 tmp.write_text("".join(kept))
-    return StepAligned(live=Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resumed_from)))
+    class Quiet(Live):
+        """Live without the Studio update it assembles at every step when no Studio is set up (dvclive 3.49
+        re-reads every curve file to build it and then drops it): a cost that grows with the step count,
+        quadratic over a run, paid on rank 0 while the other ranks wait."""
+
+        def post_data_to_studio(self):
+            if "data" not in getattr(self, "_studio_events_to_skip", ()):
+                super().post_data_to_studio()
+
+    return StepAligned(live=Quiet(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resumed_from)))

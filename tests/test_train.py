@@ -468,3 +468,41 @@ def test_speed_after_the_first_step_and_over_the_second_half_counts_the_tokens_a
     for seen in (10_000, 12_000):  # five steps: the second half is steps 4 and 5 (from the end of step 3)
         clock.on_step_end(None, SimpleNamespace(num_input_tokens_seen=seen), None)
     assert clock.tokens_per_second_second_half() == (12_000 - 8_000) / (15.5 - 14.5)
+
+
+def log_steps(live_dir: Path, steps: int, tmp_path: Path):
+    """The stage's dvclive callback fed `steps` optimizer steps of logs, as the Trainer feeds it."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from stages import train_output
+
+    callback = train_output.live_callback(live_dir, resumed_from=0)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    state = TrainerState()
+    for step in range(1, steps + 1):
+        state.global_step = step
+        callback.on_log(args, state, TrainerControl(), logs={"loss": 1.0 / step, "learning_rate": 1e-4})
+    return callback
+
+
+def test_step_logging_does_not_reread_the_curves_unless_a_studio_wants_them(tmp_path, monkeypatch):
+    """dvclive builds a Studio update at every step by re-reading every curve file (a cost that grows with
+    the run); with no Studio set up the stage skips it, and every point is still written."""
+    import dvclive.live
+
+    for name in ("DVC_STUDIO_TOKEN", "STUDIO_TOKEN", "DVC_STUDIO_URL"):
+        monkeypatch.delenv(name, raising=False)
+    reads, posted = [], []
+    parse = dvclive.live.parse_metrics
+    monkeypatch.setattr(dvclive.live, "parse_metrics", lambda live: reads.append(live.step) or parse(live))
+    monkeypatch.setattr(dvclive.live, "post_to_studio", lambda *args: posted.append(args[1]))
+    callback = log_steps(tmp_path / "live", 5, tmp_path)
+    assert reads == []
+    lines = (tmp_path / "live" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
+    assert [int(line.split("\t")[0]) for line in lines] == [1, 2, 3, 4, 5]
+
+    callback.live._studio_events_to_skip.discard("data")  # a Studio that takes live updates gets them
+    callback.on_log(None, types.SimpleNamespace(global_step=6, is_world_process_zero=True), None,
+                    logs={"loss": 0.1})
+    callback.live._wait_for_studio_updates_posted()
+    assert reads == [6] and "data" in posted
