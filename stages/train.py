@@ -56,7 +56,8 @@ def relaunch_distributed(num_gpus: int, argv: list[str]) -> int:
     return subprocess.call(command, env=env)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> None:
+    """extra_callbacks: more Trainer callbacks (benchmarks that time the run from inside, bench/train_phases.py)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--splits", type=Path, default=Path("data/splits"))
     parser.add_argument("--adapter", type=Path, default=Path("models/adapter"))
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     resumed_from = train_checkpoints.checkpoint_step(resume) if resume else 0
     # Rank 0 alone logs: dvclive clears and writes its folder, which ranks must not do at once.
     clock = train_output.step_clock()
-    callbacks = [clock, *([train_output.live_callback(args.live, resumed_from)] if rank_zero() else [])]
+    callbacks = [clock, *([train_output.live_callback(args.live, resumed_from)] if rank_zero() else []),
+                 *extra_callbacks]
     if validate and config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = BalancedTrainer(model=model, args=arguments, train_dataset=train_examples,
