@@ -71,6 +71,8 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
     return {"slots": stats["batch_size"], "seconds": round(seconds, 1), "useful_tokens": useful,
             "useful_tokens_per_second": round(useful / seconds),
             "decode_slot_share": round(stats["decode_slot_share"], 3),
+            **({"tail_steps": stats["tail_steps"], "tail_seconds": round(stats["tail_seconds"], 1)}
+               if "tail_steps" in stats else {}),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
 
 

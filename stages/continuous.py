@@ -9,6 +9,7 @@ run eagerly with a masked SDPA. Prompts are prefilled eagerly, a group at a time
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -163,6 +164,10 @@ class Stats:
     slot_steps: int = 0  # decode steps x slots of the graph that ran them: the decode work paid for
     prefill_calls: int = 0
     graph_sizes: list[int] = field(default_factory=list)
+    # The tail: decode steps (and wall seconds) after the last prompt went in, while the batch runs down to
+    # its last, longest responses. Every GPU of a multi-GPU run pays its own.
+    tail_steps: int = 0
+    tail_seconds: float = 0.0
 
 
 class ContinuousBatcher:
@@ -287,6 +292,8 @@ class ContinuousBatcher:
                 for slot, token in zip(group, first, strict=True):
                     generated[self.owner[slot]] = []
                     take(slot, token)
+                if not waiting:
+                    tail_from = (self.stats.decode_steps, time.perf_counter())
                 continue
             if not waiting:  # the tail: decode with the smallest graph that holds every response left
                 size = self._shrink(size)
@@ -298,6 +305,9 @@ class ContinuousBatcher:
                 on_tokens(taken)
         if on_tokens:
             on_tokens(taken)
+        if prompts:
+            self.stats.tail_steps = self.stats.decode_steps - tail_from[0]
+            self.stats.tail_seconds = time.perf_counter() - tail_from[1]
 
     def _admit(self, free: list[int], waiting: list[int], prompts: list[list[int]]) -> list[int]:
         """Give waiting prompts to free slots, as many as one prefill takes; returns those slots."""

@@ -249,7 +249,9 @@ def generate_continuous(model, encoded: list[list[int]], order: list[int], confi
 
     with torch.inference_mode():
         engine.run([encoded[i] for i in order], budgets, done, tokens_so_far, [keys[i] for i in order])
-    log.info("decoded in %d steps (graphs of %s slots)", engine.stats.decode_steps, engine.stats.graph_sizes or "no")
+    stats = engine.stats
+    log.info("decoded in %d steps (graphs of %s slots); the last %d, %.0f s, after the last prompt went in",
+             stats.decode_steps, stats.graph_sizes or "no", stats.tail_steps, stats.tail_seconds)
     return engine.stats.slot_steps, dataclasses.asdict(engine.stats)
 
 

@@ -188,3 +188,14 @@ def test_progress_reports_the_tokens_generated_so_far_while_responses_run(model)
     engine.run([[5, 6, 7]] * 6, [150] * 6, done.__setitem__, reports.append)
     assert len(reports) > 2 and reports == sorted(reports)  # reported during the run, not only when prompts end
     assert reports[-1] == sum(map(len, done.values())) == 6 * 150
+
+
+def test_the_tail_counts_the_decode_steps_after_the_last_prompt_went_in(model):
+    """2 slots, budgets 2, 6, 3 (first token from the prefill): prompts 0 and 1 go in; prompt 0 ends at
+    step 1 and prompt 2 takes its slot; prompt 2 ends at step 3 and prompt 1 at step 5: 4 steps of tail."""
+    engine = continuous.ContinuousBatcher(model, slots=2, length=64, eos=-1, temperature=0.0, top_p=1.0)
+    ends = []
+    engine.run([[5, 6, 7], [8, 9, 10], [10, 11, 12]], [2, 6, 3], lambda index, ids: ends.append((index, len(ids))))
+    assert ends == [(0, 2), (2, 3), (1, 6)]
+    assert engine.stats.decode_steps == 5 and engine.stats.tail_steps == 4
+    assert engine.stats.tail_seconds >= 0
