@@ -252,7 +252,7 @@ def generate_continuous(model, encoded: list[list[int]], order: list[int], confi
     stats = engine.stats
     log.info("decoded in %d steps (graphs of %s slots); the last %d, %.0f s, after the last prompt went in",
              stats.decode_steps, stats.graph_sizes or "no", stats.tail_steps, stats.tail_seconds)
-    return engine.stats.slot_steps, dataclasses.asdict(engine.stats)
+    return stats.slot_steps, dataclasses.asdict(stats)
 
 
 class EndAt:

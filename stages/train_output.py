@@ -125,8 +125,8 @@ def live_callback(live_dir: Path, resumed_from: int):
                 tmp.write_text("".join(kept))
     class Quiet(Live):
         """Live without the Studio update it assembles at every step when no Studio is set up (dvclive 3.49
-        re-reads every curve file to build it and then drops it): a cost that grows with the step count,
-        quadratic over a run, paid on rank 0 while the other ranks wait."""
+        re-reads the params file and every curve file to build it, then drops it): a cost that grows with
+        the steps, quadratic over a run, paid on rank 0 while the other ranks wait."""
 
         def post_data_to_studio(self):
             if "data" not in getattr(self, "_studio_events_to_skip", ()):
