@@ -40,6 +40,13 @@ def experiments(project: Path) -> dict[str, dict]:
             for rev in exp["revs"]}
 
 
+def readme_show_command() -> list[str]:
+    """The smoke run's `dvc exp show` line in the README, its comment dropped."""
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("dvc exp show --md --drop"))
+    return shlex.split(line, comments=True)
+
+
 def test_smoke_command_leaves_the_checkout_untouched_and_its_experiment_shows_and_can_be_kept(tmp_path):
     project = clone_of_checkout(tmp_path / "clone")
     params_before = (project / "params.yaml").read_bytes()
@@ -59,6 +66,10 @@ def test_smoke_command_leaves_the_checkout_untouched_and_its_experiment_shows_an
     assert data["params"]["params.yaml"]["data"]["model"]["name"] == str(overrides["model.name"])
     evaluation = data["metrics"]["metrics/eval/gsm8k/accuracy.json"]["data"]
     assert {"base", "finetuned", "delta", "low", "high"} <= set(evaluation)
+    show = readme_show_command()
+    assert show[:3] == ["dvc", "exp", "show"]
+    shown = dvc(project, *show[1:]).stdout  # the README's table of the experiment shows its accuracy per set
+    assert all(f"metrics/eval/{name}/accuracy.json:finetuned" in shown for name in ("gsm8k", "heldout", "math500"))
 
     dvc(project, "exp", "branch", name, "smoke-run")
     kept = json.loads(sh(project, "git", "show", "smoke-run:metrics/eval/gsm8k/accuracy.json").stdout)
