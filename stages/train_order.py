@@ -4,8 +4,8 @@ before) are split into its micro-batches so that every micro-batch, on every GPU
 With a fixed count of sequences per micro-batch, lengths of 256 to 4,096 tokens make one GPU's share of a
 step often 10-20% more tokens than another's, and every DDP step waits for the slowest GPU. Here a packed
 micro-batch's cost is its tokens plus attention's square term, each micro-batch takes the next-longest
-sequence while it is the cheapest (longest-processing-time first), and the micro-batch counts per
-sequence vary. Each step still trains on the same sequences, and transformers normalizes the loss by the
+sequence while it is the cheapest (longest-processing-time first), and the number of sequences per
+micro-batch varies. Each step still trains on the same sequences, and transformers normalizes the loss by the
 step's label tokens, so what is learned does not change.
 
 Imports transformers: import it after Unsloth (stages/train.py does).

@@ -17,10 +17,10 @@ from stages.train_checkpoints import checkpoint_step
 def step_clock(synchronize: bool = False):
     """A callback that notes the time and tokens seen at the end of every optimizer step (synchronize: after
     waiting for the GPU, as benchmarks timing single steps want; the stage's logging waits a moment later
-    anyway), so speed can be
-    given without the first step (Unsloth's compilation, kernel tuning and CUDA start-up land there), and
-    over the second half of the steps: the next few steps are slower still (on an H100 1.7 s, then about
-    1.0 s from the eighth; probably compilation for new micro-batch lengths), which a long run does not feel."""
+    anyway), so speed can be given without the first step (Unsloth's compilation, kernel tuning and CUDA
+    start-up land there), and over the second half of the steps: the next few steps are slower still (on an
+    H100 1.7 s, then about 1.0 s from the eighth; probably compilation for new micro-batch lengths), which a
+    long run does not feel."""
     import time
 
     from transformers import TrainerCallback
