@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
     return {"slots": stats["batch_size"], "seconds": round(seconds, 1), "useful_tokens": useful,
             "useful_tokens_per_second": round(useful / seconds),
             "decode_slot_share": round(stats["decode_slot_share"], 3),
-            **({"tail_steps": stats["tail_steps"], "tail_seconds": round(stats["tail_seconds"], 1)}
+            **({"tail_steps": stats["tail_steps"], "tail_seconds": round(stats["tail_seconds"], 1),
+                "compiled": stats["compiled"], "compile_seconds": round(stats["compile_seconds"], 1)}
                if "tail_steps" in stats else {}),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
 
@@ -116,6 +118,7 @@ def main() -> None:
     parser.add_argument("--commit", default="", help="the commit measured, recorded in the JSON")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     from transformers import AutoTokenizer
 

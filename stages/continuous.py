@@ -168,13 +168,15 @@ class Stats:
     # its last, longest responses. Every GPU of a multi-GPU run pays its own.
     tail_steps: int = 0
     tail_seconds: float = 0.0
+    compiled: bool = False  # the decode step ran torch.compile's code
+    compile_seconds: float = 0.0
 
 
 class ContinuousBatcher:
     """Generates token ids for many prompts through `slots` concurrent KV-cache slots."""
 
     def __init__(self, model, slots: int, length: int, eos: int, temperature: float, top_p: float,
-                 graphs: bool = True):
+                 graphs: bool = True, compile: bool = False):
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         config, self.device = model.config, model.device
         if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
@@ -189,18 +191,30 @@ class ContinuousBatcher:
         self.active = torch.zeros(slots, dtype=torch.long, device=self.device)  # 1: a response is in the slot
         self.keys = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's sampling key
         self.use_graphs = graphs and self.device.type == "cuda"
+        # torch.compile fuses the step's many small kernels (norms, rotary, activations, the sampler's
+        # arithmetic); one compiled graph serves every decode size (the slot count is a dynamic dimension)
+        self.compiled = self.compile_pending = compile
+        self.next_tokens = torch.compile(self._next_tokens, fullgraph=True) if compile else self._next_tokens
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.owner: list[int | None] = [None] * slots  # the prompt (index) each slot is answering
         self.stats = Stats()
 
-    def _decode(self, size: int) -> None:
-        """One token for the first `size` slots: writes it to tokens (the next input), advances positions."""
-        positions = self.positions[:size]
+    def _next_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The next token of each slot from its last one, its write position and its sampling key; writes
+        their keys and values into the cache."""
         self.cache.set_decode(positions)
-        hidden = self.decoder(input_ids=self.tokens[:size, None], position_ids=positions[:, None],
+        hidden = self.decoder(input_ids=tokens[:, None], position_ids=positions[:, None],
                               attention_mask={"full_attention": DecodeStep(positions, self.flash)},
                               past_key_values=self.cache, use_cache=True).last_hidden_state
-        self.tokens[:size].copy_(self.sample(self.head(hidden[:, -1]), uniforms(self.keys[:size], positions)))
+        return self.sample(self.head(hidden[:, -1]), uniforms(keys, positions))
+
+    def _decode(self, size: int) -> None:
+        """One token for the first `size` slots: writes it to tokens (the next input), advances positions."""
+        inputs = self.tokens[:size], self.positions[:size], self.keys[:size]
+        if self.compiled:
+            for tensor in inputs:  # one compiled graph for every size
+                torch._dynamo.mark_dynamic(tensor, 0)
+        self.tokens[:size].copy_(self.next_tokens(*inputs))
         self.positions[:size].add_(self.active[:size]).clamp_(max=self.length - 1)
 
     def _graph_sizes(self) -> list[int]:
@@ -209,6 +223,22 @@ class ContinuousBatcher:
             sizes.append(size)
             size //= 2
         return sizes or [self.slots]
+
+    def _compile(self) -> None:
+        """Compile the decode step (a first step into the empty cache); if torch.compile fails here (no
+        Triton, no C compiler), say so and decode eagerly."""
+        start, self.compile_pending = time.perf_counter(), False
+        try:
+            self._decode(self.slots)  # writes only into empty slots, at position 0
+        except Exception as e:  # torch.compile raises many kinds; the eager step is always there
+            log.warning("decoding without torch.compile, which failed here (%s: %s)", type(e).__name__,
+                        (str(e).strip().splitlines() or [""])[0])
+            self.compiled, self.next_tokens = False, self._next_tokens
+        else:
+            self.stats.compiled, self.stats.compile_seconds = True, time.perf_counter() - start
+            log.info("compiled the decode step in %.1f s", self.stats.compile_seconds)
+        self.positions.zero_()
+        self.tokens.zero_()
 
     def _capture(self) -> None:
         """One graph per decode size (slots, slots/2, ...), captured before any prompt is in the cache:
@@ -263,6 +293,8 @@ class ContinuousBatcher:
         tokens so far) every PROGRESS_STEPS decode steps and at the end (responses finish late: progress).
         keys: each prompt's sampling key, below 2^63 (default: its index)."""
         keys = list(range(len(prompts))) if keys is None else keys
+        if self.compile_pending:
+            self._compile()
         if self.use_graphs and not self.graphs:
             self._capture()
         self.owner = [None] * self.slots

@@ -233,7 +233,8 @@ def generate_continuous(model, encoded: list[list[int]], order: list[int], confi
     length = max(map(len, encoded), default=0) + config.max_new_tokens
     try:
         engine = ContinuousBatcher(model, slots, length, eos, config.temperature, config.top_p,
-                                   graphs=config.static_cache)
+                                   graphs=config.static_cache,
+                                   compile=config.static_cache and model.device.type == "cuda")
     except ValueError as e:
         raise GenerationError(f"evaluate: eval.batching is 'continuous', but {e}; set eval.batching: padded") from e
 

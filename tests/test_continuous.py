@@ -199,3 +199,40 @@ def test_the_tail_counts_the_decode_steps_after_the_last_prompt_went_in(model):
     assert ends == [(0, 2), (2, 3), (1, 6)]
     assert engine.stats.decode_steps == 5 and engine.stats.tail_steps == 4
     assert engine.stats.tail_seconds >= 0
+
+
+def run_engine(model, prompts: list[list[int]], budgets: list[int], **options) -> tuple[dict, continuous.Stats]:
+    engine = continuous.ContinuousBatcher(model, slots=16, length=128, eos=1, temperature=0.0, top_p=1.0, **options)
+    done = {}
+    with torch.inference_mode():
+        engine.run(prompts, budgets, done.__setitem__)
+    return done, engine
+
+
+# 24 prompts in 16 slots: refills, then the batch shrinks to the 8-slot size once none waits
+COMPILE_PROMPTS = [[5 + (3 * i + j) % 200 for j in range(4 + i % 7)] for i in range(24)]
+COMPILE_BUDGETS = [3 + (5 * i) % 17 for i in range(24)]
+
+
+def test_the_compiled_decode_step_gives_the_eager_tokens_with_one_graph_for_every_batch_size(model):
+    eager, _ = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, compile=True)
+    assert engine.stats.compiled
+    assert engine.stats.slot_steps < engine.stats.decode_steps * 16  # it ran at 16 slots and at 8
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    assert compiled == eager
+
+
+def test_a_decode_step_that_does_not_compile_is_run_eagerly_and_said(model, monkeypatch, caplog):
+    def broken(function, **options):
+        def call(*args, **kwargs):
+            raise RuntimeError("no C compiler here\nmore detail")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    eager, _ = run_engine(model, COMPILE_PROMPTS[:6], COMPILE_BUDGETS[:6])
+    with caplog.at_level("WARNING", logger="stages.evaluate"):
+        fallen_back, engine = run_engine(model, COMPILE_PROMPTS[:6], COMPILE_BUDGETS[:6], compile=True)
+    assert not engine.stats.compiled and fallen_back == eager
+    assert "decoding without torch.compile, which failed here (RuntimeError: no C compiler here)" in caplog.text

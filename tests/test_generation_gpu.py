@@ -37,7 +37,7 @@ def test_greedy_continuous_batching_returns_the_tokens_of_generate_in_fp32(model
                                  batch_size=8, batching="continuous", static_cache=True)
     stats = {}
     outputs = generation.generate(model, tokenizer, prompts, config, seed=0, end_at=end_at, stats=stats)
-    assert stats["graph_sizes"]  # the CUDA-graph path ran
+    assert stats["graph_sizes"] and stats["compiled"]  # the CUDA graphs of the compiled step ran
     for prompt, output, end in zip(prompts, outputs, end_at, strict=True):
         expected = reference_ids(model, tokenizer, prompt, end)
         assert generation.to_generation(tokenizer, expected[:end - 1] + [tokenizer.eos_token_id],
