@@ -201,8 +201,10 @@ def test_the_tail_counts_the_decode_steps_after_the_last_prompt_went_in(model):
     assert engine.stats.tail_seconds >= 0
 
 
-def run_engine(model, prompts: list[list[int]], budgets: list[int], **options) -> tuple[dict, continuous.Stats]:
-    engine = continuous.ContinuousBatcher(model, slots=16, length=128, eos=1, temperature=0.0, top_p=1.0, **options)
+def run_engine(model, prompts: list[list[int]], budgets: list[int], slots: int = 16, length: int = 128,
+               temperature: float = 0.0, **options) -> tuple[dict, continuous.ContinuousBatcher]:
+    engine = continuous.ContinuousBatcher(model, slots=slots, length=length, eos=1, temperature=temperature,
+                                          top_p=0.95, **options)
     done = {}
     with torch.inference_mode():
         engine.run(prompts, budgets, done.__setitem__)
@@ -214,14 +216,24 @@ COMPILE_PROMPTS = [[5 + (3 * i + j) % 200 for j in range(4 + i % 7)] for i in ra
 COMPILE_BUDGETS = [3 + (5 * i) % 17 for i in range(24)]
 
 
-def test_the_compiled_decode_step_gives_the_eager_tokens_with_one_graph_for_every_batch_size(model):
+def test_the_compiled_decode_step_gives_the_eager_tokens_with_one_graph_for_every_batch_and_cache_size(model):
+    """One graph for the 16- and 8-slot steps, and for another engine's cache of other slots and length (so
+    every worker, model and set of a run, and later runs through Inductor's on-disk cache, reuse it)."""
     eager, _ = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, compile=True)
     assert engine.stats.compiled
     assert engine.stats.slot_steps < engine.stats.decode_steps * 16  # it ran at 16 slots and at 8
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
     assert compiled == eager
+    other, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, slots=12, length=100, compile=True)
+    assert engine.stats.compiled and other == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+
+
+def test_the_compiled_decode_step_samples_the_eager_tokens(model):
+    eager, _ = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, temperature=0.6)
+    compiled, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, temperature=0.6, compile=True)
+    assert engine.stats.compiled and compiled == eager
 
 
 def test_a_decode_step_that_does_not_compile_is_run_eagerly_and_said(model, monkeypatch, caplog):
