@@ -1,9 +1,9 @@
 """Benchmark: where a step of the train stage goes, per rank. The stage itself runs on bench.train_gpus'
 project (random 1.5B-shaped weights, synthetic sequences of ~256-3,300 tokens, 16 a step) with one more
 callback, which waits for the GPU at each Trainer event and notes the time; printed per GPU count and
-rank: mean milliseconds of each micro-batch (forward, backward and the Trainer's token count, a sync
-across ranks; the last one also holds DDP's gradient all-reduce and gradient clipping), the optimizer
-step, and what comes after it (logging, the next batch), over the steps from --skip on.
+rank: mean milliseconds of each micro-batch (forward and backward; the last one also holds DDP's gradient
+all-reduce and gradient clipping), the optimizer step (with the step's token count, summed over the ranks),
+and what comes after it (logging, the next batch), over the steps from --skip on.
 
     python -m tests.random_model /tmp/r1
     python -m bench.train_phases /tmp/r1 --gpus 1,2 --steps 20 [--no-allreduce] [--out FILE]

@@ -13,7 +13,8 @@ Imports transformers: import it after Unsloth (stages/train.py does).
 
 from __future__ import annotations
 
-from transformers import Trainer
+import torch
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 
@@ -58,13 +59,48 @@ class PackedBalanceSampler(BatchRebalanceSampler):
                 for rank in range(self.dp_size)]
 
 
+class StepTokenCount(TrainerCallback):
+    """The input tokens of a step's micro-batches, counted on the host (`pending`), added to the Trainer state
+    once the step's optimizer has stepped: summed over the processes by one all-reduce a step when there are
+    several, by nothing when alone."""
+
+    def __init__(self):
+        self.pending = 0
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.add_pending(args, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.add_pending(args, state)
+
+    def add_pending(self, args, state) -> None:
+        count = self.pending
+        if args.world_size > 1:
+            total = torch.tensor(count, device=args.device, dtype=torch.int64)
+            torch.distributed.all_reduce(total)
+            count = int(total.item())
+        state.num_input_tokens_seen += count
+        self.pending = 0
+
+
 class BalancedTrainer(Trainer):
     """A Trainer whose packed training batches come from PackedBalanceSampler (training arguments with
-    train_sampling_strategy 'batch_rebalance', which stages.train_choices sets for packed runs)."""
+    train_sampling_strategy 'batch_rebalance', which stages.train_choices sets for packed runs), and whose
+    packed runs count their input tokens without waiting for the GPU (StepTokenCount)."""
 
     def __init__(self, *args, attention_weight: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.attention_weight = attention_weight
+        self.token_count = StepTokenCount()
+        self.add_callback(self.token_count)
+
+    def _track_num_input_tokens(self, inputs):
+        """Packed runs count every token (include_num_input_tokens_seen 'all'), a size this process knows:
+        transformers would copy each micro-batch's count to the GPU, gather it over the processes and read the
+        sum back, a wait for the GPU in the middle of every step (the next kernels cannot queue behind it)."""
+        if self.args.include_num_input_tokens_seen != "all":
+            return super()._track_num_input_tokens(inputs)
+        self.token_count.pending += inputs[getattr(self.model, "main_input_name", "input_ids")].numel()
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset

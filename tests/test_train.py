@@ -376,7 +376,11 @@ def test_two_process_ddp_keeps_sequences_per_step_and_saves_one_adapter(project,
     assert (project / "models" / "adapter" / "adapter_model.safetensors").is_file()
     set_params(project, "train", num_gpus=2, max_steps=6, sequences_per_step=8)  # stale checkpoints: cleared once
     train_stage.main([])
-    assert train_metrics(project)["steps"] == 6 and train_metrics(project)["resumed_from_step"] == 0
+    metrics_two = train_metrics(project)
+    assert metrics_two["steps"] == 6 and metrics_two["resumed_from_step"] == 0
+    set_params(project, "train", num_gpus=1, max_steps=6, sequences_per_step=8)  # the same sequences each step
+    train_stage.main([])
+    assert train_metrics(project)["tokens_seen"] == metrics_two["tokens_seen"]  # both ranks' tokens, summed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")

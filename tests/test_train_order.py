@@ -118,3 +118,25 @@ def test_a_balanced_step_learns_what_a_count_split_step_learns(tokenizer, tiny_m
     assert count_split == [3150, 265] and max(balanced_split) - min(balanced_split) < 900
     assert balanced["loss"] == pytest.approx(counted["loss"], rel=1e-5)
     assert balanced["grad_norm"] == pytest.approx(counted["grad_norm"], rel=1e-4)
+
+
+def test_packed_runs_count_their_tokens_without_a_trip_to_the_device_per_micro_batch(tokenizer, tiny_model_dir,
+                                                                                     tmp_path, monkeypatch):
+    config = params.load("train", ROOT / "params.yaml")
+    model_params = params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=1024, directive="")
+    rng = np.random.default_rng(2)
+    sizes = [int(n) for n in rng.integers(20, 400, 48)]
+    examples = train_data.Examples([rng.integers(10, 300, size, dtype=np.int32) for size in sizes], [8] * 48)
+    args = train_choices.training_arguments(config, tmp_path, micro=4, seed=3, validate=False)
+    args.max_steps, args.save_strategy = 2, "no"
+    trainer = BalancedTrainer(model=train_model.load_peft(model_params, config, True), args=args,
+                              train_dataset=examples, data_collator=train_data.collator(tokenizer, True),
+                              attention_weight=0.0)
+    trained = [batch["input_ids"].numel() for batch in trainer.get_train_dataloader()][:8]  # 2 steps of 4 x 4
+    gathers = []
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda tensor: gathers.append(tensor) or tensor)
+    trainer.train()
+    assert trainer.state.num_input_tokens_seen == sum(trained)
+    assert [entry["num_input_tokens_seen"] for entry in trainer.state.log_history if "loss" in entry] == [
+        sum(trained[:4]), sum(trained)]  # each step's count is in before it is logged
+    assert not gathers
