@@ -6,7 +6,8 @@ step often 10-20% more tokens than another's, and every DDP step waits for the s
 micro-batch's cost is its tokens plus attention's square term, each micro-batch takes the next-longest
 sequence while it is the cheapest (longest-processing-time first), and the number of sequences per
 micro-batch varies. Each step still trains on the same sequences, and transformers normalizes the loss by the
-step's label tokens, so what is learned does not change.
+step's label tokens, so what is learned does not change. The Trainer of these runs (BalancedTrainer) also
+counts their tokens on the host, once a step (StepTokenCount), not with a wait for the GPU per micro-batch.
 
 Imports transformers: import it after Unsloth (stages/train.py does).
 """
