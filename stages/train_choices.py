@@ -128,6 +128,9 @@ def training_arguments(config: params.TrainParams, checkpoints: Path, micro: int
         greater_is_better=False,
         restore_callback_states_from_checkpoint=True,  # early stopping's patience survives a resume
         logging_steps=1, report_to="none", seed=seed, data_seed=seed, bf16=cuda, use_cpu=not cuda,
+        # a NaN or infinite loss is logged as it is, not replaced by earlier ones (transformers' default, which
+        # also waits for the GPU after every micro-batch to check the loss)
+        logging_nan_inf_filter=False,
         gradient_checkpointing=False,  # set on the model by each backend
         remove_unused_columns=False, include_num_input_tokens_seen="all" if config.packing else "non_padding",
         # Packed: each step's shuffled sequences split into micro-batches of equal cost (stages/train_order.py).

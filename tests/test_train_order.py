@@ -1,5 +1,6 @@
 """Packed training batches: each step's sequences split into micro-batches of equal cost, on every rank."""
 
+import math
 import random
 
 import numpy as np
@@ -120,18 +121,23 @@ def test_a_balanced_step_learns_what_a_count_split_step_learns(tokenizer, tiny_m
     assert balanced["grad_norm"] == pytest.approx(counted["grad_norm"], rel=1e-4)
 
 
-def test_packed_runs_count_their_tokens_without_a_trip_to_the_device_per_micro_batch(tokenizer, tiny_model_dir,
-                                                                                     tmp_path, monkeypatch):
+def two_step_trainer(tokenizer, model_dir, out) -> BalancedTrainer:
+    """The stage's Trainer on 48 random packed rows of 20-400 tokens: 2 steps of 4 micro-batches of 4."""
     config = params.load("train", ROOT / "params.yaml")
-    model_params = params.ModelParams(name=str(tiny_model_dir), revision="main", max_seq_length=1024, directive="")
+    model_params = params.ModelParams(name=str(model_dir), revision="main", max_seq_length=1024, directive="")
     rng = np.random.default_rng(2)
     sizes = [int(n) for n in rng.integers(20, 400, 48)]
     examples = train_data.Examples([rng.integers(10, 300, size, dtype=np.int32) for size in sizes], [8] * 48)
-    args = train_choices.training_arguments(config, tmp_path, micro=4, seed=3, validate=False)
+    args = train_choices.training_arguments(config, out, micro=4, seed=3, validate=False)
     args.max_steps, args.save_strategy = 2, "no"
-    trainer = BalancedTrainer(model=train_model.load_peft(model_params, config, True), args=args,
-                              train_dataset=examples, data_collator=train_data.collator(tokenizer, True),
-                              attention_weight=0.0)
+    return BalancedTrainer(model=train_model.load_peft(model_params, config, True), args=args,
+                           train_dataset=examples, data_collator=train_data.collator(tokenizer, True),
+                           attention_weight=0.0)
+
+
+def test_packed_runs_count_their_tokens_without_a_trip_to_the_device_per_micro_batch(tokenizer, tiny_model_dir,
+                                                                                     tmp_path, monkeypatch):
+    trainer = two_step_trainer(tokenizer, tiny_model_dir, tmp_path)
     trained = [batch["input_ids"].numel() for batch in trainer.get_train_dataloader()][:8]  # 2 steps of 4 x 4
     gathers = []
     monkeypatch.setattr(trainer.accelerator, "gather", lambda tensor: gathers.append(tensor) or tensor)
@@ -140,3 +146,20 @@ def test_packed_runs_count_their_tokens_without_a_trip_to_the_device_per_micro_b
     assert [entry["num_input_tokens_seen"] for entry in trainer.state.log_history if "loss" in entry] == [
         sum(trained[:4]), sum(trained)]  # each step's count is in before it is logged
     assert not gathers
+
+
+def test_a_nan_loss_is_logged_as_nan_not_hidden(tokenizer, tiny_model_dir, tmp_path):
+    """transformers' default replaces a NaN or infinite loss in the logs by the mean of the last ones, and to
+    check for it waits for the GPU after every micro-batch; the stage logs what the loss was."""
+    trainer = two_step_trainer(tokenizer, tiny_model_dir, tmp_path)
+    compute_loss, calls = trainer.compute_loss, []
+
+    def nan_in_the_second_step(*args, **kwargs):
+        calls.append(1)
+        loss = compute_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    trainer.compute_loss = nan_in_the_second_step
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and not math.isnan(losses[0]) and math.isnan(losses[1])
