@@ -240,6 +240,7 @@ class ContinuousBatcher:
         """Compile the decode step (a first step into the empty cache); if torch.compile fails here (no
         Triton, no C compiler), say so and decode eagerly."""
         start, self.compile_pending = time.perf_counter(), False
+        log.info("compiling the decode step (about a minute on a machine's first run; ~10 s once cached)")
         # One graph for any cache's slots and length: every worker, model and set of a run, and later runs
         # (through Inductor's on-disk cache), reuse it instead of compiling anew (~45 s on an H200).
         for tensor in (*self.cache.keys, *self.cache.values):

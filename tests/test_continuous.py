@@ -230,10 +230,12 @@ def test_the_compiled_decode_step_gives_the_eager_tokens_with_one_graph_for_ever
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
 
 
-def test_the_compiled_decode_step_samples_the_eager_tokens(model):
+def test_the_compiled_decode_step_samples_the_eager_tokens(model, caplog):
     eager, _ = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, temperature=0.6)
-    compiled, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, temperature=0.6, compile=True)
+    with caplog.at_level("INFO", logger="stages.evaluate"):
+        compiled, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, temperature=0.6, compile=True)
     assert engine.stats.compiled and compiled == eager
+    assert "compiling the decode step" in caplog.text and "compiled the decode step in" in caplog.text
 
 
 def test_a_decode_step_that_does_not_compile_is_run_eagerly_and_said(model, monkeypatch, caplog):
