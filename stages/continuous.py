@@ -205,7 +205,7 @@ class ContinuousBatcher:
         self.use_graphs = graphs and self.device.type == "cuda"
         # torch.compile fuses the step's many small kernels (norms, rotary, activations, the sampler's
         # arithmetic); one compiled graph serves every decode size (the slot count is a dynamic dimension)
-        self.compiled = self.compile_pending = compile
+        self.compiled = compile  # until compiling fails; stats.compiled once it succeeded
         self.next_tokens = torch.compile(self._next_tokens, fullgraph=True) if compile else self._next_tokens
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.owner: list[int | None] = [None] * slots  # the prompt (index) each slot is answering
@@ -239,7 +239,7 @@ class ContinuousBatcher:
     def _compile(self) -> None:
         """Compile the decode step (a first step into the empty cache); if torch.compile fails here (no
         Triton, no C compiler), say so and decode eagerly."""
-        start, self.compile_pending = time.perf_counter(), False
+        start = time.perf_counter()
         log.info("compiling the decode step (about a minute on a machine's first run; ~10 s once cached)")
         # One graph for any cache's slots and length: every worker, model and set of a run, and later runs
         # (through Inductor's on-disk cache), reuse it instead of compiling anew (~45 s on an H200).
@@ -311,7 +311,7 @@ class ContinuousBatcher:
         tokens so far) every PROGRESS_STEPS decode steps and at the end (responses finish late: progress).
         keys: each prompt's sampling key, below 2^63 (default: its index)."""
         keys = list(range(len(prompts))) if keys is None else keys
-        if self.compile_pending:
+        if self.compiled and not self.stats.compiled:
             self._compile()
         if self.use_graphs and not self.graphs:
             self._capture()
