@@ -140,7 +140,12 @@ def main() -> None:
     if args.processes:
         counts = [int(n) for n in args.processes.split(",")]
         results["gpus"] = torch.cuda.device_count()
-        results["processes"] = [run_processes(n, args.model_dir, adapter, texts, config, end_at) for n in counts]
+        results["processes"] = []
+        for n in counts:  # each run's figures written as it ends: a call that runs out of time keeps them
+            results["processes"].append(run_processes(n, args.model_dir, adapter, texts, config, end_at))
+            print(json.dumps(results["processes"][-1]), flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
         first, last = results["processes"][0], results["processes"][-1]
         results["speedup"] = round(last["useful_tokens_per_second"] / first["useful_tokens_per_second"], 2)
         results["speedup_after_startup"] = round(last["useful_tokens_per_second_after_startup"]
