@@ -144,15 +144,13 @@ def main() -> None:
         for n in counts:  # each run's figures written as it ends: a call that runs out of time keeps them
             results["processes"].append(run_processes(n, args.model_dir, adapter, texts, config, end_at))
             print(json.dumps(results["processes"][-1]), flush=True)
-            if args.out:
-                args.out.write_text(json.dumps(results, indent=2) + "\n")
+            save(results, args.out)
         first, last = results["processes"][0], results["processes"][-1]
         results["speedup"] = round(last["useful_tokens_per_second"] / first["useful_tokens_per_second"], 2)
         results["speedup_after_startup"] = round(last["useful_tokens_per_second_after_startup"]
                                                  / first["useful_tokens_per_second_after_startup"], 2)
         print(json.dumps(results, indent=2))
-        if args.out:
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
+        save(results, args.out)
         return
     model_params = params.ModelParams(name=args.model_dir, revision="main", max_seq_length=4096, directive="")
     model = generation.load_model(model_params, adapter)
@@ -165,8 +163,12 @@ def main() -> None:
         results["speedup"] = round(routes["continuous"]["useful_tokens_per_second"]
                                    / routes["padded"]["useful_tokens_per_second"], 2)
     print(json.dumps(results, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    save(results, args.out)
+
+
+def save(results: dict, out: Path | None) -> None:
+    if out:
+        out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

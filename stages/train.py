@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> None:
         log.info("no validation rows in %s: no early stopping, the last checkpoint is the result", val_file)
 
     arguments = train_choices.training_arguments(config, args.checkpoints, micro, seed, validate, processes)
-    if arguments.process_index == 0:  # global rank 0 alone; the other processes, on every node, wait for it
+    global_zero = arguments.process_index == 0  # global rank 0, on whichever node: it alone writes files
+    if global_zero:  # the other processes, on every node, wait for it
         # num_gpus as the processes actually used: they set the data order and the accumulation.
         made_from = fingerprint(dataclasses.asdict(model_params),
                                 dataclasses.asdict(dataclasses.replace(config, num_gpus=processes)), seed,
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> None:
     resumed_from = train_checkpoints.checkpoint_step(resume) if resume else 0
     # Rank 0 alone logs: dvclive clears and writes its folder, which ranks must not do at once.
     clock = train_output.step_clock()
-    callbacks = [clock, *([train_output.live_callback(args.live, resumed_from)] if rank_zero() else []),
+    callbacks = [clock, *([train_output.live_callback(args.live, resumed_from)] if global_zero else []),
                  *extra_callbacks]
     if validate and config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> None:
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall_seconds = time.perf_counter() - started
 
-    if trainer.is_world_process_zero():  # global rank 0: one adapter, however many nodes
+    if global_zero:  # one adapter, however many nodes
         with atomic_dir(args.adapter) as tmp:  # the best checkpoint's weights (load_best_model_at_end)
             train_output.save_adapter(model, tokenizer, tmp)
         with atomic_dir(args.merged) as tmp:
