@@ -61,38 +61,57 @@ def token_kv_shape(config) -> tuple[int, int]:
 
 class SlotCache:
     """The KV cache of every slot, per layer [slots, length, kv_heads, head_dim] (FlashAttention's layout).
-    transformers' attention layers call update(); set_prefill / set_decode say what it means."""
+    A prefill passes it to the model as past_key_values: transformers' attention layers call update()."""
 
     def __init__(self, config, slots: int, length: int, dtype: torch.dtype, device: torch.device):
         shape = (slots, length, *token_kv_shape(config))
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.rows: torch.Tensor | None = None  # prefill: the slots the new prompts go to
-        self.positions: torch.Tensor | None = None  # decode: each slot's write position
-
-    def set_prefill(self, rows: torch.Tensor) -> None:
-        self.rows, self.positions = rows, None
-
-    def set_decode(self, positions: torch.Tensor) -> None:
-        self.rows, self.positions = None, positions
+        self.rows: torch.Tensor | None = None  # the slots the prompts being prefilled go to
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self.rows is not None:  # prompts written from position 0; they attend to themselves only
-            length = key_states.shape[2]
-            keys[self.rows, :length] = key_states.transpose(1, 2)
-            values[self.rows, :length] = value_states.transpose(1, 2)
-            return key_states, value_states
-        slots = key_states.shape[0]
-        index = torch.arange(slots, device=key_states.device)
-        keys[index, self.positions] = key_states[:, :, 0]
-        values[index, self.positions] = value_states[:, :, 0]
-        return keys[:slots], values[:slots]
+        """Prompts are written from position 0; they attend to themselves only."""
+        length = key_states.shape[2]
+        self.keys[layer_idx][self.rows, :length] = key_states.transpose(1, 2)
+        self.values[layer_idx][self.rows, :length] = value_states.transpose(1, 2)
+        return key_states, value_states
 
     def compact(self, keep: torch.Tensor) -> None:
         """Move the slots in `keep` to the front, in that order."""
         for tensor in (*self.keys, *self.values):
             tensor[:len(keep)] = tensor[keep]
+
+
+class LayerSlots:
+    """One layer's slot cache as a decode step's attention sees it (its past_key_values): update() writes
+    each slot's new key and value at the slot's position and returns the cache of the stepping slots. It
+    ignores the layer index, so one compiled layer step serves every layer."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+        self.keys, self.values, self.positions = keys, values, positions
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        slots = key_states.shape[0]
+        index = torch.arange(slots, device=key_states.device)
+        self.keys[index, self.positions] = key_states[:, :, 0]
+        self.values[index, self.positions] = value_states[:, :, 0]
+        return self.keys[:slots], self.values[:slots]
+
+
+DECODER_PARTS = ("embed_tokens", "rotary_emb", "layers", "norm")  # what a decode step runs, in this order
+
+
+def layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+               keys: torch.Tensor, values: torch.Tensor, flash: bool) -> torch.Tensor:
+    """One decoder layer of a decode step: hidden [slots, 1, hidden] of the slots' last tokens, written to
+    and attending over the layer's cache (keys, values) up to each slot's position."""
+    return layer(hidden, attention_mask=DecodeStep(positions, flash), position_ids=positions[:, None],
+                 past_key_values=LayerSlots(keys, values, positions), use_cache=True, position_embeddings=(cos, sin))
+
+
+def last_step(norm, head, sample, hidden: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A decode step's end: the final norm, the output head and the sampler: each slot's next token."""
+    return sample(head(norm(hidden[:, -1])), uniforms(keys, positions))
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -193,6 +212,10 @@ class ContinuousBatcher:
         config, self.device = model.config, model.device
         if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
             raise ValueError("continuous batching supports full attention only (this model has sliding layers)")
+        if not all(hasattr(self.decoder, part) for part in DECODER_PARTS):
+            raise ValueError(f"continuous batching runs the decoder's {', '.join(DECODER_PARTS)} itself, and this "
+                             f"model's decoder ({type(self.decoder).__name__}) lacks some")
+        self.layers = self.decoder.layers[:config.num_hidden_layers]
         self.slots, self.length, self.eos = slots, length, eos
         self.cache = SlotCache(config, slots, length, model.dtype, self.device)
         self.sample = sampler(temperature, top_p)
@@ -204,29 +227,39 @@ class ContinuousBatcher:
         self.keys = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's sampling key
         self.use_graphs = graphs and self.device.type == "cuda"
         # torch.compile fuses the step's many small kernels (norms, rotary, activations, the sampler's
-        # arithmetic); one compiled graph serves every decode size (the slot count is a dynamic dimension)
+        # arithmetic) in two graphs: one decoder layer, which every layer runs (Dynamo traces one layer, not
+        # all 28: ~1 s instead of ~10 s a process), and the step's end. The slot count is a dynamic dimension:
+        # the two graphs serve every decode size, cache, engine and model of a process.
         self.compiled = compile  # until compiling fails; stats.compiled once it succeeded
-        self.next_tokens = torch.compile(self._next_tokens, fullgraph=True) if compile else self._next_tokens
+        self.layer_step, self.last_step = layer_step, last_step
+        if compile:
+            self.layer_step = torch.compile(layer_step, fullgraph=True)
+            self.last_step = torch.compile(last_step, fullgraph=True)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.owner: list[int | None] = [None] * slots  # the prompt (index) each slot is answering
         self.stats = Stats()
 
     def _next_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The next token of each slot from its last one, its write position and its sampling key; writes
-        their keys and values into the cache."""
-        self.cache.set_decode(positions)
-        hidden = self.decoder(input_ids=tokens[:, None], position_ids=positions[:, None],
-                              attention_mask={"full_attention": DecodeStep(positions, self.flash)},
-                              past_key_values=self.cache, use_cache=True).last_hidden_state
-        return self.sample(self.head(hidden[:, -1]), uniforms(keys, positions))
+        their keys and values into the cache. The decoder's forward pass, run part by part (DECODER_PARTS)."""
+        hidden = self.decoder.embed_tokens(tokens[:, None])
+        cos, sin = self.decoder.rotary_emb(hidden, positions[:, None])
+        for layer, layer_keys, layer_values in zip(self.layers, self.cache.keys, self.cache.values, strict=True):
+            hidden = self.layer_step(layer, *self._any_slots(hidden, cos, sin, positions), layer_keys, layer_values,
+                                     self.flash)
+        return self.last_step(self.decoder.norm, self.head, self.sample, *self._any_slots(hidden, keys, positions))
+
+    def _any_slots(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors, their first dimension (the stepping slots) marked dynamic when the step compiles:
+        one graph for every size."""
+        if self.compiled:
+            for tensor in tensors:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return tensors
 
     def _decode(self, size: int) -> None:
         """One token for the first `size` slots: writes it to tokens (the next input), advances positions."""
-        inputs = self.tokens[:size], self.positions[:size], self.keys[:size]
-        if self.compiled:
-            for tensor in inputs:  # one compiled graph for every size
-                torch._dynamo.mark_dynamic(tensor, 0)
-        self.tokens[:size].copy_(self.next_tokens(*inputs))
+        self.tokens[:size].copy_(self._next_tokens(self.tokens[:size], self.positions[:size], self.keys[:size]))
         self.positions[:size].add_(self.active[:size]).clamp_(max=self.length - 1)
 
     def _graph_sizes(self) -> list[int]:
@@ -240,9 +273,9 @@ class ContinuousBatcher:
         """Compile the decode step (a first step into the empty cache); if torch.compile fails here (no
         Triton, no C compiler), say so and decode eagerly."""
         start = time.perf_counter()
-        log.info("compiling the decode step (about a minute on a machine's first run; ~10 s once cached)")
-        # One graph for any cache's slots and length: every worker, model and set of a run, and later runs
-        # (through Inductor's on-disk cache), reuse it instead of compiling anew (~45 s on an H200).
+        log.info("compiling the decode step (tens of seconds on a machine's first run; seconds once cached)")
+        # Graphs for any cache's slots and length: every worker, model and set of a run, and later runs
+        # (through Inductor's on-disk cache), reuse them instead of compiling anew.
         for tensor in (*self.cache.keys, *self.cache.values):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
             torch._dynamo.maybe_mark_dynamic(tensor, 1)
@@ -251,7 +284,7 @@ class ContinuousBatcher:
         except Exception as e:  # torch.compile raises many kinds; the eager step is always there
             log.warning("decoding without torch.compile, which failed here (%s: %s)", type(e).__name__,
                         (str(e).strip().splitlines() or [""])[0])
-            self.compiled, self.next_tokens = False, self._next_tokens
+            self.compiled, self.layer_step, self.last_step = False, layer_step, last_step
         else:
             self.stats.compiled, self.stats.compile_seconds = True, time.perf_counter() - start
             log.info("compiled the decode step in %.1f s", self.stats.compile_seconds)
@@ -289,8 +322,7 @@ class ContinuousBatcher:
         """Write the prompts' KV into `slots` and return each one's first generated token."""
         width = max(map(len, prompts))
         input_ids = torch.tensor([p + [self.eos] * (width - len(p)) for p in prompts], device=self.device)
-        rows = torch.tensor(slots, device=self.device)
-        self.cache.set_prefill(rows)
+        rows = self.cache.rows = torch.tensor(slots, device=self.device)
         hidden = self.decoder(input_ids=input_ids, position_ids=torch.arange(width, device=self.device)[None],
                               attention_mask={"full_attention": None}, past_key_values=self.cache,
                               use_cache=True).last_hidden_state  # right padding: causal attention suffices

@@ -216,9 +216,11 @@ COMPILE_PROMPTS = [[5 + (3 * i + j) % 200 for j in range(4 + i % 7)] for i in ra
 COMPILE_BUDGETS = [3 + (5 * i) % 17 for i in range(24)]
 
 
-def test_the_compiled_decode_step_gives_the_eager_tokens_with_one_graph_for_every_batch_and_cache_size(model):
-    """One graph for the 16- and 8-slot steps, and for another engine's cache of other slots and length (so
-    every worker, model and set of a run, and later runs through Inductor's on-disk cache, reuse it)."""
+def test_the_compiled_decode_step_gives_the_eager_tokens_with_two_graphs_for_every_layer_batch_cache_and_model(
+        model, tiny_model_dir):
+    """Two graphs: one decoder layer, which both layers run, and the step's end (norm, head, sampler), for the
+    16- and 8-slot steps, for another engine's cache of other slots and length, and for another model object
+    (so every worker, model and set of a run, and later runs through Inductor's on-disk cache, reuse them)."""
     eager, _ = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, compile=True)
@@ -227,7 +229,10 @@ def test_the_compiled_decode_step_gives_the_eager_tokens_with_one_graph_for_ever
     assert compiled == eager
     other, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, slots=12, length=100, compile=True)
     assert engine.stats.compiled and other == eager
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    reloaded = generation.load_model(params.ModelParams(str(tiny_model_dir), "main", 1024, ""), None)
+    again, engine = run_engine(reloaded, COMPILE_PROMPTS, COMPILE_BUDGETS, compile=True)
+    assert engine.stats.compiled and again == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
 
 
 def test_the_compiled_decode_step_samples_the_eager_tokens(model, caplog):
