@@ -182,6 +182,23 @@ def test_generate_returns_one_response_per_prompt_and_flags_the_budget(tiny_mode
     assert generation.generate(model, tokenizer, prompts, config, seed=0) == outputs  # greedy: repeatable
 
 
+def test_merging_the_adapter_in_place_reuses_the_compiled_decode_step_with_the_merged_weights(tiny_model_dir,
+                                                                                            tiny_adapter):
+    import torch
+
+    from tests.test_continuous import COMPILE_BUDGETS, COMPILE_PROMPTS, run_engine
+
+    model_params = params.ModelParams(str(tiny_model_dir), "main", 1024, "")
+    model = generation.load_model(model_params, None)
+    base, _ = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, compile=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert generation.merge_adapter(model, tiny_adapter) is model
+    merged, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, compile=True)
+    assert engine.stats.compiled and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    fresh, _ = run_engine(generation.load_model(model_params, tiny_adapter), COMPILE_PROMPTS, COMPILE_BUDGETS)
+    assert merged == fresh != base  # the reused step decodes with the merged weights
+
+
 def test_every_sample_row_counts_reasoning_and_answer_within_the_response(project):
     evaluate.main([])
     samples = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
