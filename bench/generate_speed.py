@@ -92,7 +92,8 @@ def run_processes(processes: int, model_dir: str, adapter: Path, texts: list[str
         with tempfile.TemporaryDirectory() as folder:
             job = eval_workers.Job("bench", prompts, Path(folder) / "out.parquet", ends)
             start = time.perf_counter()
-            eval_workers.generate_sharded([job], model_params, adapter, config, 0, processes)
+            eval_workers.generate_sharded([eval_workers.Phase("finetuned", adapter, [job])], model_params, config, 0,
+                                          processes)
             return time.perf_counter() - start, sum(o.n_tokens for o in eval_workers.read_generations(job.out))
 
     # The workers' start (imports, model load, adapter merge, graph capture), alone: one token per worker.

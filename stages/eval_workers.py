@@ -1,5 +1,6 @@
 """Evaluation generation split over several processes, one per GPU (eval.num_gpus): each worker loads the
-model once and answers its share of every set's prompts; the parent merges the shares back in prompt order.
+base model once and answers its share of every set's prompts, base model first, then with the adapter merged
+into it in place; the parent merges the shares back in prompt order.
 
     python -m stages.eval_workers JOB_FILE WORKER   # started by generate_sharded, not by hand
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,6 +39,14 @@ class Job:
     prompts: list[str]  # every prompt (times samples), in the order the generations are written
     out: Path  # the cache file the merged generations go to
     end_at: list[int] | None = None  # benchmarks: each response's forced end (generation.generate's end_at)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One model's jobs in a session that loads the base model once."""
+    model: str  # 'base' or 'finetuned', in logs
+    adapter: Path | None  # merged into the loaded model before this phase's jobs (None: the base model as loaded)
+    jobs: list[Job]
 
 
 def process_count(num_gpus: int | str) -> int:
@@ -117,12 +128,43 @@ def generate_jobs(model, tokenizer, jobs: list[Job], keys: list[list[int]], conf
                         keys=[key for job_keys in keys for key in job_keys], on_generation=on_generation)
 
 
-def generate_sharded(jobs: list[Job], model_params: params.ModelParams, adapter: Path | None,
-                     config: params.EvalParams, seed: int, processes: int) -> None:
-    """Every job's prompts answered by `processes` workers (sampling keys from the whole job's prompts, so a
-    response draws what it would in one process), each job's generations written to job.out once every
-    worker has its share. When a worker fails, the others are stopped, jobs every worker finished are still
-    written, and WorkerError."""
+def generate_phases(model_params: params.ModelParams, tokenizer, phases: list[Phase], keys: list[list[list[int]]],
+                    config: params.EvalParams, seed: int, label: str = "") -> None:
+    """Every phase's jobs with one loaded model: the base model, loaded once, then for each phase with an
+    adapter that adapter merged into it in place (so torch.compile's decode step is reused, not compiled
+    again), and the phase's jobs as one generate_jobs call. keys: each phase's jobs' sampling keys; label
+    ends each phase's progress description. Loads no model when no job has a prompt."""
+    import torch
+
+    from stages import generation
+
+    assert all(phase.adapter for phase in phases[1:]), "a merge cannot be undone: the base model's phase comes first"
+    model = generation.load_model(model_params, None) \
+        if any(job.prompts for phase in phases for job in phase.jobs) else None
+    for phase, phase_keys in zip(phases, keys, strict=True):
+        if phase.adapter and model is not None:
+            # The last phase's batcher (it refers to itself) holds its KV cache until collected, and
+            # batch_size 'auto' sizes this phase's cache by the memory the GPU has free.
+            gc.collect()
+            torch.cuda.empty_cache()
+            log.info("%s: merging the adapter into the loaded model", phase.model)
+            model = generation.merge_adapter(model, phase.adapter)
+        generate_jobs(model, tokenizer, phase.jobs, phase_keys, config, seed,
+                      " + ".join(job.desc for job in phase.jobs) + label)
+
+
+def share_file(job_file: Path, phase: int, job: int, worker: int) -> Path:
+    """Where a worker writes its share of a phase's job: beside the job file."""
+    return job_file.with_name(f"{phase}-{job}-{worker}.parquet")
+
+
+def generate_sharded(phases: list[Phase], model_params: params.ModelParams, config: params.EvalParams, seed: int,
+                     processes: int) -> None:
+    """Every phase's jobs answered by one set of `processes` workers, each running the phases in order with
+    one loaded model (generate_phases; sampling keys from the whole job's prompts, so a response draws what it
+    would in one process); each job's generations are written to job.out as soon as every worker has its
+    share. When a worker fails, the others are stopped once each job it finished its share of has theirs
+    (run_workers), jobs every worker finished are written, and WorkerError."""
     from stages.base_model import local_model_dir
 
     # Downloaded (if need be) once, here: the workers load this folder and never touch the hub.
@@ -131,24 +173,45 @@ def generate_sharded(jobs: list[Job], model_params: params.ModelParams, adapter:
     with tempfile.TemporaryDirectory(prefix="eval-shares-") as folder:
         job_file = Path(folder) / "job.json"
         job_file.write_text(json.dumps({
-            "model": dataclasses.asdict(local_model), "adapter": str(adapter.absolute()) if adapter else None,
-            "eval": dataclasses.asdict(config), "seed": seed, "processes": processes,
-            "jobs": [{"desc": job.desc, "prompts": job.prompts, "end_at": job.end_at} for job in jobs]}))
-        log.info("%s: %d worker(s) (%s)", ", ".join(job.desc for job in jobs), processes,
+            "model": dataclasses.asdict(local_model), "eval": dataclasses.asdict(config), "seed": seed,
+            "processes": processes,
+            "phases": [{"model": phase.model, "adapter": str(phase.adapter.absolute()) if phase.adapter else None,
+                        "jobs": [{"desc": job.desc, "prompts": job.prompts, "end_at": job.end_at}
+                                 for job in phase.jobs]} for phase in phases]}))
+        log.info("%s: %d worker(s) (%s)", ", ".join(job.desc for phase in phases for job in phase.jobs), processes,
                  ", ".join(f"worker {k}: {'GPU ' + gpu if gpu else 'CPU'}" for k, gpu in enumerate(gpus)))
-        failure = run_workers(job_file, gpus)
-        for index, job in enumerate(jobs):
-            shares = [job_file.with_name(f"{index}-{k}.parquet") for k in range(processes)]
-            if all(path.is_file() for path in shares):
-                write_generations(job.out, merge([read_generations(path) for path in shares]))
+        jobs = [job for phase in phases for job in phase.jobs]
+        shares = [[share_file(job_file, p, j, k) for k in range(processes)]
+                  for p, phase in enumerate(phases) for j in range(len(phase.jobs))]
+        written: set[int] = set()
+
+        def write_finished() -> None:
+            """Each job whose shares are all there, merged into job.out, once: a parent that dies later keeps it."""
+            for index, (job, paths) in enumerate(zip(jobs, shares, strict=True)):
+                if index not in written and all(path.is_file() for path in paths):
+                    write_generations(job.out, merge([read_generations(path) for path in paths]))
+                    written.add(index)
+
+        failure = run_workers(job_file, gpus, [job.desc for job in jobs], shares, write_finished)
+        write_finished()
     if failure:
         raise WorkerError(f"evaluate: {failure}; its log above says why (sets that every worker finished are "
                           "kept and not generated again)")
 
 
-def run_workers(job_file: Path, gpus: list[str | None]) -> str | None:
-    """Start one worker per entry of gpus and wait for all; at the first failure stop the others and
-    return it in words (None when all succeed)."""
+def awaited_shares(shares: list[list[Path]], failed: int, running: list[bool]) -> list[tuple[int, list[int]]]:
+    """The jobs whose share the failed worker wrote but a running worker has not yet: (job, those workers)."""
+    return [(index, waiting) for index, paths in enumerate(shares) if paths[failed].is_file()
+            and (waiting := [k for k, path in enumerate(paths) if running[k] and not path.is_file()])]
+
+
+def run_workers(job_file: Path, gpus: list[str | None], descs: list[str], shares: list[list[Path]],
+                on_poll: Callable[[], None]) -> str | None:
+    """Start one worker per entry of gpus and wait for all, calling on_poll every 0.2 s. shares: each job's
+    share file of each worker (descs: the jobs' names). At the first failure, wait for the others only until
+    every job whose share the failed worker wrote has all its shares (or the workers it waits for end): the
+    workers may be in different phases, and such a job is kept. Then stop them and return the failure in
+    words (None when all succeed)."""
     import torch
 
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
@@ -158,15 +221,26 @@ def run_workers(job_file: Path, gpus: list[str | None]) -> str | None:
                                 env=env | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu else threads))
                for k, gpu in enumerate(gpus)]
     try:
-        while True:
-            failed = next((k for k, worker in enumerate(workers) if worker.poll()), None)  # a non-zero exit code
-            if failed is not None:
-                code, gpu = workers[failed].returncode, gpus[failed]
-                return (f"generation worker {failed} of {len(workers)} ({f'GPU {gpu}' if gpu else 'CPU'}) failed "
-                        f"with exit code {code}{f' (killed by signal {-code})' if code < 0 else ''}")
+        while (failed := next((k for k, worker in enumerate(workers) if worker.poll()), None)) is None:  # exit != 0
+            on_poll()
             if all(worker.returncode == 0 for worker in workers):
                 return None
             time.sleep(0.2)
+
+        def awaited() -> list[tuple[int, list[int]]]:
+            return awaited_shares(shares, failed, [worker.poll() is None for worker in workers])
+
+        if waits := awaited():
+            log.info("generation worker %d failed; waiting for worker(s) %s to write their shares of %s (worker %d "
+                     "wrote its own), then stopping the others", failed,
+                     ", ".join(map(str, sorted({k for _, ks in waits for k in ks}))),
+                     ", ".join(descs[index] for index, _ in waits), failed)
+        while awaited():
+            on_poll()
+            time.sleep(0.2)
+        code, gpu = workers[failed].returncode, gpus[failed]
+        return (f"generation worker {failed} of {len(workers)} ({f'GPU {gpu}' if gpu else 'CPU'}) failed "
+                f"with exit code {code}{f' (killed by signal {-code})' if code < 0 else ''}")
     finally:
         for worker in workers:
             if worker.poll() is None:
@@ -193,17 +267,16 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = load_tokenizer(model_params)
     processes, worker = job["processes"], args.worker
-    shares = [Job(item["desc"], share(item["prompts"], worker, processes),
-                  args.job.with_name(f"{index}-{worker}.parquet"), item["end_at"] and share(item["end_at"], worker,
-                                                                                            processes))
-              for index, item in enumerate(job["jobs"])]
+    phases = [Phase(phase["model"], phase["adapter"] and Path(phase["adapter"]),
+                    [Job(item["desc"], share(item["prompts"], worker, processes), share_file(args.job, p, j, worker),
+                         item["end_at"] and share(item["end_at"], worker, processes))
+                     for j, item in enumerate(phase["jobs"])])
+              for p, phase in enumerate(job["phases"])]
     # Continuous batching keys each response's random numbers by the whole list's keys: the samples equal
     # one process's. The padded route samples by the seed, offset per worker so no two draw alike.
-    keys = [share(generation.sampling_keys(item["prompts"], job["seed"]), worker, processes) for item in job["jobs"]]
-    model = generation.load_model(model_params, job["adapter"] and Path(job["adapter"])) \
-        if any(part.prompts for part in shares) else None
-    generate_jobs(model, tokenizer, shares, keys, config, job["seed"] + worker,
-                  f"{' + '.join(item['desc'] for item in job['jobs'])} [worker {worker}]")
+    keys = [[share(generation.sampling_keys(item["prompts"], job["seed"]), worker, processes)
+             for item in phase["jobs"]] for phase in job["phases"]]
+    generate_phases(model_params, tokenizer, phases, keys, config, job["seed"] + worker, f" [worker {worker}]")
 
 
 if __name__ == "__main__":

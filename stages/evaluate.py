@@ -4,8 +4,10 @@ intervals and verdict are the report stage's, so a change there never re-runs th
 
 Generations of each (model, set) are kept in data/eval/generations/ under a fingerprint of what made
 them, so a run that dies resumes with the sets it finished, and a change of grading alone regenerates
-nothing. With eval.num_gpus above one, each model's missing sets are split over that many worker processes
-(stages/eval_workers.py), one per GPU.
+nothing. One session serves both models: the base model is loaded once, answers its missing sets, and then
+answers the fine-tuned model's with the adapter merged into it in place. With eval.num_gpus above one, the
+missing sets are split over that many worker processes (stages/eval_workers.py), one per GPU, each running
+such a session.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from stages.eval_sets import SCHEMA, heldout
 
 log = logging.getLogger("stages.evaluate")
 MODELS = ("base", "finetuned")
-# The code that turns prompts into tokens, part of the cache key (eval_workers.py too: its generate_jobs runs
-# a model's sets as one call, in one process or several).
+# The code that turns prompts into tokens, part of the cache key (eval_workers.py too: its generate_phases runs
+# each model's sets as one call, in one process or several).
 GENERATION_CODE = tuple(Path(__file__).with_name(name)
                         for name in ("generation.py", "continuous.py", "eval_workers.py"))
 
@@ -108,43 +110,44 @@ def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_par
     if processes > 1:
         made_by = (*made_by, {"processes": processes})
     cache_dir.mkdir(parents=True, exist_ok=True)
-    frames, kept = [], set()
+    files, phases = {}, []  # a phase per model with missing sets, base first: one loaded model serves both
     for model_name in MODELS:
         model_adapter = adapter if model_name == "finetuned" else None
-        files, missing = {}, []
+        missing = []
         for set_name, problems in sets.items():
             prompts = [prompt_text(tokenizer, problem, directive=model_params.directive)
                        for problem in problems["problem"].to_pylist()]
             key = fingerprint(*made_by, prompts, *([model_adapter] if model_adapter else []))
-            files[set_name] = cached = cache_dir / f"{model_name}-{set_name}-{key}.parquet"
-            kept.add(cached.name)
+            files[model_name, set_name] = cached = cache_dir / f"{model_name}-{set_name}-{key}.parquet"
             if cached.is_file():
                 log.info("%s / %s: reusing %s", model_name, set_name, cached)
             else:
                 missing.append(eval_workers.Job(f"{model_name}/{set_name}", prompts * config.samples, cached))
-        if missing and processes > 1:
-            eval_workers.generate_sharded(missing, model_params, model_adapter, config, seed, processes)
-        elif missing:
-            generate_here(missing, model_params, model_adapter, config, seed, tokenizer)
-        for set_name, problems in sets.items():
-            outputs = eval_workers.read_generations(files[set_name])
-            frames.append(sample_rows(model_name, set_name, problems, outputs, config.samples, config, tokenizer))
+        if missing:
+            phases.append(eval_workers.Phase(model_name, model_adapter, missing))
+    if phases and processes > 1:
+        eval_workers.generate_sharded(phases, model_params, config, seed, processes)
+    elif phases:
+        generate_here(phases, model_params, config, seed, tokenizer)
+    frames = [sample_rows(model_name, set_name, problems, eval_workers.read_generations(files[model_name, set_name]),
+                          config.samples, config, tokenizer)
+              for model_name in MODELS for set_name, problems in sets.items()]
+    kept = {path.name for path in files.values()}
     for stale in cache_dir.glob("*.parquet"):
         if stale.name not in kept:
             stale.unlink()
     return frames
 
 
-def generate_here(jobs: list[eval_workers.Job], model_params: params.ModelParams, adapter: Path | None,
-                  config: params.EvalParams, seed: int, tokenizer) -> None:
-    """Every job's generations, by this process, in one generate call (one tail), each written to job.out as
-    soon as its last response ends."""
+def generate_here(phases: list[eval_workers.Phase], model_params: params.ModelParams, config: params.EvalParams,
+                  seed: int, tokenizer) -> None:
+    """Every phase's generations, by this process, with the model loaded once (eval_workers.generate_phases):
+    each phase's jobs in one generate call (one tail), each written to job.out as soon as its last response
+    ends."""
     from stages import generation
 
-    model = generation.load_model(model_params, adapter)
-    keys = [generation.sampling_keys(job.prompts, seed) for job in jobs]
-    eval_workers.generate_jobs(model, tokenizer, jobs, keys, config, seed, " + ".join(job.desc for job in jobs))
-    del model
+    keys = [[generation.sampling_keys(job.prompts, seed) for job in phase.jobs] for phase in phases]
+    eval_workers.generate_phases(model_params, tokenizer, phases, keys, config, seed)
     gc.collect()
 
 

@@ -67,7 +67,7 @@ def test_forced_ends_reach_every_worker_and_two_workers_match_one_process(tiny_m
     prompts = [f"What is {i} times {i + 1}?" for i in range(7)]
     end_at = [1 + (3 * i) % 12 for i in range(7)]
     job = eval_workers.Job("bench", prompts, tmp_path / "out.parquet", end_at)
-    eval_workers.generate_sharded([job], model_params, None, config, 0, processes=2)
+    eval_workers.generate_sharded([eval_workers.Phase("base", None, [job])], model_params, config, 0, processes=2)
     model = generation.load_model(model_params, None)
     assert eval_workers.read_generations(job.out) == generation.generate(model, tokenizer, prompts, config, 0,
                                                                          end_at=end_at)
@@ -85,10 +85,38 @@ def test_two_workers_sample_what_one_process_samples(tiny_model_dir, tokenizer, 
     model_params = params.ModelParams(str(tiny_model_dir), "main", 1024, "")
     prompts = [f"What is {i} times {i + 1}?" for i in range(5)] * 3  # three samples of each: odd counts per worker
     job = eval_workers.Job("sampled", prompts, tmp_path / "out.parquet")
-    eval_workers.generate_sharded([job], model_params, None, config, 4, processes=2)
+    eval_workers.generate_sharded([eval_workers.Phase("base", None, [job])], model_params, config, 4, processes=2)
     model = generation.load_model(model_params, None)
     assert eval_workers.read_generations(job.out) == generation.generate(model, tokenizer, prompts, config, 4)
 
+
+def test_a_failed_worker_waits_only_on_running_workers_missing_a_share_of_the_jobs_it_finished(tmp_path):
+    shares = [[tmp_path / f"{job}-{worker}.parquet" for worker in range(3)] for job in range(3)]
+    for job, worker in [(0, 0), (0, 1), (1, 1), (1, 2), (2, 0)]:  # worker 1 wrote its shares of jobs 0 and 1
+        shares[job][worker].touch()
+    assert eval_workers.awaited_shares(shares, failed=1, running=[True, False, True]) == [(0, [2]), (1, [0])]
+    assert eval_workers.awaited_shares(shares, failed=1, running=[False, False, True]) == [(0, [2])]  # 0 ended
+
+
+def test_workers_given_only_the_finetuned_phase_merge_the_adapter_into_the_base_model_first(tiny_model_dir, tokenizer,
+                                                                                         tmp_path):
+    import dataclasses
+    from pathlib import Path
+
+    from stages import generation, params
+    from tests.test_evaluate import make_adapter
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    config = dataclasses.replace(params.load("eval", Path(__file__).parents[1] / "params.yaml"), temperature=0.6,
+                                 top_p=0.95, max_new_tokens=12, batch_size=4, batching="continuous")
+    model_params = params.ModelParams(str(tiny_model_dir), "main", 1024, "")
+    prompts = [f"What is {i} times {i + 1}?" for i in range(5)]
+    job = eval_workers.Job("finetuned/s", prompts, tmp_path / "out.parquet")
+    eval_workers.generate_sharded([eval_workers.Phase("finetuned", adapter, [job])], model_params, config, 4,
+                                  processes=2)
+    merged = generation.generate(generation.load_model(model_params, adapter), tokenizer, prompts, config, 4)
+    assert eval_workers.read_generations(job.out) == merged
+    assert merged != generation.generate(generation.load_model(model_params, None), tokenizer, prompts, config, 4)
 
 
 def test_jobs_run_as_one_call_that_writes_each_job_when_its_last_response_ends(tiny_model_dir, tokenizer, tmp_path,

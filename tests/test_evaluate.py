@@ -4,6 +4,7 @@ import json
 import logging
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -199,6 +200,24 @@ def test_merging_the_adapter_in_place_reuses_the_compiled_decode_step_with_the_m
     assert merged == fresh != base  # the reused step decodes with the merged weights
 
 
+def test_one_process_loads_the_model_once_and_merges_the_adapter_into_it_for_the_finetuned_sets(project,
+                                                                                               monkeypatch):
+    calls, real = [], generation.generate
+
+    def spy(model, tokenizer, prompt_texts, config, seed, **kwargs):
+        outputs = real(model, tokenizer, prompt_texts, config, seed, **kwargs)
+        calls.append((model, tokenizer, prompt_texts, config, seed, kwargs["keys"], outputs))
+        return outputs
+
+    monkeypatch.setattr(generation, "generate", spy)
+    evaluate.main([])
+    (base_model, *_), (tuned_model, tokenizer, prompt_texts, config, seed, keys, outputs) = calls
+    assert tuned_model is base_model  # one model: loaded once, the adapter merged into it
+    model_params = params.load("model", project / "params.yaml")
+    fresh = generation.load_model(model_params, project / "models" / "adapter")
+    assert real(fresh, tokenizer, prompt_texts, config, seed, keys=keys) == outputs  # a fresh merged model's
+
+
 def test_every_sample_row_counts_reasoning_and_answer_within_the_response(project):
     evaluate.main([])
     samples = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
@@ -371,9 +390,30 @@ def test_two_worker_processes_give_the_samples_of_one_process(project, capfd):
     assert len(files) == 6 and not files & files_alone  # the process count is in the key; one process's files: stale
 
 
-FAIL_GENERATION = '''  # sitecustomize for worker processes: the one generating $FAIL_GENERATION exits with code 3
+def test_two_workers_start_once_for_both_models_and_each_merges_the_adapter_in_place(project, monkeypatch, capfd):
+    starts, start = [], subprocess.Popen
+
+    def counted(args, **kwargs):
+        starts.append(args[-1])  # the worker's number
+        return start(args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", counted)
+    set_params(project, "eval", num_gpus=2)
+    capfd.readouterr()
+    evaluate.main([])
+    assert starts == ["0", "1"]  # one set of workers for the base and the fine-tuned model
+    log = capfd.readouterr().err
+    for worker in (0, 1):
+        assert log.count(f"worker {worker} stages.evaluate: finetuned: merging the adapter into the loaded model") == 1
+    assert len(pd.read_parquet(project / "data" / "eval" / "samples.parquet")) == 2 * 3 * 2 * 2
+
+
+FAIL_GENERATION = '''  # sitecustomize for worker processes: the one generating $FAIL_GENERATION exits with code 3;
+# the one generating $HOLD_GENERATION first waits (a minute at most) until the file $HOLD_UNTIL exists
 import os
 import sys
+import time
+from pathlib import Path
 
 if os.environ.get("FAIL_GENERATION"):
     from stages import generation
@@ -383,6 +423,10 @@ if os.environ.get("FAIL_GENERATION"):
     def generate(*args, **kwargs):
         if kwargs.get("desc") == os.environ["FAIL_GENERATION"]:
             sys.exit(3)
+        if kwargs.get("desc") == os.environ.get("HOLD_GENERATION"):
+            deadline = time.monotonic() + 60
+            while not Path(os.environ["HOLD_UNTIL"]).exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
         return real(*args, **kwargs)
 
     generation.generate = generate
@@ -412,3 +456,41 @@ def test_a_failing_worker_is_one_line_and_keeps_only_the_sets_every_worker_finis
         evaluate.main([])
     assert [r.message.split(":")[0] for r in caplog.records if "reusing" in r.message] == ["base / heldout"]
     assert len(pd.read_parquet(project / "data" / "eval" / "samples.parquet")) == 2 * 2
+
+
+class TouchOnLog(logging.Handler):
+    """Creates `path` when a record containing `text` is logged."""
+
+    def __init__(self, text: str, path: Path):
+        super().__init__()
+        self.text, self.path = text, path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.path.touch()
+
+
+def test_a_worker_failing_in_the_finetuned_phase_waits_for_the_base_shares_of_the_others_and_keeps_them(
+        project, tmp_path, monkeypatch, caplog):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAIL_GENERATION)
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    # worker 1 dies as it starts on the fine-tuned model; worker 0 starts on the base model only once the
+    # parent has seen that and said it waits: the two are in different phases when the failure comes
+    monkeypatch.setenv("FAIL_GENERATION", "finetuned/heldout + finetuned/gsm8k [worker 1]")
+    monkeypatch.setenv("HOLD_GENERATION", "base/heldout + base/gsm8k [worker 0]")
+    monkeypatch.setenv("HOLD_UNTIL", str(tmp_path / "parent-waits"))
+    waits = TouchOnLog("waiting for", tmp_path / "parent-waits")
+    logging.getLogger("stages.evaluate").addHandler(waits)
+    set_params(project, "eval", sets=["heldout", "gsm8k"], samples=1, num_gpus=2)
+    try:
+        with caplog.at_level(logging.INFO, logger="stages.evaluate"), \
+                pytest.raises(evaluate.eval_workers.WorkerError, match="generation worker 1 of 2"):
+            evaluate.main([])
+    finally:
+        logging.getLogger("stages.evaluate").removeHandler(waits)
+    assert ("generation worker 1 failed; waiting for worker(s) 0 to write their shares of base/heldout, base/gsm8k "
+            "(worker 1 wrote its own), then stopping the others") in caplog.messages
+    kept = sorted(f.name.rsplit("-", 1)[0] for f in (project / "data" / "eval" / "generations").iterdir())
+    assert kept == ["base-gsm8k", "base-heldout"]
