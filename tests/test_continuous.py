@@ -134,6 +134,25 @@ def test_a_model_with_sliding_window_layers_is_refused_with_a_reason(model):
         continuous.ContinuousBatcher(Sliding(), slots=4, length=16, eos=0, temperature=0.0, top_p=1.0)
 
 
+def test_a_decoder_without_the_parts_a_decode_step_runs_is_refused_naming_them(model):
+    class Decoder(torch.nn.Module):  # layers and a norm, but no embeddings or rotary positions of its own
+        def __init__(self):
+            super().__init__()
+            self.layers, self.norm = torch.nn.ModuleList(), torch.nn.Identity()
+
+    class Other:
+        config, device, dtype = model.config, model.device, model.dtype
+
+        def get_decoder(self):
+            return Decoder()
+
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(ValueError, match="embed_tokens, rotary_emb, layers, norm itself.*\\(Decoder\\) lacks some"):
+        continuous.ContinuousBatcher(Other(), slots=4, length=16, eos=0, temperature=0.0, top_p=1.0)
+
+
 @pytest.mark.parametrize("batching", ["continuous", "padded"])
 def test_each_route_reports_the_share_of_decode_slots_that_kept_a_token(model, tokenizer, batching):
     config = eval_config(temperature=0.0, max_new_tokens=8, batch_size=4, batching=batching)
