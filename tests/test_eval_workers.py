@@ -1,6 +1,10 @@
 """How eval.num_gpus splits generation: the shares, their merge, and the processes and GPUs it resolves to.
 The stage run with several worker processes is in tests/test_evaluate.py."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +18,27 @@ def test_shares_differ_by_one_item_at_most_and_merge_back_in_order(items, proces
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
     assert sorted(p for part in shares for p in part) == sorted(prompts)
     assert eval_workers.merge(shares) == prompts
+
+
+@pytest.mark.parametrize(("quantization", "kept"), [(None, []), ("bitsandbytes", ["bitsandbytes"]),
+                                                      ("torchao", ["torchao"]), ("fp8", [])])
+def test_a_worker_goes_without_sklearn_and_the_quantization_libraries_its_model_does_not_use(tmp_path, quantization,
+                                                                                              kept):
+    config = {"model_type": "qwen2"} | ({"quantization_config": {"quant_method": quantization}} if quantization else {})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    skipped = eval_workers.unused_imports(tmp_path)
+    assert "sklearn" in skipped
+    assert sorted(set(eval_workers.UNUSED_IMPORTS) - set(skipped)) == kept
+
+
+def test_skipped_imports_look_absent_to_the_process():
+    # wave: installed (the standard library), and nothing here imports it; a fresh interpreter, so this one's
+    # modules stay as they are
+    probe = ("import importlib.util\nfrom stages.eval_workers import skip_imports\nskip_imports(['wave'])\n"
+             "print(importlib.util.find_spec('wave'))\ntry:\n    import wave\nexcept ImportError:\n"
+             "    print('ImportError')")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["None", "ImportError"]
 
 
 @pytest.fixture
