@@ -75,9 +75,10 @@ def worker_gpus(processes: int) -> list[str | None]:
     return gpus[:processes]
 
 
-# Installed libraries that transformers and PEFT import when present and a worker's generation never uses
-# (~3.5 s of a worker's ~13 s of imports on an H200): scikit-learn serves only assisted decoding; torchao and
-# bitsandbytes only models quantized with them (the config's quantization_config.quant_method names them).
+# Installed libraries that transformers and PEFT import when present and a worker's generation never uses:
+# scikit-learn serves only assisted decoding; torchao and bitsandbytes only models quantized with them (the
+# config's quantization_config.quant_method names them). Without them a worker's imports took 10-11 s instead
+# of 14.4 s (2x H200); torch.compile then imports some of what torchao brought in (~1-2 s).
 UNUSED_IMPORTS = ("sklearn", "torchao", "bitsandbytes")
 
 
@@ -235,10 +236,7 @@ def run_workers(job_file: Path, gpus: list[str | None], descs: list[str], shares
     words (None when all succeed)."""
     import torch
 
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-                        # Inductor starts a pool of up to 32 compile processes in every process that compiles, even
-                        # when all it needs is in its cache; the workers' pools then compete with their starts.
-                        "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "1")}
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     # CPU workers share the cores: each taking all of them makes every one several times slower.
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, torch.get_num_threads() // len(gpus))))}
     workers = [subprocess.Popen([sys.executable, "-m", "stages.eval_workers", str(job_file), str(k)],
