@@ -161,8 +161,12 @@ def generate_phases(model_params: params.ModelParams, tokenizer, phases: list[Ph
     from stages import generation
 
     assert all(phase.adapter for phase in phases[1:]), "a merge cannot be undone: the base model's phase comes first"
-    model = generation.load_model(model_params, None) \
-        if any(job.prompts for phase in phases for job in phase.jobs) else None
+    model = None
+    if any(job.prompts for phase in phases for job in phase.jobs):
+        start = time.perf_counter()
+        model = generation.load_model(model_params, None)
+        log.info("loaded the base model in %.1f s (importing transformers' model code included)",
+                 time.perf_counter() - start)
     for phase, phase_keys in zip(phases, keys, strict=True):
         if phase.adapter and model is not None:
             # The last phase's batcher (it refers to itself) holds its KV cache until collected, and
@@ -170,7 +174,10 @@ def generate_phases(model_params: params.ModelParams, tokenizer, phases: list[Ph
             gc.collect()
             torch.cuda.empty_cache()
             log.info("%s: merging the adapter into the loaded model", phase.model)
+            start = time.perf_counter()
             model = generation.merge_adapter(model, phase.adapter)
+            log.info("%s: merged the adapter in %.1f s (importing PEFT included)", phase.model,
+                     time.perf_counter() - start)
         generate_jobs(model, tokenizer, phase.jobs, phase_keys, config, seed,
                       " + ".join(job.desc for job in phase.jobs) + label)
 
@@ -280,8 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("job", type=Path, help="the JSON job file written by generate_sharded")
     parser.add_argument("worker", type=int, help="this worker's index: its share and its seed offset")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {args.worker} %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    # Timestamps to the millisecond: a worker's start (load, merge, compile) takes a few seconds a part.
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s.%(msecs)03d worker {args.worker} %(name)s: "
+                        "%(message)s", datefmt="%H:%M:%S", force=True)
     job = json.loads(args.job.read_text())
     model_params, config = params.ModelParams(**job["model"]), params.EvalParams(**job["eval"])
     skip_imports(unused_imports(Path(model_params.name)))  # before transformers is imported

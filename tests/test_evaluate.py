@@ -405,6 +405,10 @@ def test_two_workers_start_once_for_both_models_and_each_merges_the_adapter_in_p
     log = capfd.readouterr().err
     for worker in (0, 1):
         assert log.count(f"worker {worker} stages.evaluate: finetuned: merging the adapter into the loaded model") == 1
+        # each start part timed, the time of day to the millisecond
+        for part in ("loaded the base model", "finetuned: merged the adapter"):
+            assert len(re.findall(rf"\d\d:\d\d:\d\d\.\d{{3}} worker {worker} stages\.evaluate: {part} in [\d.]+ s",
+                                  log)) == 1
     assert len(pd.read_parquet(project / "data" / "eval" / "samples.parquet")) == 2 * 3 * 2 * 2
 
 
