@@ -78,7 +78,8 @@ def worker_gpus(processes: int) -> list[str | None]:
 # Installed libraries that transformers and PEFT import when present and a worker's generation never uses:
 # scikit-learn serves only assisted decoding; torchao and bitsandbytes only models quantized with them (the
 # config's quantization_config.quant_method names them). Without them a worker's imports took 10-11 s instead
-# of 14.4 s (2x H200); torch.compile then imports some of what torchao brought in (~1-2 s).
+# of 14.4 s (2x H200), but a warm compile took 3.3-5.5 s against 2.2-2.8 s in earlier runs (other calls):
+# torch.compile seems to import part of what torchao brought in.
 UNUSED_IMPORTS = ("sklearn", "torchao", "bitsandbytes")
 
 
