@@ -79,10 +79,10 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
 
 
 def run_processes(processes: int, model_dir: str, adapter: Path, texts: list[str], config: params.EvalParams,
-                  end_at: list[int] | None) -> dict:
+                  end_at: list[int] | None, startup: bool = True) -> dict:
     """The stage's multi-GPU path (stages.eval_workers): `processes` workers, one per GPU, each answering
     prompt i when i mod processes is its number; the time includes each worker's start (model load, graph
-    capture), as in the stage."""
+    capture), as in the stage. startup: also time that start alone, in a run before (one token a worker)."""
     import tempfile
 
     from stages import eval_workers
@@ -97,11 +97,14 @@ def run_processes(processes: int, model_dir: str, adapter: Path, texts: list[str
             return time.perf_counter() - start, sum(o.n_tokens for o in eval_workers.read_generations(job.out))
 
     # The workers' start (imports, model load, adapter merge, graph capture), alone: one token per worker.
-    startup, _ = timed(texts[:processes], [1] * processes)
+    start = timed(texts[:processes], [1] * processes)[0] if startup else None
     seconds, useful = timed(texts, end_at)
-    return {"processes": processes, "seconds": round(seconds, 1), "startup_seconds": round(startup, 1),
-            "useful_tokens": useful, "useful_tokens_per_second": round(useful / seconds),
-            "useful_tokens_per_second_after_startup": round(useful / (seconds - startup))}
+    result = {"processes": processes, "seconds": round(seconds, 1), "useful_tokens": useful,
+              "useful_tokens_per_second": round(useful / seconds)}
+    if start is not None:
+        result |= {"startup_seconds": round(start, 1),
+                   "useful_tokens_per_second_after_startup": round(useful / (seconds - start))}
+    return result
 
 
 def main() -> None:
@@ -116,6 +119,9 @@ def main() -> None:
     parser.add_argument("--routes", default="padded,continuous", help="comma-separated, run in this order")
     parser.add_argument("--processes", default="", help="e.g. 1,2: instead of --routes, the continuous route "
                         "through the stage's worker processes (one per GPU), each count in turn; speedup: last/first")
+    parser.add_argument("--startup", action=argparse.BooleanOptionalAction, default=True,
+                        help="--processes: time each count's start alone first (one token a worker); --no-startup "
+                        "leaves that out, so a call's 10 minutes hold more prompts")
     parser.add_argument("--commit", default="", help="the commit measured, recorded in the JSON")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -143,13 +149,15 @@ def main() -> None:
         results["gpus"] = torch.cuda.device_count()
         results["processes"] = []
         for n in counts:  # each run's figures written as it ends: a call that runs out of time keeps them
-            results["processes"].append(run_processes(n, args.model_dir, adapter, texts, config, end_at))
+            results["processes"].append(run_processes(n, args.model_dir, adapter, texts, config, end_at,
+                                                      args.startup))
             print(json.dumps(results["processes"][-1]), flush=True)
             save(results, args.out)
         first, last = results["processes"][0], results["processes"][-1]
         results["speedup"] = round(last["useful_tokens_per_second"] / first["useful_tokens_per_second"], 2)
-        results["speedup_after_startup"] = round(last["useful_tokens_per_second_after_startup"]
-                                                 / first["useful_tokens_per_second_after_startup"], 2)
+        if args.startup:
+            results["speedup_after_startup"] = round(last["useful_tokens_per_second_after_startup"]
+                                                     / first["useful_tokens_per_second_after_startup"], 2)
         print(json.dumps(results, indent=2))
         save(results, args.out)
         return
