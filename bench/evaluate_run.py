@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_project(workdir: Path, model_dir: str, limit: int, max_new_tokens: int, batch_size: str | int) -> None:
-    from stages.eval_sets import math500, read_files
+    from stages.data.eval_sets import math500, read_files
     from tests import magpie_data
     from tests.conftest import splits_table
     from tests.test_evaluate import make_adapter

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages import generation, params
-from stages.prompts import prompt_text
+from stages.core import params
+from stages.core.prompts import prompt_text
+from stages.generation import batched as generation
 from tests import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,12 +81,12 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
 
 def run_processes(processes: int, model_dir: str, adapter: Path, texts: list[str], config: params.EvalParams,
                   end_at: list[int] | None, startup: bool = True) -> dict:
-    """The stage's multi-GPU path (stages.eval_workers): `processes` workers, one per GPU, each answering
+    """The stage's multi-GPU path (stages.generation.workers): `processes` workers, one per GPU, each answering
     prompt i when i mod processes is its number; the time includes each worker's start (model load, graph
     capture), as in the stage. startup: also time that start alone, in a run before (one token a worker)."""
     import tempfile
 
-    from stages import eval_workers
+    from stages.generation import workers as eval_workers
 
     model_params = params.ModelParams(name=model_dir, revision="main", max_seq_length=4096, directive="")
     def timed(prompts: list[str], ends: list[int] | None) -> tuple[float, int]:

@@ -85,14 +85,16 @@ def summarize(marks: list[tuple[str, int, float]], skip: int) -> dict:
 
 def worker(out: Path, no_allreduce: bool) -> None:
     """One rank: the train stage in this folder (its params.yaml and splits), timed by phase_clock."""
-    from stages import params, train, train_choices
+    from stages import train
+    from stages.core import params
+    from stages.training import choices as train_choices
 
     if train_choices.resolve_backend(params.load("train").backend) == "unsloth":
         import unsloth  # noqa: F401  (before transformers, as the stage does)
     if no_allreduce:
         from contextlib import nullcontext
 
-        from stages import train_order
+        from stages.training import order as train_order
 
         training_step = train_order.BalancedTrainer.training_step
 

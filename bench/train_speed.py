@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages import params
+from stages.core import params
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense, SXM
@@ -56,7 +56,7 @@ def synthetic_examples(count: int, vocab: int, max_len: int, seed: int, min_len:
     """The train stage's own dataset type: random token ids, each sequence's first 100 tokens masked as prompt."""
     import numpy as np
 
-    from stages import train_data
+    from stages.training import data as train_data
 
     rng = random.Random(seed)
     lengths = [rng.randint(min_len, max_len) for _ in range(count)]
@@ -68,7 +68,10 @@ def synthetic_examples(count: int, vocab: int, max_len: int, seed: int, min_len:
 def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, min_length: int = 256) -> dict:
     config = params.build(params.TrainParams, params.read(ROOT / "params.yaml")["train"] | overrides, "train")
     model_params = params.ModelParams(name=model_dir, revision="main", max_seq_length=4096, directive="")
-    from stages import train_choices, train_data, train_model, train_output
+    from stages.training import choices as train_choices
+    from stages.training import data as train_data
+    from stages.training import model as train_model
+    from stages.training import output as train_output
 
     backend = train_choices.resolve_backend(config.backend)
     if backend == "unsloth":
@@ -76,7 +79,7 @@ def run_variant(model_dir: str, overrides: dict, steps: int, warmup_steps: int, 
     import torch
     from transformers import AutoTokenizer, set_seed
 
-    from stages.train_order import BalancedTrainer, attention_weight
+    from stages.training.order import BalancedTrainer, attention_weight
 
     set_seed(0)
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30

@@ -6,7 +6,7 @@ Generations of each (model, set) are kept in data/eval/generations/ under a fing
 them, so a run that dies resumes with the sets it finished, and a change of grading alone regenerates
 nothing. One session serves both models: the base model is loaded once, answers its missing sets, and then
 answers the fine-tuned model's with the adapter merged into it in place. With eval.num_gpus above one, the
-missing sets are split over that many worker processes (stages/eval_workers.py), one per GPU, each running
+missing sets are split over that many worker processes (stages/generation/workers.py), one per GPU, each running
 such a session.
 """
 
@@ -21,16 +21,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages import cli, eval_workers, params
-from stages.artifacts import atomic_file, fingerprint, write_json
-from stages.eval_sets import SCHEMA, heldout
+from stages.core import cli, params
+from stages.core.artifacts import atomic_file, fingerprint, write_json
+from stages.data.eval_sets import SCHEMA, heldout
+from stages.generation import workers as eval_workers
 
-log = logging.getLogger("stages.evaluate")
-MODELS = ("base", "finetuned")
-# The code that turns prompts into tokens, part of the cache key (eval_workers.py too: its generate_phases runs
-# each model's sets as one call, in one process or several).
-GENERATION_CODE = tuple(Path(__file__).with_name(name)
-                        for name in ("generation.py", "continuous.py", "eval_workers.py"))
+log = logging.getLogger("stages.evaluate")  # not __name__: `python -m` runs a stage as __main__
+# The code that turns prompts into tokens, part of the cache key: every module of the generation package, found
+# from the package itself, so a module added to it or moved into it is covered without a list to keep.
+GENERATION_CODE = tuple(sorted(Path(eval_workers.__file__).parent.glob("*.py")))
 
 
 def load_sets(config: params.EvalParams, sets_dir: Path, test_split: Path) -> tuple[dict[str, pa.Table], int]:
@@ -57,9 +56,9 @@ def load_sets(config: params.EvalParams, sets_dir: Path, test_split: Path) -> tu
 
 def sample_rows(model_name: str, set_name: str, problems: pa.Table, generations, samples: int,
                 config: params.EvalParams, tokenizer) -> pd.DataFrame:
-    """One row per generation: the problem, the response, its grade and how it reasons (stages.overthinking)."""
-    from stages import overthinking
-    from stages.grading import grade, split_reasoning
+    """One row per generation: the problem, the response, its grade and how it reasons (stages.scoring.overthinking)."""
+    from stages.scoring import overthinking
+    from stages.scoring.grading import grade, split_reasoning
 
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -92,11 +91,11 @@ def sample_rows(model_name: str, set_name: str, problems: pa.Table, generations,
 def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_params: params.ModelParams, seed: int,
                  adapter: Path, cache_dir: Path, tokenizer, processes: int = 1) -> list[pd.DataFrame]:
     """Sample rows of every (model, set): generated now (by `processes` workers when more than one,
-    stages.eval_workers), or reused from cache_dir when a file with the same fingerprint (base model, adapter,
+    stages.generation.workers), or reused from cache_dir when a file with the same fingerprint (base model, adapter,
     rendered prompts, sampling, seed, generation code; the process count when more than one) is there.
     Stale files are removed."""
-    from stages.base_model import model_identity
-    from stages.prompts import prompt_text
+    from stages.core.base_model import model_identity
+    from stages.core.prompts import prompt_text
 
     # Only what decides the generated tokens: golds, markers and loop sizes grade them, so their changes
     # reuse the files. batching, batch_size and static_cache are in: the padded route's random numbers depend
@@ -111,7 +110,7 @@ def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_par
         made_by = (*made_by, {"processes": processes})
     cache_dir.mkdir(parents=True, exist_ok=True)
     files, phases = {}, []  # a phase per model with missing sets, base first: one loaded model serves both
-    for model_name in MODELS:
+    for model_name in params.MODELS:
         model_adapter = adapter if model_name == "finetuned" else None
         missing = []
         for set_name, problems in sets.items():
@@ -131,7 +130,7 @@ def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_par
         generate_here(phases, model_params, config, seed, tokenizer)
     frames = [sample_rows(model_name, set_name, problems, eval_workers.read_generations(files[model_name, set_name]),
                           config.samples, config, tokenizer)
-              for model_name in MODELS for set_name, problems in sets.items()]
+              for model_name in params.MODELS for set_name, problems in sets.items()]
     kept = {path.name for path in files.values()}
     for stale in cache_dir.glob("*.parquet"):
         if stale.name not in kept:
@@ -144,7 +143,7 @@ def generate_here(phases: list[eval_workers.Phase], model_params: params.ModelPa
     """Every phase's generations, by this process, with the model loaded once (eval_workers.generate_phases):
     each phase's jobs in one generate call (one tail), each written to job.out as soon as its last response
     ends."""
-    from stages import generation
+    from stages.generation import batched as generation
 
     keys = [[generation.sampling_keys(job.prompts, seed) for job in phase.jobs] for phase in phases]
     eval_workers.generate_phases(model_params, tokenizer, phases, keys, config, seed)
@@ -164,10 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     config = params.load("eval")
     model_params = params.load("model")
     seed = params.load_seed()
-    from stages import generation
-    from stages.base_model import load_tokenizer
+    from stages.core.base_model import check_adapter, load_tokenizer
 
-    generation.check_adapter(args.adapter, model_params)
+    check_adapter(args.adapter, model_params, "evaluate")
     processes = eval_workers.process_count(config.num_gpus)
     sets, without_gold = load_sets(config, args.sets, args.test_split)
     tokenizer = load_tokenizer(model_params)

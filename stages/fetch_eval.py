@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from stages import cli, params
-from stages.artifacts import atomic_dir
-from stages.eval_sets import READERS, read_files
-from stages.fetch import download_hub, local_files
-from stages.hub import is_hub_id
+from stages.core import cli, params
+from stages.core.artifacts import atomic_dir
+from stages.core.hub import is_hub_id
+from stages.data.eval_sets import READERS, read_files
+from stages.data.sources import download_hub, local_files
 
-log = logging.getLogger("stages.fetch_eval")
+log = logging.getLogger("stages.fetch_eval")  # not __name__: `python -m` runs a stage as __main__
 SUFFIXES = (".parquet", ".jsonl", ".json")
 
 

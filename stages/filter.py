@@ -19,15 +19,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from stages import cli, params
-from stages.artifacts import atomic_file, write_json
-from stages.base_model import load_tokenizer
-from stages.contamination import ContaminationIndex
-from stages.magpie import TEXT_COLUMNS, check_schema, instruction_key, split_response
-from stages.overthinking import BOXED, per_1k, second_guess_counts
-from stages.prompts import example_texts
+from stages.core import cli, params
+from stages.core.artifacts import atomic_file, write_json
+from stages.core.base_model import load_tokenizer
+from stages.core.prompts import example_texts
+from stages.data.contamination import ContaminationIndex
+from stages.data.magpie import TEXT_COLUMNS, check_schema, instruction_key, split_response
+from stages.scoring.overthinking import BOXED, per_1k, second_guess_counts
 
-log = logging.getLogger("stages.filter")
+log = logging.getLogger("stages.filter")  # not __name__: `python -m` runs a stage as __main__
 
 # Every rule in the order it is applied; a row is counted under the first rule it breaks.
 RULES = ("null_field", "task_category", "input_quality", "difficulty", "no_think_close",

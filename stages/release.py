@@ -14,12 +14,14 @@ import math
 import shutil
 from pathlib import Path
 
-from stages import cli, params, verdict
-from stages.artifacts import atomic_dir
-from stages.hub import is_hub_id
-from stages.prompts import prompt_text
+from stages.core import cli, params
+from stages.core.artifacts import atomic_dir
+from stages.core.base_model import check_adapter
+from stages.core.hub import is_hub_id
+from stages.core.prompts import prompt_text
+from stages.scoring import verdict
 
-log = logging.getLogger("stages.release")
+log = logging.getLogger("stages.release")  # not __name__: `python -m` runs a stage as __main__
 TAGS = ["lora", "qlora", "unsloth", "math", "reasoning", "deepseek-r1"]
 PROBLEM = "{problem}"  # the placeholder shown in the prompt format
 
@@ -125,10 +127,7 @@ def results_section(inputs: Inputs) -> str:
              "within the budget):", ""]
     for set_name, result in report["sets"].items():
         lines += [f"**{set_name}** ({result['problems']} problems):", ""]
-        lines += ["| budget (tokens) | base | fine-tuned |", "|---:|---:|---:|"]
-        lines += [f"| {row['budget']} | {row[verdict.BASE]:.3f} | {row[verdict.FINETUNED]:.3f} |"
-                  for row in result["budget"]]
-        lines.append("")
+        lines += [verdict.budget_markdown(result["budget"])]
     lines += ["Measures:", ""] + [f"- `{m.name}`: {m.meaning}" for m in verdict.MEASURES]
     return "\n".join(lines) + "\n"
 
@@ -236,12 +235,6 @@ def load_prompt(adapter: Path, directive: str) -> str:
     return prompt_text(tokenizer, PROBLEM, directive=directive)
 
 
-def check_adapter(adapter: Path) -> None:
-    if not (adapter / "adapter_config.json").is_file():
-        raise ReleaseError(f"release: no LoRA adapter at {adapter} (missing adapter_config.json); run the train "
-                           "stage first (dvc repro train) or dvc pull")
-
-
 def assemble(adapter: Path, out: Path, card, model: params.ModelParams) -> None:
     """out = the adapter's files, its config pinned to the base model's revision, and the card as README.md."""
     config_file = adapter / "adapter_config.json"
@@ -268,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model = params.load("model")
-    check_adapter(args.adapter)
+    check_adapter(args.adapter, model, "release")
     inputs = Inputs(model=model, data=params.load("data"), eval_data=params.load("eval_data"),
                     train=params.load("train"), eval=params.load("eval"),
                     funnel=read_json(args.data_metrics, "filter"), splits=read_json(args.splits_metrics, "stratify"),

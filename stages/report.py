@@ -9,23 +9,22 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from stages import cli, params, verdict
-from stages.artifacts import atomic_dir, atomic_file, write_json
-from stages.verdict import BASE, FINETUNED, MEASURE_BY_NAME
+from stages.core import cli, params
+from stages.core.artifacts import atomic_dir, atomic_file, write_json
+from stages.core.params import BASE, FINETUNED, MODELS
+from stages.scoring import verdict
+from stages.scoring.verdict import CONFIDENCE, MEASURE_BY_NAME, RESAMPLES
 
-log = logging.getLogger("stages.report")
-MODELS = (BASE, FINETUNED)
+log = logging.getLogger("stages.report")  # not __name__: `python -m` runs a stage as __main__
 # The headline of `dvc metrics show`: file name -> (measure, decimals kept). One file per set and measure, so
 # the table is one row per (set, measure) with five columns (base, delta, finetuned, high, low) and fits a screen.
 HEADLINE = {"accuracy": ("accuracy", 4), "tokens": ("response_tokens_mean", 1),
             "markers_per_1k": ("second_guesses_per_1k_reasoning_tokens", 3), "finished": ("finished_share", 4)}
-RESAMPLES, CONFIDENCE = 2000, 0.95
 PERCENTILES = (50, 90, 99)
 COLUMNS = ("model", "set", "problem_id", "sample", "level", "correct", "response_tokens", "reasoning_tokens",
            "hit_max_tokens", "finished", "second_guesses", "looped", "outcome_efficiency")
@@ -48,17 +47,6 @@ def read_samples(path: Path) -> pd.DataFrame:
     if samples.empty:
         raise ReportError(f"report: {path} holds no generations; check eval.sets and eval.limit")
     return samples
-
-
-def finite(value):
-    """JSON has no NaN: an undefined value (tokens per correct answer without one) becomes null."""
-    if isinstance(value, float):
-        return None if math.isnan(value) else float(value)
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
 
 
 def headline(deltas: pd.DataFrame) -> dict[str, dict[str, dict]]:
@@ -139,7 +127,7 @@ def response_tokens_figure(samples: pd.DataFrame, set_names: list[str], max_new_
 
 
 def markers_figure(deltas: pd.DataFrame, set_names: list[str]):
-    """Markers per 1k reasoning tokens per set and model, with each model's 95% bootstrap interval."""
+    """Markers per 1k reasoning tokens per set and model, with each model's bootstrap interval."""
     figure, (ax,) = _figure(1, width=max(4.5, 1.6 * len(set_names)))
     rows = deltas[deltas["measure"] == "second_guesses_per_1k_reasoning_tokens"].set_index("set")
     x = np.arange(len(set_names))
@@ -149,7 +137,7 @@ def markers_figure(deltas: pd.DataFrame, set_names: list[str]):
         ax.errorbar(x + offset, value, yerr=[value - low, high - value], fmt="o", capsize=4, color=COLORS[model],
                     label=LABELS[model])
     ax.set_xticks(x, set_names)
-    ax.set(title="second-guess markers (95% intervals)", ylabel="markers per 1k reasoning tokens",
+    ax.set(title=f"second-guess markers ({CONFIDENCE:.0%} intervals)", ylabel="markers per 1k reasoning tokens",
            xlim=(-0.5, len(set_names) - 0.5))
     ax.set_ylim(bottom=0)
     ax.grid(axis="y", alpha=0.3)
@@ -184,18 +172,11 @@ def verdict_page(report: dict, figure_names: list[str], figures_dir: str) -> str
                   f"{result['problems']} problems; {responses[BASE]} base and {responses[FINETUNED]} fine-tuned "
                   "responses.", "",
                   verdict.verdict_markdown([r for r in report["verdict"] if r["set"] == set_name]),
-                  budget_markdown(result["budget"])]
+                  verdict.budget_markdown(result["budget"])]
     lines += ["## Measures", ""]
     lines += [f"- `{name}`: {m.meaning}" for name, m in MEASURE_BY_NAME.items()]
     lines += ["", "## Figures", ""]
     lines += [f"![{name.removesuffix('.png')}]({figures_dir}/{name})" for name in figure_names]
-    return "\n".join(lines) + "\n"
-
-
-def budget_markdown(budget: list[dict]) -> str:
-    """Accuracy at every budget as a Markdown table."""
-    lines = ["| budget (tokens) | base accuracy | fine-tuned accuracy |", "|---:|---:|---:|"]
-    lines += [f"| {row['budget']} | {row[BASE]:.3f} | {row[FINETUNED]:.3f} |" for row in budget]
     return "\n".join(lines) + "\n"
 
 
@@ -219,11 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(args.metrics) as tmp:
         for set_name, files in headline(deltas).items():
             for name, values in files.items():
-                write_json(tmp / set_name / f"{name}.json", finite(values))
+                write_json(tmp / set_name / f"{name}.json", values)
     with atomic_dir(args.budget) as tmp:
         for set_name in report["sets"]:
             budget_table(curve, set_name).to_csv(tmp / f"{set_name}.tsv", sep="\t", index=False, float_format="%.4f")
-    write_json(args.reports / "details.json", finite(report))
+    write_json(args.reports / "details.json", report)
     with atomic_dir(args.reports / "figures") as tmp:
         for name, png in images.items():
             (tmp / name).write_bytes(png)

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stages import cli, params
-from stages.artifacts import atomic_dir, write_json
+from stages.core import cli, params
+from stages.core.artifacts import atomic_dir, write_json
 
-log = logging.getLogger("stages.stratify")
+log = logging.getLogger("stages.stratify")  # not __name__: `python -m` runs a stage as __main__
 SPLITS = ("train", "val", "test")
 
 

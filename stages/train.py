@@ -21,11 +21,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages import cli, params
-from stages.artifacts import atomic_dir, fingerprint, stage_code, write_json
-from stages.base_model import model_identity
+from stages.core import cli, params
+from stages.core.artifacts import atomic_dir, fingerprint, stage_code, write_json
+from stages.core.base_model import model_identity
 
-log = logging.getLogger("stages.train")
+log = logging.getLogger("stages.train")  # not __name__: `python -m` runs a stage as __main__
 
 
 def read_split(path: Path, limit: int | None = None, required: bool = True) -> pa.Table:
@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> None:
     model_params = params.load("model")
     seed = params.load_seed()
     # These import torch only; transformers comes after Unsloth.
-    from stages import train_checkpoints, train_choices, train_data, train_model, train_output
+    from stages.training import checkpoints as train_checkpoints
+    from stages.training import choices as train_choices
+    from stages.training import data as train_data
+    from stages.training import model as train_model
+    from stages.training import output as train_output
 
     # Everything that can fail is checked before the checkpoints of an earlier run are touched.
     backend = train_choices.resolve_backend(config.backend)
@@ -99,8 +103,8 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> None:
 
     from transformers import EarlyStoppingCallback, set_seed
 
-    from stages.base_model import load_tokenizer
-    from stages.train_order import BalancedTrainer, attention_weight
+    from stages.core.base_model import load_tokenizer
+    from stages.training.order import BalancedTrainer, attention_weight
 
     set_seed(seed)  # LoRA weights are initialized before the Trainer would seed anything
     if backend == "unsloth":

@@ -6,10 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages import params
-from stages.base_model import load_tokenizer
+from stages.core import params
+from stages.core.base_model import load_tokenizer
+from stages.data.magpie import split_response
 from stages.filter import OUTPUT_SCHEMA
-from stages.magpie import split_response
 from tests import magpie_data, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

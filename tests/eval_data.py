@@ -47,7 +47,7 @@ def write_all(directory: Path) -> dict[str, Path]:
 
 def write_sets(out: Path, sources: Path) -> Path:
     """Both sets as fetch_eval leaves them (out/{name}.parquet, one shape), from files written under sources."""
-    from stages.eval_sets import READERS, read_files
+    from stages.data.eval_sets import READERS, read_files
 
     out.mkdir(parents=True, exist_ok=True)
     for name, source in write_all(sources).items():

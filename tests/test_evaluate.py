@@ -14,10 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages import evaluate, generation, overthinking, params
-from stages.prompts import THINK_CLOSE
+from stages import evaluate
+from stages.core import params
+from stages.core.base_model import AdapterError
+from stages.core.prompts import THINK_CLOSE
+from stages.generation import batched as generation
+from stages.scoring import overthinking
 from tests import eval_data, magpie_data, tiny_model
 from tests.conftest import ROOT, set_params, splits_table
+
+WORKERS_LOG = evaluate.eval_workers.log.name  # the workers' log lines, as they name their logger
 
 
 def make_adapter(model_dir: Path, out: Path) -> Path:
@@ -72,7 +78,7 @@ def test_evaluate_writes_every_graded_generation_of_both_models_on_every_set(pro
     samples = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
     assert len(samples) == 2 * 3 * 2 * 2
     assert set(samples["model"]) == {"base", "finetuned"} and set(samples["set"]) == {"heldout", "gsm8k", "math500"}
-    from stages.verdict import MEASURES
+    from stages.scoring.verdict import MEASURES
 
     measured = {column for m in MEASURES for column in (m.numerator, m.denominator) if column}
     assert measured <= set(samples.columns)  # everything the report stage computes from
@@ -136,15 +142,21 @@ def test_a_change_of_prompt_rendering_regenerates(project, generate_calls, monke
                                               {"role": "user", "content": instruction}],
                                              tokenize=False, add_generation_prompt=True)
 
-    monkeypatch.setattr("stages.prompts.prompt_text", with_system_prompt)
+    monkeypatch.setattr("stages.core.prompts.prompt_text", with_system_prompt)
     evaluate.main([])
     assert len(generate_calls) == 2  # one call per model, every set's prompts
     assert all("Reason step by step." in prompt for call in generate_calls for prompt in call)
     assert len(list((project / "data" / "eval" / "generations").glob("*.parquet"))) == 6
 
 
-@pytest.mark.parametrize("edited", ["generation.py", "continuous.py", "eval_workers.py"])
-def test_a_change_of_generation_code_regenerates(project, generate_calls, monkeypatch, tmp_path, edited):
+def test_the_generation_code_in_the_cache_key_is_every_module_of_the_generation_package():
+    package = ROOT / "stages" / "generation"
+    assert set(evaluate.GENERATION_CODE) == set(package.glob("*.py"))
+    assert {"batched.py", "continuous.py", "workers.py"} <= {path.name for path in evaluate.GENERATION_CODE}
+
+
+def test_a_change_of_generation_code_regenerates(project, generate_calls, monkeypatch, tmp_path):
+    edited = "continuous.py"
     evaluate.main([])
     generate_calls.clear()
     code = list(evaluate.GENERATION_CODE)
@@ -159,12 +171,12 @@ def test_a_change_of_generation_code_regenerates(project, generate_calls, monkey
 @pytest.mark.parametrize("change", [{"max_new_tokens": 6}, {"batching": "padded"}])
 def test_a_second_run_reuses_generations_unless_sampling_changes(project, caplog, change):
     evaluate.main([])
-    with caplog.at_level(logging.INFO, logger="stages.evaluate"):
+    with caplog.at_level(logging.INFO, logger="stages"):
         evaluate.main([])
     assert sum("reusing" in r.message for r in caplog.records) == 6
     set_params(project, "eval", **change)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="stages.evaluate"):
+    with caplog.at_level(logging.INFO, logger="stages"):
         evaluate.main([])
     assert not any("reusing" in r.message for r in caplog.records)
     assert len(list((project / "data" / "eval" / "generations").glob("*.parquet"))) == 6  # stale ones removed
@@ -187,7 +199,7 @@ def test_merging_the_adapter_in_place_reuses_the_compiled_decode_step_with_the_m
                                                                                             tiny_adapter):
     import torch
 
-    from tests.test_continuous import COMPILE_BUDGETS, COMPILE_PROMPTS, run_engine
+    from tests.generation.test_continuous import COMPILE_BUDGETS, COMPILE_PROMPTS, run_engine
 
     model_params = params.ModelParams(str(tiny_model_dir), "main", 1024, "")
     model = generation.load_model(model_params, None)
@@ -286,7 +298,7 @@ def test_a_think_close_of_several_tokens_splits_the_ids_where_the_text_splits(tm
 
 def test_a_missing_adapter_is_a_clear_error_and_writes_nothing(project):
     (project / "models" / "adapter").unlink()
-    with pytest.raises(generation.GenerationError, match="no LoRA adapter"):
+    with pytest.raises(AdapterError, match="no LoRA adapter"):
         evaluate.main([])
     assert not (project / "metrics").exists()
 
@@ -297,7 +309,7 @@ def test_an_adapter_of_another_base_model_is_refused(project, tmp_path):
     (other / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "someone/other-model"}))
     (project / "models" / "adapter").unlink()
     (project / "models" / "adapter").symlink_to(other)
-    with pytest.raises(generation.GenerationError, match="trained on 'someone/other-model'"):
+    with pytest.raises(AdapterError, match="trained on 'someone/other-model'"):
         evaluate.main([])
 
 
@@ -404,11 +416,11 @@ def test_two_workers_start_once_for_both_models_and_each_merges_the_adapter_in_p
     assert starts == ["0", "1"]  # one set of workers for the base and the fine-tuned model
     log = capfd.readouterr().err
     for worker in (0, 1):
-        assert log.count(f"worker {worker} stages.evaluate: finetuned: merging the adapter into the loaded model") == 1
+        assert log.count(f"worker {worker} {WORKERS_LOG}: finetuned: merging the adapter into the loaded model") == 1
         # each start part timed, the time of day to the millisecond
         for part in ("loaded the base model", "finetuned: merged the adapter"):
-            assert len(re.findall(rf"\d\d:\d\d:\d\d\.\d{{3}} worker {worker} stages\.evaluate: {part} in [\d.]+ s",
-                                  log)) == 1
+            timed = rf"\d\d:\d\d:\d\d\.\d{{3}} worker {worker} {re.escape(WORKERS_LOG)}: {part} in [\d.]+ s"
+            assert len(re.findall(timed, log)) == 1
     assert len(pd.read_parquet(project / "data" / "eval" / "samples.parquet")) == 2 * 3 * 2 * 2
 
 
@@ -420,7 +432,7 @@ import time
 from pathlib import Path
 
 if os.environ.get("FAIL_GENERATION"):
-    from stages import generation
+    from stages.generation import batched as generation
 
     real = generation.generate
 
@@ -456,7 +468,7 @@ def test_a_failing_worker_is_one_line_and_keeps_only_the_sets_every_worker_finis
     assert not (project / "data" / "eval" / "samples.parquet").exists()
     monkeypatch.delenv("FAIL_GENERATION")
     set_params(project, "eval", sets=["heldout"])  # what the failed run finished is reused
-    with caplog.at_level(logging.INFO, logger="stages.evaluate"):
+    with caplog.at_level(logging.INFO, logger="stages"):
         evaluate.main([])
     assert [r.message.split(":")[0] for r in caplog.records if "reusing" in r.message] == ["base / heldout"]
     assert len(pd.read_parquet(project / "data" / "eval" / "samples.parquet")) == 2 * 2
@@ -486,14 +498,14 @@ def test_a_worker_failing_in_the_finetuned_phase_waits_for_the_base_shares_of_th
     monkeypatch.setenv("HOLD_GENERATION", "base/heldout + base/gsm8k [worker 0]")
     monkeypatch.setenv("HOLD_UNTIL", str(tmp_path / "parent-waits"))
     waits = TouchOnLog("waiting for", tmp_path / "parent-waits")
-    logging.getLogger("stages.evaluate").addHandler(waits)
+    logging.getLogger("stages").addHandler(waits)
     set_params(project, "eval", sets=["heldout", "gsm8k"], samples=1, num_gpus=2)
     try:
-        with caplog.at_level(logging.INFO, logger="stages.evaluate"), \
+        with caplog.at_level(logging.INFO, logger="stages"), \
                 pytest.raises(evaluate.eval_workers.WorkerError, match="generation worker 1 of 2"):
             evaluate.main([])
     finally:
-        logging.getLogger("stages.evaluate").removeHandler(waits)
+        logging.getLogger("stages").removeHandler(waits)
     assert ("generation worker 1 failed; waiting for worker(s) 0 to write their shares of base/heldout, base/gsm8k "
             "(worker 1 wrote its own), then stopping the others") in caplog.messages
     kept = sorted(f.name.rsplit("-", 1)[0] for f in (project / "data" / "eval" / "generations").iterdir())

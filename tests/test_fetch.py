@@ -4,7 +4,9 @@ import pytest
 import yaml
 from huggingface_hub import constants
 
-from stages import fetch, params
+from stages import fetch
+from stages.core import params
+from stages.data import sources
 from tests import magpie_data
 from tests.conftest import ROOT
 from tests.hub_stub import closed_port_url, hub_stub, run_stage
@@ -16,15 +18,15 @@ def test_local_folder_is_copied_with_its_layout(tmp_path):
     source = tmp_path / "src"
     shards = magpie_data.write_shards(source / "data", magpie_data.clean_rows(6), shards=3)
     out = tmp_path / "raw"
-    fetch.copy_local(source, fetch.local_files(source), out)
+    sources.copy_local(source, sources.local_files(source), out)
     copied = sorted(p.relative_to(out) for p in out.rglob("*.parquet"))
     assert copied == sorted(p.relative_to(source) for p in shards)
     assert all((out / p).read_bytes() == (source / p).read_bytes() for p in copied)
 
 
 def test_missing_source_path_is_a_clear_error(tmp_path):
-    with pytest.raises(fetch.FetchError, match="does not exist"):
-        fetch.local_files(tmp_path / "nowhere")
+    with pytest.raises(sources.FetchError, match="does not exist"):
+        sources.local_files(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize(("source", "is_hub"), [
@@ -41,8 +43,8 @@ def test_unreachable_hub_says_how_to_use_local_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     config = params.DataParams(source=MAGPIE, revision="main", files="data/train-*.parquet")
-    with pytest.raises(fetch.FetchError, match=r"HF_HUB_OFFLINE is set.*set data\.source in params\.yaml"):
-        fetch.download_hub(config, tmp_path / "raw")
+    with pytest.raises(sources.FetchError, match=r"HF_HUB_OFFLINE is set.*set data\.source in params\.yaml"):
+        sources.download_hub(config, tmp_path / "raw")
 
 
 def test_failed_fetch_leaves_previous_output_untouched(tmp_path, monkeypatch):
@@ -52,7 +54,7 @@ def test_failed_fetch_leaves_previous_output_untouched(tmp_path, monkeypatch):
     out.mkdir()
     (out / "old.parquet").write_bytes(b"old")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(fetch.FetchError):
+    with pytest.raises(sources.FetchError):
         fetch.main(["--out", str(out)])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".raw")] == []
     assert (out / "old.parquet").read_bytes() == b"old"
@@ -89,9 +91,9 @@ def test_each_failure_of_the_hub_is_one_line(tmp_path, monkeypatch, answer, says
     monkeypatch.delenv("HF_TOKEN", raising=False)
     config = params.DataParams(source=MAGPIE, revision="0123456789abcdef0123456789abcdef01234567", files="*.parquet")
     started = time.perf_counter()
-    with hub_stub(**answer) as stub, pytest.raises(fetch.FetchError) as error:
+    with hub_stub(**answer) as stub, pytest.raises(sources.FetchError) as error:
         monkeypatch.setattr(constants, "ENDPOINT", stub.url)
-        fetch.download_hub(config, tmp_path / "raw")
+        sources.download_hub(config, tmp_path / "raw")
     message = str(error.value)
     assert "\n" not in message and "fetch: " in message and MAGPIE in message and config.revision in message
     assert says in message, message
@@ -121,7 +123,7 @@ def test_a_corrupt_source_shard_is_named_and_not_copied(tmp_path, monkeypatch, c
     out.mkdir()
     (out / "old.parquet").write_bytes(b"old")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(fetch.FetchError) as error:
+    with pytest.raises(sources.FetchError) as error:
         fetch.main(["--out", str(out)])
     assert f"fetch: {shards[1]} (under data.source) is not readable Parquet" in str(error.value)
     assert "\n" not in str(error.value)
@@ -135,18 +137,18 @@ def test_a_corrupt_downloaded_shard_is_named(tmp_path, monkeypatch):
         truncated(shards[0])
         return local_dir
 
-    monkeypatch.setattr(fetch, "hub_snapshot", download)
+    monkeypatch.setattr(sources, "hub_snapshot", download)
     config = params.DataParams(source=MAGPIE, revision="main", files="data/train-*.parquet")
-    with pytest.raises(fetch.FetchError, match=rf"fetch: data/train-00000-of-00002\.parquet of the dataset {MAGPIE} "
+    with pytest.raises(sources.FetchError, match=rf"fetch: data/train-00000-of-00002\.parquet of the dataset {MAGPIE} "
                                               r"at revision main is not readable Parquet as downloaded"):
-        fetch.download_hub(config, tmp_path / "raw")
+        sources.download_hub(config, tmp_path / "raw")
 
 
 def test_a_whole_file_that_was_cut_is_caught(tmp_path):
     """Truncation takes the footer with it, so reading the metadata finds it; damage inside the data needs
     every page read, which parquet_problem does."""
     shard = magpie_data.write_shards(tmp_path, magpie_data.clean_rows(200), shards=1)[0]
-    assert fetch.parquet_problem(shard) is None
+    assert sources.parquet_problem(shard) is None
     cut = tmp_path / "cut.parquet"
     cut.write_bytes(shard.read_bytes()[:-1])
-    assert "magic bytes not found in footer" in fetch.parquet_problem(cut)
+    assert "magic bytes not found in footer" in sources.parquet_problem(cut)

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages import filter as filter_stage
-from stages.magpie import SchemaError, split_response
-from stages.prompts import encode_pairs, example_texts
+from stages.core.prompts import encode_pairs, example_texts
+from stages.data.magpie import SchemaError, split_response
 from tests import magpie_data, tiny_model
 from tests.conftest import DIRECTIVE
 
@@ -136,7 +136,7 @@ def test_integer_ids_are_kept_as_text(tmp_path, filter_params):
 
 
 def test_rows_matching_an_evaluation_problem_are_counted_as_contaminated(tmp_path, filter_params):
-    from stages.contamination import ContaminationIndex
+    from stages.data.contamination import ContaminationIndex
 
     rows = magpie_data.clean_rows(5)
     index = ContaminationIndex([rows[1]["instruction"], rows[3]["instruction"]], filter_params.contamination_ngram)
@@ -215,7 +215,7 @@ def reasoning_row(i: int, reasoning: str, instruction: str | None = None, answer
 
 
 def expected_rate(reasoning: str, tokenizer) -> float:
-    from stages.overthinking import second_guesses
+    from stages.scoring.overthinking import second_guesses
 
     tokens = tokenizer.backend_tokenizer.encode(reasoning, add_special_tokens=False)
     return second_guesses(reasoning) * 1000 / len(tokens)
@@ -272,7 +272,7 @@ def test_the_second_guess_threshold_is_off_by_default(messy_source, tmp_path, fi
 
 
 def test_without_a_tokenizer_there_is_no_rate_and_no_threshold(messy_source, tmp_path, filter_params):
-    from stages.params import ParamsError
+    from stages.core.params import ParamsError
 
     config = filter_params.__class__(**{**filter_params.__dict__, "check_length": False})
     funnel = run_filter(messy_source[0], tmp_path / "f.parquet", config, tokenizer=None)

@@ -10,7 +10,9 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from stages import release, report, verdict
+from stages import release, report
+from stages.core.base_model import AdapterError
+from stages.scoring import verdict
 from tests import test_report, tiny_model
 
 BASE_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -126,7 +128,7 @@ def test_a_missing_adapter_or_report_is_named(tmp_path, monkeypatch):
         release.main([])
     report.main([])
     (project / "models" / "adapter" / "adapter_config.json").unlink()
-    with pytest.raises(release.ReleaseError, match="no LoRA adapter at models/adapter"):
+    with pytest.raises(AdapterError, match="no LoRA adapter at models/adapter"):
         release.main([])
     assert not (project / "release").exists()
 

@@ -4,7 +4,7 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 
-from stages import params
+from stages.core import params
 from stages.filter import OUTPUT_SCHEMA
 from stages.stratify import SPLITS, StratifyError, split_counts, stratify
 

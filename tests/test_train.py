@@ -13,8 +13,11 @@ import pytest
 import torch
 import yaml
 
-from stages import artifacts, cli, params, train_choices, train_data, train_model
 from stages import train as train_stage
+from stages.core import artifacts, cli, params
+from stages.training import choices as train_choices
+from stages.training import data as train_data
+from stages.training import model as train_model
 from tests import magpie_data
 from tests.conftest import DIRECTIVE, ROOT, copy_project, set_params, splits_table, train_project, write_splits
 
@@ -127,12 +130,12 @@ def test_a_finished_run_is_never_resumed(project):
 
 
 def test_a_code_change_discards_the_checkpoints_of_a_killed_run(project, monkeypatch, tmp_path):
-    from stages import artifacts
+    from stages.core import artifacts
 
     code = copy_project(tmp_path / "code")  # the stage's code deps, as dvc.yaml lists them, from this copy
     monkeypatch.setattr(artifacts, "PROJECT_ROOT", code)
     killed_run(project, monkeypatch)
-    prompts = code / "stages" / "prompts.py"
+    prompts = code / "stages" / "core" / "prompts.py"
     prompts.write_text(prompts.read_text() + "\n# a changed line of the stage's code\n")
     train_stage.main([])
     assert train_metrics(project)["resumed_from_step"] == 0
@@ -142,7 +145,7 @@ def test_the_train_fingerprint_covers_the_code_dvc_reruns_the_stage_for():
     code = {path.relative_to(ROOT).as_posix() for path in artifacts.stage_code("train")}
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
     assert code == {dep for dep in deps if dep.endswith(".py")}
-    assert {"stages/prompts.py", "stages/train_choices.py", "stages/train.py"} <= code
+    assert {"stages/core/prompts.py", "stages/training/choices.py", "stages/train.py"} <= code
 
 
 def test_the_train_modules_leave_transformers_unimported_for_unsloth_to_patch_first():
@@ -391,7 +394,7 @@ def test_unsloth_backend_without_a_gpu_says_so(project):
 
 
 def test_training_prompt_tokens_are_exactly_what_evaluation_feeds_the_model(tokenizer):
-    from stages.prompts import prompt_text
+    from stages.core.prompts import prompt_text
 
     table = splits_table([magpie_data.row(5)])
     (example,) = train_data.tokenize(tokenizer, table, 1024, "train", directive=DIRECTIVE)
@@ -461,7 +464,7 @@ def test_speed_after_the_first_step_and_over_the_second_half_counts_the_tokens_a
     import time
     from types import SimpleNamespace
 
-    from stages import train_output
+    from stages.training import output as train_output
 
     clock, now = train_output.step_clock(), iter([10.0, 12.0, 14.5, 15.0, 15.5])
     monkeypatch.setattr(time, "perf_counter", lambda: next(now))
@@ -478,7 +481,7 @@ def log_steps(live_dir: Path, steps: int, tmp_path: Path):
     """The stage's dvclive callback fed `steps` optimizer steps of logs, as the Trainer feeds it."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from stages import train_output
+    from stages.training import output as train_output
 
     callback = train_output.live_callback(live_dir, resumed_from=0)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from stages import params, train_choices
 from stages import train as train_stage
+from stages.core import params
+from stages.training import choices as train_choices
 from tests.conftest import ROOT, train_project
 
 SEQUENCES_PER_STEP = 8
@@ -119,7 +120,8 @@ RESUME_POINT = """
 import os, sys
 from pathlib import Path
 from accelerate import PartialState
-from stages import train_checkpoints, train_choices
+from stages.training import checkpoints as train_checkpoints
+from stages.training import choices as train_choices
 PartialState(cpu=True)  # joins the other process (gloo), as TrainingArguments does in the stage
 rank = int(os.environ["RANK"])
 for case in ("stale", "missing"):

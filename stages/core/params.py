@@ -1,0 +1,231 @@
+"""The schema of params.yaml: one frozen pydantic dataclass per section, and the loaders the stages call.
+
+Each stage loads only its own section (plus the shared ones), so DVC re-runs exactly what a change touches.
+Validation reports every problem of a section at once, with its key path, as one ParamsError on one line.
+Types are strict (no "yes" for a bool, no bool for an int, no "2e-4" string for a float) except that an int
+is accepted, and stored, as a float.
+"""
+
+import functools
+import logging
+from pathlib import Path
+from typing import Annotated, Literal
+
+import pydantic
+import yaml
+from pydantic import ConfigDict, Field, PlainValidator, StrictBool, StrictFloat, StrictInt, TypeAdapter
+from pydantic_core import ArgsKwargs
+
+from stages.core.cli import StageError
+
+log = logging.getLogger(__name__)
+PARAMS_FILE = "params.yaml"
+DIFFICULTIES = ("very easy", "easy", "medium", "hard", "very hard")
+INPUT_QUALITIES = ("very poor", "poor", "average", "good", "excellent")
+EVAL_FORMATS = ("gsm8k", "math500")
+HELDOUT = "heldout"  # the evaluation set made from our own test split
+MODELS = BASE, FINETUNED = ("base", "finetuned")  # the two models every evaluation compares
+
+
+class ParamsError(StageError):
+    """A params.yaml value is missing, unknown, of the wrong type or out of range."""
+
+
+def _only(ok, what: str) -> PlainValidator:
+    """Accept value if ok(value), else fail with `what`: one problem, where a union reports one per member."""
+    def check(value):
+        if not ok(value):
+            raise ValueError(what)
+        return value
+    return PlainValidator(check)
+
+
+Positive = Annotated[StrictInt, Field(gt=0)]
+AutoOrPositive = Annotated[int | Literal["auto"], _only(lambda v: v == "auto" or (type(v) is int and v > 0),
+                                                        "must be 'auto' or a positive integer")]
+NonEmpty = Field(min_length=1)
+
+
+def _problems(error: pydantic.ValidationError, section: str) -> str:
+    """One line listing every problem in error, each under its key path (section.key.sub[index])."""
+    problems = []
+    for e in error.errors():
+        key = section + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"] if p != "[key]")
+        if e["type"] in ("missing", "missing_argument"):
+            problems.append(f"{key} is missing")
+        elif e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            problems.append(f"unknown key {key}")
+        else:
+            what = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"][0].lower() + e["msg"][1:]
+            got = "" if isinstance(e["input"], dict | ArgsKwargs) else f", got {e['input']!r}"
+            problems.append(f"{key}: {what}{got}")
+    return "params: " + "; ".join(problems)
+
+
+def _section(section: str):
+    """Make cls a frozen pydantic dataclass that forbids unknown keys and raises ParamsError when built directly."""
+    def wrap(cls):
+        cls = pydantic.dataclasses.dataclass(cls, frozen=True, config=ConfigDict(extra="forbid"))
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            try:
+                init(self, *args, **kwargs)
+            except pydantic.ValidationError as e:
+                raise ParamsError(_problems(e, section)) from None
+
+        cls.__init__ = __init__
+        return cls
+    return wrap
+
+
+@_section("data")
+class DataParams:
+    source: str  # hub dataset id, or a local Parquet file / directory
+    revision: str  # hub commit; ignored for local sources
+    files: str  # glob of the Parquet shards inside the hub dataset
+
+
+@_section("model")
+class ModelParams:
+    name: str  # hub model id or local directory
+    revision: str  # hub commit; ignored for local directories
+    max_seq_length: Positive  # tokens of one training example, prompt included
+    directive: str  # line after the problem in every prompt, training and evaluation alike; "": none
+
+
+@_section("filter")
+class FilterParams:
+    id_column: str
+    task_categories: Annotated[list[str], NonEmpty]
+    input_qualities: Annotated[list[Literal[INPUT_QUALITIES]], NonEmpty]
+    difficulties: Annotated[list[Literal[DIFFICULTIES]], NonEmpty]
+    require_think_open: StrictBool
+    deduplicate: StrictBool
+    check_length: StrictBool
+    decontaminate: StrictBool
+    contamination_ngram: Annotated[StrictInt, Field(ge=5)]  # words
+    max_second_guesses_per_1k: Annotated[StrictFloat, Field(gt=0)] | None  # None: keep every rate
+
+    @pydantic.model_validator(mode="after")
+    def _second_guess_rule_counts_tokens(self):
+        if self.max_second_guesses_per_1k is not None and not self.check_length:
+            raise ValueError("max_second_guesses_per_1k needs check_length: true (reasoning tokens are counted "
+                             "with the base model's tokenizer)")
+        return self
+
+
+@_section("stratify")
+class StratifyParams:
+    train_fraction: Annotated[StrictFloat, Field(gt=0, le=1)]
+    val_fraction: Annotated[StrictFloat, Field(ge=0, le=1)]
+    test_fraction: Annotated[StrictFloat, Field(ge=0, le=1)]
+    max_per_difficulty: Positive | None = None  # None: no cap
+
+    @pydantic.model_validator(mode="after")
+    def _fractions_sum_to_one(self):
+        fractions = (self.train_fraction, self.val_fraction, self.test_fraction)
+        if abs(sum(fractions) - 1) > 1e-9:
+            raise ValueError(f"train_fraction + val_fraction + test_fraction must sum to 1, "
+                             f"got {' + '.join(map(str, fractions))} = {sum(fractions):g}")
+        return self
+
+
+@_section("train.lora")
+class LoraParams:
+    r: Positive
+    alpha: Positive
+    dropout: Annotated[StrictFloat, Field(ge=0, lt=1)]
+    target_modules: Annotated[list[str], NonEmpty]
+
+
+@_section("train")
+class TrainParams:
+    backend: Literal["auto", "unsloth", "peft"]
+    load_in_4bit: StrictBool
+    lora: LoraParams
+    sequences_per_step: Positive
+    micro_batch_size: AutoOrPositive
+    learning_rate: Annotated[StrictFloat, Field(gt=0)]
+    epochs: Annotated[StrictFloat, Field(gt=0)]
+    warmup: Annotated[StrictFloat, Field(ge=0, lt=1)]  # fraction of the optimizer steps
+    lr_scheduler: str
+    weight_decay: StrictFloat
+    optimizer: str
+    eval_every_steps: Positive
+    max_val_rows: Positive | None  # None: all
+    early_stopping_patience: Annotated[StrictInt, Field(ge=0)]  # 0: off
+    max_steps: Annotated[int, _only(lambda v: type(v) is int and (v == -1 or v > 0), "must be -1 (no cap) or positive")]
+    packing: StrictBool
+    gradient_checkpointing: StrictBool | Literal["auto"]  # auto: off when it fits in GPU memory
+    num_gpus: Positive
+    merge_16bit: StrictBool
+
+
+@_section("eval_data.<set>")
+class EvalSetParams:
+    source: str  # hub dataset id, or a local Parquet / JSON-lines file or folder
+    revision: str
+    files: str  # glob of the file(s) inside the hub dataset
+    format: Literal[EVAL_FORMATS]  # how to read problem and gold answer
+
+
+@_section("eval")
+class EvalParams:
+    sets: Annotated[list[str], NonEmpty]
+    limit: Positive | None  # None: all
+    samples: Positive
+    temperature: Annotated[StrictFloat, Field(ge=0)]  # 0: greedy
+    top_p: Annotated[StrictFloat, Field(gt=0, le=1)]
+    max_new_tokens: Positive
+    batching: Literal["continuous", "padded"]
+    batch_size: AutoOrPositive
+    static_cache: StrictBool
+    num_gpus: AutoOrPositive  # processes generating at once, one per GPU; auto: every visible GPU (1 on CPU)
+    loop_ngram: Positive  # words, at least, in each copy of a loop
+    loop_repeats: Annotated[StrictInt, Field(ge=2)]  # copies in a row
+
+
+SECTIONS = {"data": DataParams, "model": ModelParams, "filter": FilterParams, "stratify": StratifyParams,
+            "train": TrainParams, "eval": EvalParams}
+
+
+def build(cls, raw, section: str):
+    """raw validated as cls (a dataclass above, or any type pydantic knows); every problem in one ParamsError."""
+    try:
+        return TypeAdapter(cls).validate_python(raw)
+    except pydantic.ValidationError as e:
+        raise ParamsError(_problems(e, section)) from None
+
+
+def read(path: str | Path = PARAMS_FILE) -> dict:
+    """The raw params mapping; a missing or malformed file is an error naming it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise ParamsError(f"params: {path} not found (run from the project root)") from e
+    except yaml.YAMLError as e:
+        raise ParamsError(f"params: {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: {path} must hold a mapping of sections")
+    return raw
+
+
+def load(section: str, path: str | Path = PARAMS_FILE):
+    """One section of params.yaml as its dataclass; eval_data as a mapping of set name -> EvalSetParams."""
+    raw = read(path)
+    if section not in raw:
+        raise ParamsError(f"params: section '{section}' missing in {path}")
+    config = build(dict[str, EvalSetParams] if section == "eval_data" else SECTIONS[section], raw[section], section)
+    log.info("params %s: %s", section, config)
+    return config
+
+
+def load_seed(path: str | Path = PARAMS_FILE) -> int:
+    """The shared seed (top-level key `seed`)."""
+    raw = read(path)
+    if "seed" not in raw:
+        raise ParamsError(f"params: seed missing in {path}")
+    return build(StrictInt, raw["seed"], "seed")

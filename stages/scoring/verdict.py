@@ -1,0 +1,288 @@
+"""The verdict on the seed's claims, from the samples table of evaluate: headline measures per model and set,
+fine-tuned minus base deltas with paired bootstrap intervals over problems, and accuracy at every budget.
+
+Every measure is a ratio of sums over responses (sum of a column / sum of another, or / the responses), so
+a long response weighs by its length: markers per 1k reasoning tokens are markers of all responses over
+their reasoning tokens, and a short response with one "wait" does not dominate the rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from stages.core.cli import StageError
+from stages.core.params import BASE, FINETUNED
+
+RESAMPLES, CONFIDENCE = 2000, 0.95  # the bootstrap of every interval
+BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no detectable difference"
+# The interval is undefined when the measure is (e.g. tokens per correct answer in resamples without one).
+NOT_MEASURABLE = "not measurable"
+FIRST_BUDGET = 1024  # tokens; the budget curve doubles from here up to max_new_tokens
+
+
+class VerdictError(StageError):
+    """The samples table cannot give the measures asked for."""
+
+
+@dataclass(frozen=True)
+class Measure:
+    """scale * sum(numerator) / sum(denominator) over responses; without a denominator column, over the number
+    of responses (a plain mean). Every column is defined for every response: a missing value is an error, so a
+    measure never silently averages over a subset."""
+    name: str
+    numerator: str
+    denominator: str | None = None
+    scale: float = 1.0
+    higher_is_better: bool = True
+    meaning: str = ""  # one line for readers of the report and the model card
+
+
+    def columns(self) -> list[str]:
+        return [self.numerator] + ([self.denominator] if self.denominator else [])
+
+
+MEASURES = (
+    Measure("accuracy", "correct", meaning="share of responses graded correct (pass@1 averaged over samples)"),
+    Measure("response_tokens_mean", "response_tokens", higher_is_better=False,
+            meaning="generated tokens per response, reasoning and answer"),
+    Measure("tokens_per_correct", "response_tokens", "correct", higher_is_better=False,
+            meaning="all generated tokens over the number of correct responses"),
+    Measure("second_guesses_per_response", "second_guesses", higher_is_better=False,
+            meaning="second-guess markers (wait, hmm, actually, ...) per response"),
+    Measure("second_guesses_per_1k_reasoning_tokens", "second_guesses", "reasoning_tokens", scale=1000.0,
+            higher_is_better=False, meaning="second-guess markers per 1,000 reasoning tokens, pooled over responses"),
+    Measure("finished_share", "finished", meaning="share that closed the reasoning and gave an answer in budget"),
+    Measure("hit_max_tokens_share", "hit_max_tokens", higher_is_better=False,
+            meaning="share cut at the token budget"),
+    Measure("loop_share", "looped", higher_is_better=False, meaning="share repeating a passage back to back"),
+    # 0 for a wrong answer: Chen et al. ("Do NOT Think That Much") average over all responses.
+    Measure("outcome_efficiency", "outcome_efficiency",
+            meaning="share of a response's tokens spent up to its first correct answer; 0 when wrong"),
+)
+MEASURE_BY_NAME = {m.name: m for m in MEASURES}
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str  # as the seed words it
+    measure: str  # a Measure name
+
+
+CLAIMS = (
+    Claim("more concise", "response_tokens_mean"),
+    Claim("more concise", "tokens_per_correct"),
+    Claim("confident, eliminates recursive doubt", "second_guesses_per_1k_reasoning_tokens"),
+    Claim("eliminates recursive doubt", "loop_share"),
+    Claim("stays accurate", "accuracy"),
+    Claim("finishes", "finished_share"),
+)
+
+
+def _check_columns(samples: pd.DataFrame, needed: list[str]) -> None:
+    missing = sorted(set(needed) - set(samples.columns))
+    if missing:
+        raise VerdictError(f"verdict: the samples table has no column(s) {missing}; re-run evaluate with the code "
+                           "that adds them (or leave their measures out)")
+
+
+def _numerators_denominators(rows: pd.DataFrame, measures: tuple[Measure, ...]) -> pd.DataFrame:
+    """Per response, each measure's numerator ('<name>/num') and denominator ('<name>/den') terms."""
+    columns = sorted({c for m in measures for c in m.columns()})
+    missing = rows[columns].isna().sum()
+    if missing.any():
+        raise VerdictError(f"verdict: the samples table has missing values in {missing[missing > 0].to_dict()} "
+                           "(column: rows); every response needs every measured value, re-run evaluate")
+    numerators, denominators = {}, {}
+    for m in measures:
+        numerators[f"{m.name}/num"] = rows[m.numerator].astype(float)
+        denominators[f"{m.name}/den"] = (pd.Series(1.0, index=rows.index) if m.denominator is None
+                                         else rows[m.denominator].astype(float))
+    return pd.DataFrame(numerators | denominators, index=rows.index)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator > 0, scale * numerator / np.where(denominator > 0, denominator, 1.0), np.nan)
+
+
+def measure_values(rows: pd.DataFrame, measures: tuple[Measure, ...] = MEASURES) -> dict[str, float]:
+    """Each measure over the given responses (one model on one set, say); NaN where its denominator is 0."""
+    _check_columns(rows, [c for m in measures for c in m.columns()])
+    sums = _numerators_denominators(rows, measures).sum()
+    return {m.name: float(_ratio(np.array(sums[f"{m.name}/num"]), np.array(sums[f"{m.name}/den"]),
+                                 np.array(m.scale))) for m in measures}
+
+
+def verdict_word(low: float, high: float, higher_is_better: bool) -> str:
+    """Better or worse only when the interval of the delta excludes 0."""
+    if math.isnan(low) or math.isnan(high):
+        return NOT_MEASURABLE
+    if low > 0 or high < 0:
+        return BETTER if (low > 0) == higher_is_better else WORSE
+    return NO_DIFFERENCE
+
+
+def _resample_counts(rng: np.random.Generator, problems: int, resamples: int) -> np.ndarray:
+    """How often each problem is drawn in each resample (resamples x problems), drawing problems with
+    replacement; in blocks so memory stays small however many problems there are."""
+    block = max(1, 2**22 // problems)
+    counts = []
+    for start in range(0, resamples, block):
+        n = min(block, resamples - start)
+        drawn = rng.integers(0, problems, size=(n, problems), dtype=np.int32)  # int32: half the memory traffic
+        drawn += problems * np.arange(n, dtype=np.int32)[:, None]  # each resample its own run of bins
+        counts.append(np.bincount(drawn.ravel(), minlength=n * problems).reshape(n, problems).astype(float))
+    return np.concatenate(counts)
+
+
+def paired_deltas(samples: pd.DataFrame, measures: tuple[Measure, ...] = MEASURES, seed: int = 0,
+                  resamples: int = RESAMPLES, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """For every set and measure: base, fine-tuned, delta (fine-tuned minus base), its paired bootstrap
+    interval [low, high] and the verdict word; also each model's own interval (base_low, base_high,
+    finetuned_low, finetuned_high) from the same resamples, for plots.
+
+    Percentile bootstrap over problems: each resample draws the set's problems with replacement, the same
+    draw for both models, so a problem's base and fine-tuned samples (all of them) stay together and the
+    spread of difficulty between problems cancels out of the delta. Every measure is then recomputed as a
+    ratio of sums on the resample. scipy.stats.bootstrap(paired=True, method='percentile') computes the same
+    interval (the tests check it) but builds every resampled array (resamples x problems values per array),
+    ~60x slower at 4,300 problems x 8 measures; here a resample is a vector of draw counts, so all resamples
+    of all measures are one matrix product of counts and per-problem sums. BCa is not used: with thousands
+    of problems a ratio of sums is close to normal (BCa moved the bounds by <1% of the width in a trial),
+    and it has no interval when a delta never varies (no loops in either model), where the percentile
+    interval is [0, 0].
+    """
+    _check_columns(samples, ["model", "set", "problem_id"] + [c for m in measures for c in m.columns()])
+    models = set(samples["model"].unique())
+    if models != {BASE, FINETUNED}:
+        raise VerdictError(f"verdict: the samples table has models {sorted(models)}; a delta needs exactly "
+                           f"'{BASE}' and '{FINETUNED}'")
+    scale = np.array([m.scale for m in measures])
+    tail = (1 - confidence) / 2 * 100
+    records = []
+    for set_name, rows in samples.groupby("set", sort=True):
+        if set(rows["model"].unique()) != {BASE, FINETUNED}:
+            raise VerdictError(f"verdict: set '{set_name}' has samples of {sorted(rows['model'].unique())} only; "
+                               "a paired comparison needs both models on it (re-run evaluate)")
+        per_problem = _numerators_denominators(rows, measures).groupby([rows["model"], rows["problem_id"]]).sum()
+        base, finetuned = per_problem.loc[BASE], per_problem.loc[FINETUNED]
+        one_sided = base.index.symmetric_difference(finetuned.index)
+        if len(one_sided):
+            raise VerdictError(f"verdict: set '{set_name}': {len(one_sided)} problem(s) (e.g. "
+                               f"{list(one_sided[:3])}) have samples of one model only; a paired comparison needs "
+                               "both models on the same problems (re-run evaluate)")
+        # problems x (base numerators, base denominators, fine-tuned numerators, fine-tuned denominators)
+        columns = np.hstack([base.to_numpy(), finetuned.loc[base.index].to_numpy()])
+        counts = _resample_counts(np.random.default_rng(seed), len(base), resamples)
+        # Row 0: every problem once, the point estimate; then the resamples.
+        sums = np.vstack([columns.sum(axis=0), counts @ columns])
+        base_num, base_den, finetuned_num, finetuned_den = np.split(sums, 4, axis=1)
+        base_value, finetuned_value = _ratio(base_num, base_den, scale), _ratio(finetuned_num, finetuned_den, scale)
+        deltas = finetuned_value - base_value
+        low, high = np.percentile(deltas[1:], [tail, 100 - tail], axis=0)
+        base_low, base_high = np.percentile(base_value[1:], [tail, 100 - tail], axis=0)
+        finetuned_low, finetuned_high = np.percentile(finetuned_value[1:], [tail, 100 - tail], axis=0)
+        for k, m in enumerate(measures):
+            records.append({"set": set_name, "measure": m.name, "base": float(base_value[0, k]),
+                            "finetuned": float(finetuned_value[0, k]), "delta": float(deltas[0, k]),
+                            "low": float(low[k]), "high": float(high[k]), "higher_is_better": m.higher_is_better,
+                            "verdict": verdict_word(float(low[k]), float(high[k]), m.higher_is_better),
+                            "base_low": float(base_low[k]), "base_high": float(base_high[k]),
+                            "finetuned_low": float(finetuned_low[k]), "finetuned_high": float(finetuned_high[k])})
+    return pd.DataFrame.from_records(records)
+
+
+def verdict_rows(deltas: pd.DataFrame, claims: tuple[Claim, ...] = CLAIMS) -> list[dict]:
+    """One row per set and claim: the claim, its measure, base, fine-tuned, delta [low, high] and verdict."""
+    by_measure = deltas.set_index(["set", "measure"])
+    missing = sorted({c.measure for c in claims} - set(deltas["measure"]))
+    if missing:
+        raise VerdictError(f"verdict: claims need measure(s) {missing}, which the deltas lack; add them to "
+                           "the measures given to paired_deltas")
+    rows = []
+    for set_name in sorted(deltas["set"].unique()):
+        for c in claims:
+            d = by_measure.loc[(set_name, c.measure)]
+            rows.append({"set": set_name, "claim": c.claim, "measure": c.measure,
+                         **{k: float(d[k]) for k in ("base", "finetuned", "delta", "low", "high")},
+                         "verdict": d["verdict"]})
+    return rows
+
+
+def _decimals(magnitude: float, digits: int) -> int:
+    """Decimals that show `digits` significant digits of `magnitude` (and no more than its whole part)."""
+    if math.isnan(magnitude) or magnitude == 0:
+        return 3
+    return max(0, digits - 1 - math.floor(math.log10(abs(magnitude))))
+
+
+def _number(value: float, decimals: int) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{decimals}f}"
+
+
+def verdict_markdown(rows: list[dict]) -> str:
+    """The verdict rows as a Markdown table; each row's numbers get the decimals its interval's width needs,
+    so a narrow interval is not rounded to [0, 0]."""
+    lines = [f"| set | claim | measure | base | fine-tuned | delta [{CONFIDENCE:.0%} interval] | verdict |",
+             "|---|---|---|---:|---:|---|---|"]
+    for r in rows:
+        width, magnitude = r["high"] - r["low"], max(abs(r["base"]), abs(r["finetuned"]))
+        # A width within rounding error of 0 (a delta that never varies) gets the decimals of the values.
+        places = _decimals(width, 2) if width > 1e-9 * magnitude else _decimals(magnitude, 3)
+        base, finetuned, delta, low, high = (_number(r[k], places)
+                                             for k in ("base", "finetuned", "delta", "low", "high"))
+        delta = f"{delta} [{low}, {high}]"
+        lines.append(f"| {r['set']} | {r['claim']} | {r['measure']} | {base} | {finetuned} | {delta} | "
+                     f"{r['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def budgets(max_new_tokens: int) -> list[int]:
+    """1k, 2k, 4k, ... below max_new_tokens, then max_new_tokens itself."""
+    found, budget = [], FIRST_BUDGET
+    while budget < max_new_tokens:
+        found.append(budget)
+        budget *= 2
+    return found + [max_new_tokens]
+
+
+def budget_curve(samples: pd.DataFrame, max_new_tokens: int) -> pd.DataFrame:
+    """Accuracy (and the share of responses that ended) at every budget up to max_new_tokens, per model and set.
+
+    A response of n tokens that ended by itself (end-of-sequence included in n) is what a run with any budget
+    B >= n produces, so it counts as correct at B when n <= B and it is correct: ending exactly at B counts,
+    since a B-budget run has room for that end-of-sequence token. A response cut at max_new_tokens has
+    n = max_new_tokens, so it only counts at that budget, where it is the run we have: the curve ends at the
+    headline accuracy. A response longer than B counts as wrong at B (a B-budget run would cut it, and a cut
+    response rarely has its answer), so the curve below max_new_tokens is a slight lower bound.
+    """
+    _check_columns(samples, ["model", "set", "correct", "response_tokens", "hit_max_tokens"])
+    longest = int(samples["response_tokens"].max()) if len(samples) else 0
+    if longest > max_new_tokens:
+        raise VerdictError(f"verdict: a response has {longest} tokens, more than max_new_tokens {max_new_tokens}; "
+                           "pass the eval.max_new_tokens the samples were generated with")
+    tokens = samples["response_tokens"].to_numpy()
+    correct = samples["correct"].to_numpy(dtype=bool)
+    ended = ~samples["hit_max_tokens"].to_numpy(dtype=bool)
+    records = []
+    for budget in budgets(max_new_tokens):
+        within = tokens <= budget
+        at_budget = pd.DataFrame({"model": samples["model"], "set": samples["set"],
+                                  "accuracy": correct & within, "ended_share": ended & within})
+        curve = at_budget.groupby(["model", "set"], sort=True).agg(
+            accuracy=("accuracy", "mean"), ended_share=("ended_share", "mean"), responses=("accuracy", "size"))
+        records.append(curve.reset_index().assign(budget=budget))
+    columns = ["model", "set", "budget", "accuracy", "ended_share", "responses"]
+    return pd.concat(records, ignore_index=True)[columns].sort_values(["model", "set", "budget"],
+                                                                         ignore_index=True)
+
+
+def budget_markdown(budget: list[dict]) -> str:
+    """Accuracy at every budget as a Markdown table."""
+    lines = ["| budget (tokens) | base accuracy | fine-tuned accuracy |", "|---:|---:|---:|"]
+    lines += [f"| {row['budget']} | {row[BASE]:.3f} | {row[FINETUNED]:.3f} |" for row in budget]
+    return "\n".join(lines) + "\n"

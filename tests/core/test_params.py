@@ -1,0 +1,123 @@
+import dataclasses
+import re
+
+import pytest
+
+from stages.core import params
+from tests.conftest import ROOT
+
+
+def test_every_section_builds_from_the_real_params_yaml():
+    raw = params.read(ROOT / "params.yaml")
+    for section, cls in params.SECTIONS.items():
+        assert isinstance(params.build(cls, raw[section], section), cls)
+    assert isinstance(params.load_seed(ROOT / "params.yaml"), int)
+
+
+def test_unknown_key_is_rejected_with_its_name():
+    raw = params.read(ROOT / "params.yaml")["stratify"] | {"tain_fraction": 0.9}
+    with pytest.raises(params.ParamsError, match=r"stratify\.tain_fraction"):
+        params.build(params.StratifyParams, raw, "stratify")
+
+
+def test_missing_key_is_rejected_with_its_name():
+    raw = dict(params.read(ROOT / "params.yaml")["filter"])
+    del raw["id_column"]
+    with pytest.raises(params.ParamsError, match=r"filter\.id_column is missing"):
+        params.build(params.FilterParams, raw, "filter")
+
+
+@pytest.mark.parametrize(("key", "value"), [("check_length", "yes"), ("task_categories", "Math"),
+                                             ("difficulties", ["hard", 3])])
+def test_wrong_type_is_rejected_with_its_name(key, value):
+    raw = params.read(ROOT / "params.yaml")["filter"] | {key: value}
+    with pytest.raises(params.ParamsError, match=rf"filter\.{key}"):
+        params.build(params.FilterParams, raw, "filter")
+
+
+def test_split_fractions_must_sum_to_one():
+    with pytest.raises(params.ParamsError, match="sum to 1"):
+        params.StratifyParams(train_fraction=0.8, val_fraction=0.1, test_fraction=0.2)
+
+
+def test_unknown_difficulty_is_rejected():
+    raw = params.read(ROOT / "params.yaml")["filter"] | {"difficulties": ["medium", "impossible"]}
+    with pytest.raises(params.ParamsError, match="impossible"):
+        params.build(params.FilterParams, raw, "filter")
+
+
+def test_integer_is_accepted_where_a_float_is_expected():
+    config = params.build(params.StratifyParams, {"train_fraction": 1, "val_fraction": 0, "test_fraction": 0},
+                          "stratify")
+    assert config.train_fraction == 1.0 and isinstance(config.train_fraction, float)
+
+
+def test_missing_params_file_is_named(tmp_path):
+    with pytest.raises(params.ParamsError, match="params.yaml not found"):
+        params.load("filter", tmp_path / "params.yaml")
+
+
+def test_every_problem_of_a_section_is_reported_in_one_line_with_its_key_path():
+    raw = params.read(ROOT / "params.yaml")["train"]
+    raw = raw | {"lora": raw["lora"] | {"r": 0}, "learning_rate": "2e-4", "micro_batch_size": 0, "optimiser": "adamw"}
+    del raw["epochs"]
+    with pytest.raises(params.ParamsError) as error:
+        params.build(params.TrainParams, raw, "train")
+    message = str(error.value)
+    assert message.startswith("params: ") and "\n" not in message
+    for problem in [r"train\.lora\.r: input should be greater than 0, got 0",
+                    r"train\.learning_rate: input should be a valid number, got '2e-4'",
+                    r"train\.micro_batch_size: must be 'auto' or a positive integer, got 0",
+                    r"train\.epochs is missing", r"unknown key train\.optimiser"]:
+        assert re.search(problem, message), (problem, message)
+    assert message.count(";") == 4
+
+
+def test_nested_key_path_names_the_lora_field():
+    raw = params.read(ROOT / "params.yaml")["train"]
+    with pytest.raises(params.ParamsError, match=r"^params: train\.lora\.r: input should be greater than 0, got -8$"):
+        params.build(params.TrainParams, raw | {"lora": raw["lora"] | {"r": -8}}, "train")
+
+
+@pytest.mark.parametrize(("section", "cls", "key"), [("model", params.ModelParams, "max_seq_length"),
+                                                     ("train", params.TrainParams, "num_gpus"),
+                                                     ("train", params.TrainParams, "micro_batch_size"),
+                                                     ("eval", params.EvalParams, "limit"),
+                                                     ("eval", params.EvalParams, "num_gpus")])
+def test_bool_is_rejected_where_an_integer_is_expected(section, cls, key):
+    raw = params.read(ROOT / "params.yaml")[section] | {key: True}
+    with pytest.raises(params.ParamsError, match=rf"{section}\.{key}: .*got True"):
+        params.build(cls, raw, section)
+
+
+def test_seed_must_be_an_integer(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: true\n")
+    with pytest.raises(params.ParamsError, match=r"seed: input should be a valid integer, got True"):
+        params.load_seed(tmp_path / "params.yaml")
+
+
+def test_eval_sets_are_checked_under_their_name(tmp_path):
+    (tmp_path / "params.yaml").write_text(
+        "eval_data: {aime: {source: x/y, revision: main, file: '*.parquet', format: aime}}\n")
+    expected = (r"eval_data\.aime\.files is missing; "
+                r"eval_data\.aime\.format: input should be 'gsm8k' or 'math500', got 'aime'; "
+                r"unknown key eval_data\.aime\.file$")
+    with pytest.raises(params.ParamsError, match=expected):
+        params.load("eval_data", tmp_path / "params.yaml")
+
+
+def test_direct_construction_is_validated_and_frozen():
+    with pytest.raises(params.ParamsError, match=r"^params: model\.max_seq_length: input should be greater than 0"):
+        params.ModelParams(name="m", revision="main", max_seq_length=0, directive="")
+    config = params.ModelParams("m", "main", 8, "")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_seq_length = 16
+    assert dataclasses.asdict(config) == {"name": "m", "revision": "main", "max_seq_length": 8, "directive": ""}
+
+
+@pytest.mark.parametrize("value", [0, -1, "two", "all", 1.5])
+def test_eval_num_gpus_must_be_auto_or_a_positive_integer(value):
+    raw = params.read(ROOT / "params.yaml")["eval"] | {"num_gpus": value}
+    with pytest.raises(params.ParamsError, match=rf"^params: eval\.num_gpus: must be 'auto' or a positive integer, "
+                                                 rf"got {re.escape(repr(value))}$"):
+        params.build(params.EvalParams, raw, "eval")

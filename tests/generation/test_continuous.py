@@ -1,0 +1,278 @@
+"""Continuous batching (stages.generation.continuous) on CPU with the tiny model: the tokens of transformers' generate,
+sampling as transformers' top-p cuts it, forced ends for benchmarks."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.core import params
+from stages.generation import batched as generation
+from stages.generation import continuous
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def reference_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """Greedy new ids from transformers' generate for the prompt alone (no padding)."""
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    with torch.inference_mode():
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+    return output[0, ids.shape[1]:].tolist()
+
+
+def forced_end(ids: list[int], end: int, eos: int) -> list[int]:
+    """ids ended as end_at=end forces: end-of-sequence as token number `end` unless one came before."""
+    return ids if eos in ids[:end] else ids[:end - 1] + [eos]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return generation.load_model(params.ModelParams(str(tiny_model_dir), "main", 1024, ""), None)
+
+
+def eval_config(**changes) -> params.EvalParams:
+    return dataclasses.replace(params.load("eval", ROOT / "params.yaml"), **changes)
+
+
+PROMPTS = [f"What is {i} plus {3 * i}? " * (1 + i % 4) for i in range(37)]
+
+
+def test_greedy_continuous_batching_returns_the_tokens_of_generate_for_each_prompt(model, tokenizer):
+    config = eval_config(temperature=0.0, max_new_tokens=24, batch_size=16, batching="continuous")
+    stats = {}
+    outputs = generation.generate(model, tokenizer, PROMPTS, config, seed=0, stats=stats)
+    assert stats["prefill_calls"] > 1  # slots were refilled ...
+    assert stats["slot_steps"] < stats["decode_steps"] * 16  # ... and the batch shrank once no prompt waited
+    assert any(not o.hit_max_tokens for o in outputs) and any(o.hit_max_tokens for o in outputs)
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        assert output == generation.to_generation(tokenizer, reference_ids(model, tokenizer, prompt, 24),
+                                                  tokenizer.eos_token_id)
+
+
+def test_no_prompts_give_no_generations_and_allocate_nothing(model, tokenizer, monkeypatch):
+    monkeypatch.setattr(generation, "ContinuousBatcher", None)  # would fail if a cache were built
+    assert generation.generate(model, tokenizer, [], eval_config(batching="continuous"), seed=0) == []
+
+
+def test_both_routes_end_responses_where_forced_and_agree_when_greedy(model, tokenizer):
+    end_at = [1 + (5 * i) % 20 for i in range(len(PROMPTS))]
+    eos = tokenizer.eos_token_id
+    routes = {}
+    for batching in ("continuous", "padded"):
+        config = eval_config(temperature=0.0, max_new_tokens=20, batch_size=8, batching=batching)
+        routes[batching] = generation.generate(model, tokenizer, PROMPTS, config, seed=0, end_at=end_at)
+    assert routes["continuous"] == routes["padded"]
+    for prompt, output, end in zip(PROMPTS, routes["continuous"], end_at, strict=True):
+        expected = forced_end(reference_ids(model, tokenizer, prompt, end), end, eos)
+        assert output == generation.to_generation(tokenizer, expected, eos)
+
+
+def test_sampling_repeats_with_the_seed_and_changes_with_another(model, tokenizer):
+    config = eval_config(temperature=0.6, top_p=0.95, max_new_tokens=16, batch_size=8, batching="continuous")
+    first = generation.generate(model, tokenizer, PROMPTS[:12], config, seed=1)
+    assert generation.generate(model, tokenizer, PROMPTS[:12], config, seed=1) == first
+    assert generation.generate(model, tokenizer, PROMPTS[:12], config, seed=2) != first
+
+
+def test_the_sampler_keeps_transformers_top_p_set_and_draws_in_proportion():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    probabilities = torch.tensor([0.5, 0.3, 0.15, 0.04, 0.01])
+    logits = (probabilities.log() * 0.6).expand(40_000, -1).contiguous()  # /0.6 restores the probabilities
+    numbers = continuous.uniforms(torch.arange(40_000), torch.full((40_000,), 7))  # one key per row
+    draws = continuous.sampler(temperature=0.6, top_p=0.9)(logits, numbers)
+    kept = TopPLogitsWarper(0.9)(None, TemperatureLogitsWarper(0.6)(None, logits[:1].clone()))[0] > float("-inf")
+    assert kept.tolist() == [True, True, True, False, False]
+    counts = torch.bincount(draws, minlength=5).float() / len(draws)
+    expected = torch.where(kept, probabilities, 0) / probabilities[kept].sum()
+    torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)
+
+
+def test_greedy_sampler_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
+    assert continuous.sampler(temperature=0.0, top_p=0.95)(logits, torch.rand(2)).tolist() == [1, 0]
+
+
+def test_the_sampling_numbers_are_uniform_and_change_with_key_and_position():
+    keys = torch.tensor([0, 1, 2**40, 2**63 - 1]).repeat_interleave(25_000)
+    numbers = continuous.uniforms(keys, torch.arange(100_000) % 25_000)
+    assert 0 < numbers.min() and numbers.max() < 1
+    counts = torch.histc(numbers, bins=20, min=0, max=1)
+    assert ((counts - 5_000).abs() < 5_000 * 0.05).all()  # 20 bins of 5,000 +- 5% (about 7 standard deviations)
+    assert numbers.unique().numel() > 99_000  # 24 bits: a few collisions among 100,000
+    neighbours = continuous.uniforms(torch.full((10_000,), 5), torch.arange(10_000))
+    assert abs(torch.corrcoef(torch.stack([neighbours[:-1], neighbours[1:]]))[0, 1]) < 0.05
+
+
+def test_a_sampled_response_does_not_depend_on_its_batch_slots_or_neighbours(model, tokenizer):
+    prompts = PROMPTS[:12] * 2  # each problem twice: two samples
+    keys = generation.sampling_keys(prompts, seed=5)
+    outputs = {}
+    for slots in (4, 16):
+        config = eval_config(temperature=0.6, top_p=0.95, max_new_tokens=16, batch_size=slots, batching="continuous")
+        outputs[slots] = generation.generate(model, tokenizer, prompts, config, seed=5)
+    assert outputs[4] == outputs[16]
+    alone = generation.generate(model, tokenizer, prompts[7:9], config, seed=5, keys=keys[7:9])
+    assert alone == outputs[4][7:9]
+    assert outputs[4][:12] != outputs[4][12:]  # the second sample of a problem is drawn apart from the first
+
+
+def test_a_model_with_sliding_window_layers_is_refused_with_a_reason(model):
+    class Sliding:
+        config = dataclasses.make_dataclass("C", [("layer_types", list)])(["full_attention", "sliding_attention"])
+        device, dtype = model.device, model.dtype
+
+        def get_decoder(self):
+            return None
+
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(ValueError, match="sliding"):
+        continuous.ContinuousBatcher(Sliding(), slots=4, length=16, eos=0, temperature=0.0, top_p=1.0)
+
+
+def test_a_decoder_without_the_parts_a_decode_step_runs_is_refused_naming_them(model):
+    class Decoder(torch.nn.Module):  # layers and a norm, but no embeddings or rotary positions of its own
+        def __init__(self):
+            super().__init__()
+            self.layers, self.norm = torch.nn.ModuleList(), torch.nn.Identity()
+
+    class Other:
+        config, device, dtype = model.config, model.device, model.dtype
+
+        def get_decoder(self):
+            return Decoder()
+
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(ValueError, match="embed_tokens, rotary_emb, layers, norm itself.*\\(Decoder\\) lacks some"):
+        continuous.ContinuousBatcher(Other(), slots=4, length=16, eos=0, temperature=0.0, top_p=1.0)
+
+
+@pytest.mark.parametrize("batching", ["continuous", "padded"])
+def test_each_route_reports_the_share_of_decode_slots_that_kept_a_token(model, tokenizer, batching):
+    config = eval_config(temperature=0.0, max_new_tokens=8, batch_size=4, batching=batching)
+    stats = {}
+    outputs = generation.generate(model, tokenizer, PROMPTS[:4], config, seed=0, end_at=[2, 4, 6, 8], stats=stats)
+    lengths = [o.n_tokens for o in outputs]
+    # one batch of 4 either way (4 slots are below the smallest graph): it decodes until its longest ends
+    assert stats["decode_slot_share"] == sum(n - 1 for n in lengths) / (4 * (max(lengths) - 1))
+
+
+def reference_varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout, causal,
+                               debug_mask, *, scale=None, seqused_k=None):
+    """FlashAttention's variable-length forward as documented, one sequence at a time: rows
+    cu_seqlens_q[i]:cu_seqlens_q[i+1] of query attend to the first seqused_k[i] rows from cu_seqlens_k[i] of
+    key/value (non-causal), head h to key head h // (heads / key heads)."""
+    assert not causal and dropout == 0.0
+    output = torch.empty_like(query)
+    groups = query.shape[1] // key.shape[1]
+    for i in range(len(cu_seqlens_q) - 1):
+        start, end, k0 = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(cu_seqlens_k[i])
+        used = int(seqused_k[i]) if seqused_k is not None else int(cu_seqlens_k[i + 1]) - k0
+        k = key[k0:k0 + used].repeat_interleave(groups, dim=1).transpose(0, 1)  # [heads, used, dim]
+        v = value[k0:k0 + used].repeat_interleave(groups, dim=1).transpose(0, 1)
+        q = query[start:end].transpose(0, 1)  # [heads, rows, dim]
+        output[start:end] = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale).transpose(0, 1)
+    return output, None, None, None, None
+
+
+def test_the_flash_decode_layout_gives_each_query_head_its_key_head_and_its_slot_length(monkeypatch):
+    """The GPU path gives FlashAttention one query row per slot, every head in it; checked against masked
+    SDPA with FlashAttention's documented semantics standing in for the CUDA kernel."""
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", reference_varlen_attention)
+    torch.manual_seed(0)
+    slots, length, kv_heads, heads, head_dim = 5, 32, 2, 12, 16
+    keys, values = (torch.randn(slots, length, kv_heads, head_dim) for _ in range(2))
+    query = torch.randn(slots, heads, 1, head_dim)
+    positions = torch.tensor([0, 3, 31, 17, 8])
+    flash = continuous.DecodeStep(positions, flash=True).attend(query, keys, values, head_dim ** -0.5)
+    masked = continuous.DecodeStep(positions, flash=False).attend(query, keys, values, head_dim ** -0.5)
+    torch.testing.assert_close(flash, masked)
+    # and masked SDPA itself is plain attention over each slot's first position + 1 keys, head h on kv h // 6
+    for slot, position in enumerate(positions.tolist()):
+        k = keys[slot, :position + 1].repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+        v = values[slot, :position + 1].repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+        expected = torch.nn.functional.scaled_dot_product_attention(query[slot], k, v, scale=head_dim ** -0.5)
+        torch.testing.assert_close(masked[slot, 0], expected[:, 0])
+
+
+def test_progress_reports_the_tokens_generated_so_far_while_responses_run(model):
+    engine = continuous.ContinuousBatcher(model, slots=4, length=200, eos=-1, temperature=0.0, top_p=1.0)
+    reports, done = [], {}
+    engine.run([[5, 6, 7]] * 6, [150] * 6, done.__setitem__, reports.append)
+    assert len(reports) > 2 and reports == sorted(reports)  # reported during the run, not only when prompts end
+    assert reports[-1] == sum(map(len, done.values())) == 6 * 150
+
+
+def test_the_tail_counts_the_decode_steps_after_the_last_prompt_went_in(model):
+    """2 slots, budgets 2, 6, 3 (first token from the prefill): prompts 0 and 1 go in; prompt 0 ends at
+    step 1 and prompt 2 takes its slot; prompt 2 ends at step 3 and prompt 1 at step 5: 4 steps of tail."""
+    engine = continuous.ContinuousBatcher(model, slots=2, length=64, eos=-1, temperature=0.0, top_p=1.0)
+    ends = []
+    engine.run([[5, 6, 7], [8, 9, 10], [10, 11, 12]], [2, 6, 3], lambda index, ids: ends.append((index, len(ids))))
+    assert ends == [(0, 2), (2, 3), (1, 6)]
+    assert engine.stats.decode_steps == 5 and engine.stats.tail_steps == 4
+    assert engine.stats.tail_seconds >= 0
+
+
+def run_engine(model, prompts: list[list[int]], budgets: list[int], slots: int = 16, length: int = 128,
+               temperature: float = 0.0, **options) -> tuple[dict, continuous.ContinuousBatcher]:
+    engine = continuous.ContinuousBatcher(model, slots=slots, length=length, eos=1, temperature=temperature,
+                                          top_p=0.95, **options)
+    done = {}
+    with torch.inference_mode():
+        engine.run(prompts, budgets, done.__setitem__)
+    return done, engine
+
+
+# 24 prompts in 16 slots: refills, then the batch shrinks to the 8-slot size once none waits
+COMPILE_PROMPTS = [[5 + (3 * i + j) % 200 for j in range(4 + i % 7)] for i in range(24)]
+COMPILE_BUDGETS = [3 + (5 * i) % 17 for i in range(24)]
+
+
+def test_the_compiled_decode_step_gives_the_eager_tokens_with_two_graphs_for_every_layer_batch_cache_and_model(
+        model, tiny_model_dir):
+    """Two graphs: one decoder layer, which both layers run, and the step's end (norm, head, sampler), for the
+    16- and 8-slot steps, for another engine's cache of other slots and length, and for another model object
+    (so every worker, model and set of a run, and later runs through Inductor's on-disk cache, reuse them)."""
+    eager, _ = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, compile=True)
+    assert engine.stats.compiled
+    assert engine.stats.slot_steps < engine.stats.decode_steps * 16  # it ran at 16 slots and at 8
+    assert compiled == eager
+    other, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, slots=12, length=100, compile=True)
+    assert engine.stats.compiled and other == eager
+    reloaded = generation.load_model(params.ModelParams(str(tiny_model_dir), "main", 1024, ""), None)
+    again, engine = run_engine(reloaded, COMPILE_PROMPTS, COMPILE_BUDGETS, compile=True)
+    assert engine.stats.compiled and again == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
+
+
+def test_the_compiled_decode_step_samples_the_eager_tokens(model, caplog):
+    eager, _ = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, temperature=0.6)
+    with caplog.at_level("INFO", logger="stages"):
+        compiled, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, temperature=0.6, compile=True)
+    assert engine.stats.compiled and compiled == eager
+    assert "compiling the decode step" in caplog.text and "compiled the decode step in" in caplog.text
+
+
+def test_a_decode_step_that_does_not_compile_is_run_eagerly_and_said(model, monkeypatch, caplog):
+    def broken(function, **options):
+        def call(*args, **kwargs):
+            raise RuntimeError("no C compiler here\nmore detail")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    eager, _ = run_engine(model, COMPILE_PROMPTS[:6], COMPILE_BUDGETS[:6])
+    with caplog.at_level("WARNING", logger="stages"):
+        fallen_back, engine = run_engine(model, COMPILE_PROMPTS[:6], COMPILE_BUDGETS[:6], compile=True)
+    assert not engine.stats.compiled and fallen_back == eager
+    assert "decoding without torch.compile, which failed here (RuntimeError: no C compiler here)" in caplog.text
