@@ -1,4 +1,6 @@
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +16,28 @@ from tests import magpie_data, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DIRECTIVE = params.load("model", ROOT / "params.yaml").directive  # the prompt line every stage adds
+
+
+def gpu_run(config: pytest.Config) -> bool:
+    """The GPU run (pytest -m gpu, or any -m that asks for gpu tests without excluding them)."""
+    expression = config.getoption("markexpr") or ""
+    return "gpu" in expression and "not gpu" not in expression
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests are deselected unless -m asks for them, whatever else -m says: `pytest -m "not slow"` keeps
+    them out too (a -m in addopts would be replaced by the command line's)."""
+    if gpu_run(config):
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """-n auto (in addopts): a worker per core, at most 4; none for the GPU run, whose tests share one GPU."""
+    return 0 if gpu_run(config) else min(4, len(os.sched_getaffinity(0)))
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +71,46 @@ def copy_project(target: Path) -> Path:
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, target / name)
     shutil.copytree(ROOT / "stages", target / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+@dataclass(frozen=True)
+class Reproduced:
+    project: Path  # the whole pipeline run once and committed: copy it, never change it
+    output: str  # what that dvc repro printed
+    kept: int  # rows of the source that the filter must keep
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory, worker_id) -> Reproduced:
+    """One `dvc repro` of the whole pipeline on the messy fixtures, committed, for every test that starts from a
+    finished run (each works on its own copy, see copy_of): the pipeline runs once per test session, shared by
+    the pytest-xdist workers (the first to need it builds it, under a lock; the others wait and read it)."""
+    import json
+
+    from filelock import FileLock
+
+    from tests.test_pipeline import dvc, make_project, sh
+
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root, record = shared / "reproduced", shared / "reproduced.json"
+    with FileLock(shared / "reproduced.lock"):
+        if not record.exists():
+            cases = [(r, "kept") for r in magpie_data.clean_rows(40)] + magpie_data.messy_rows()
+            magpie_data.write_shards(root / "magpie", [r for r, _ in cases], shards=2)
+            model = tiny_model.build(root / "tiny-r1")
+            project = make_project(root / "project", root / "magpie", model, root / "eval-sources")
+            output = dvc(project, "repro").stdout
+            sh(project, "git", "add", "-A")
+            sh(project, "git", "commit", "-qm", "baseline run")
+            record.write_text(json.dumps({"output": output, "kept": sum(1 for _, rule in cases if rule == "kept")}))
+    built = json.loads(record.read_text())
+    return Reproduced(root / "project", built["output"], built["kept"])
+
+
+def copy_of(reproduced: Reproduced, target: Path) -> Path:
+    """A copy of the reproduced project (its git history, DVC cache and outputs) that a test may change."""
+    shutil.copytree(reproduced.project, target, symlinks=True)
     return target
 
 

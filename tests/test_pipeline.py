@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests import conftest, eval_data
-from tests.conftest import ROOT, copy_project
+from tests.conftest import ROOT, copy_of, copy_project
 
 pytestmark = pytest.mark.slow
 STAGES = ("fetch", "fetch_eval", "filter", "stratify", "train", "evaluate", "report", "release")
@@ -66,9 +66,9 @@ def ran_stages(output: str) -> set[str]:
     return {s for s in STAGES if f"Running stage '{s}'" in output}
 
 
-def test_repro_builds_splits_and_adapter_reruns_only_what_changed_and_diffs_metrics(project, messy_source):
-    first = dvc(project, "repro")
-    assert ran_stages(first.stdout) == set(STAGES)
+def test_repro_builds_splits_and_adapter_reruns_only_what_changed_and_diffs_metrics(reproduced, tmp_path):
+    assert ran_stages(reproduced.output) == set(STAGES)
+    project = copy_of(reproduced, tmp_path / "project")
     assert (project / "models" / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((project / "metrics" / "train.json").read_text())["steps"] == 2
     for name in ("heldout", "gsm8k", "math500"):
@@ -79,15 +79,13 @@ def test_repro_builds_splits_and_adapter_reruns_only_what_changed_and_diffs_metr
     for name in ("train", "val", "test"):
         assert (project / "data" / "splits" / f"{name}.parquet").is_file()
     funnel = json.loads((project / "metrics" / "data.json").read_text())
-    assert funnel["rows_out"] == sum(1 for _, rule in messy_source[1] if rule == "kept")
+    assert funnel["rows_out"] == reproduced.kept
     splits = json.loads((project / "metrics" / "splits.json").read_text())
     assert sum(s["rows"] for s in splits.values()) == funnel["rows_out"]
 
     assert ran_stages(dvc(project, "repro").stdout) == set()
     assert "up to date" in dvc(project, "status").stdout
 
-    sh(project, "git", "add", "-A")
-    sh(project, "git", "commit", "-qm", "baseline")
     set_params(project, filter={"input_qualities": ["good", "excellent"]})
     # report re-runs only if the graded samples changed: the tiny model may answer the same with another adapter
     assert ran_stages(dvc(project, "repro").stdout) - {"report"} == {"filter", "stratify", "train", "evaluate",
@@ -111,8 +109,8 @@ def test_a_failing_stage_reports_the_problem_and_leaves_no_output(project):
     assert not list((project / "data").glob(".filtered*"))
 
 
-def test_changing_a_train_param_reruns_only_train_and_identical_training_keeps_evaluate(project):
-    dvc(project, "repro")
+def test_changing_a_train_param_reruns_only_train_and_identical_training_keeps_evaluate(reproduced, tmp_path):
+    project = copy_of(reproduced, tmp_path / "project")
     set_params(project, train={"learning_rate": 1.0e-3})
     assert ran_stages(dvc(project, "repro").stdout) - {"report"} == {"train", "evaluate", "release"}
     plots = json.loads(dvc(project, "plots", "show", "--json").stdout)
@@ -130,10 +128,8 @@ def test_changing_a_train_param_reruns_only_train_and_identical_training_keeps_e
     assert json.loads((project / "metrics" / "train.json").read_text())["validated"] is False
 
 
-def test_experiments_run_alone_and_queued_and_show_as_a_table(project):
-    dvc(project, "repro")
-    sh(project, "git", "add", "-A")
-    sh(project, "git", "commit", "-qm", "baseline run")
+def test_experiments_run_alone_and_queued_and_show_as_a_table(reproduced, tmp_path):
+    project = copy_of(reproduced, tmp_path / "project")
     single = dvc(project, "exp", "run", "-n", "rank16", "-S", "train.lora.r=16")
     assert ran_stages(single.stdout) - {"report"} == {"train", "evaluate", "release"}
     dvc(project, "exp", "run", "--queue", "-S", "train.lora.r=4,32")

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_pipeline import dvc, make_project, ran_stages, sh
+from tests.conftest import copy_of
+from tests.test_pipeline import dvc, ran_stages, sh
 
 pytestmark = pytest.mark.slow
 BUCKET = "r1-math-lora"
@@ -80,15 +81,9 @@ def outputs(project: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def pushed(tmp_path_factory, s3, tiny_model_dir):
+def pushed(tmp_path_factory, s3, reproduced):
     """The pipeline run on fixtures, committed and pushed to the S3 remote."""
-    from tests import magpie_data
-
-    root = tmp_path_factory.mktemp("remote")
-    source = root / "magpie"
-    magpie_data.write_shards(source, magpie_data.clean_rows(40) + [r for r, _ in magpie_data.messy_rows()])
-    project = make_project(root / "project", source, tiny_model_dir, root / "eval-sources")
-    dvc(project, "repro")
+    project = copy_of(reproduced, tmp_path_factory.mktemp("remote") / "project")
     use_remote(project, s3)
     dvc(project, "push")
     sh(project, "git", "add", "-A")

@@ -80,27 +80,8 @@ def test_each_worker_sees_its_own_gpu_of_those_this_process_sees(cuda_gpus, monk
     assert eval_workers.worker_gpus(2) == ["3", "5"]
 
 
-def test_forced_ends_reach_every_worker_and_two_workers_match_one_process(tiny_model_dir, tokenizer, tmp_path):
-    import dataclasses
-    from pathlib import Path
-
-    from stages.core import params
-    from stages.generation import batched as generation
-
-    config = dataclasses.replace(params.load("eval", Path(__file__).parents[2] / "params.yaml"), temperature=0.0,
-                                 max_new_tokens=12, batch_size=4)
-    model_params = params.ModelParams(str(tiny_model_dir), "main", 1024, "")
-    prompts = [f"What is {i} times {i + 1}?" for i in range(7)]
-    end_at = [1 + (3 * i) % 12 for i in range(7)]
-    job = eval_workers.Job("bench", prompts, tmp_path / "out.parquet", end_at)
-    eval_workers.generate_sharded([eval_workers.Phase("base", None, [job])], model_params, config, 0, processes=2)
-    model = generation.load_model(model_params, None)
-    assert eval_workers.read_generations(job.out) == generation.generate(model, tokenizer, prompts, config, 0,
-                                                                         end_at=end_at)
-    assert all(g.n_tokens <= end for g, end in zip(eval_workers.read_generations(job.out), end_at, strict=True))
-
-
-def test_two_workers_sample_what_one_process_samples(tiny_model_dir, tokenizer, tmp_path):
+def test_two_workers_sample_what_one_process_samples_and_forced_ends_reach_every_worker(tiny_model_dir, tokenizer,
+                                                                                       tmp_path):
     import dataclasses
     from pathlib import Path
 
@@ -111,10 +92,14 @@ def test_two_workers_sample_what_one_process_samples(tiny_model_dir, tokenizer, 
                                  top_p=0.95, max_new_tokens=12, batch_size=4, batching="continuous")
     model_params = params.ModelParams(str(tiny_model_dir), "main", 1024, "")
     prompts = [f"What is {i} times {i + 1}?" for i in range(5)] * 3  # three samples of each: odd counts per worker
-    job = eval_workers.Job("sampled", prompts, tmp_path / "out.parquet")
+    end_at = [1 + (3 * i) % 13 for i in range(len(prompts))]  # 13: some beyond the budget, never forced
+    job = eval_workers.Job("sampled", prompts, tmp_path / "out.parquet", end_at)
     eval_workers.generate_sharded([eval_workers.Phase("base", None, [job])], model_params, config, 4, processes=2)
     model = generation.load_model(model_params, None)
-    assert eval_workers.read_generations(job.out) == generation.generate(model, tokenizer, prompts, config, 4)
+    sharded = eval_workers.read_generations(job.out)
+    assert sharded == generation.generate(model, tokenizer, prompts, config, 4, end_at=end_at)
+    assert all(g.n_tokens <= end for g, end in zip(sharded, end_at, strict=True))
+    assert len({g.text for g in sharded[:5]} | {g.text for g in sharded[5:10]}) > 5  # the samples draw apart
 
 
 def test_a_failed_worker_waits_only_on_running_workers_missing_a_share_of_the_jobs_it_finished(tmp_path):
