@@ -2,13 +2,19 @@
 responses of 2-20 KB, 20 shards); reports wall time and peak RSS of each stage's process.
 
     python -m bench.filter_speed [--rows 250000] [--shards 20] [--workdir /tmp/bench-filter] [--tokenizer tiny|none|DIR]
+                                 [--workers 1,2] [--out bench/results/NAME.json]
+
+Each count of filter.workers runs the filter in the same call (then stratify once); their outputs and funnels must
+be byte-identical, or the benchmark fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -99,6 +105,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=250_000)
     parser.add_argument("--shards", type=int, default=20)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-filter"))
+    parser.add_argument("--workers", default="1,2", help="filter.workers counts to run, comma-separated")
+    parser.add_argument("--out", type=Path, help="also write the JSON here (bench/results/...)")
     parser.add_argument("--tokenizer", default="tiny",
                         help="tiny: the tests' tokenizer; none: no length check; or a tokenizer directory "
                              "(bench/qwen_tokenizer.py builds the real Qwen2 vocabulary offline)")
@@ -113,17 +121,29 @@ def main() -> None:
         config["model"]["name"] = str(tiny_model.build(args.workdir / "tiny-r1", with_weights=False))
     elif args.tokenizer != "none":
         config["model"]["name"] = str(Path(args.tokenizer).resolve())
-    (args.workdir / "params.yaml").write_text(yaml.safe_dump(config))
-
     # decontamination runs too, against the fixture problems
     eval_sets = eval_data.write_sets(args.workdir / "eval-sets", args.workdir / "eval-sources")
     gib = sum(f.stat().st_size for f in raw.glob("*.parquet")) / 2**30
-    filter_run = run_stage(args.workdir, "stages.filter", "--raw", str(raw), "--eval-sets", str(eval_sets))
+    runs, outputs = {}, set()
+    for workers in [int(w) for w in args.workers.split(",")]:
+        config["filter"]["workers"] = workers
+        (args.workdir / "params.yaml").write_text(yaml.safe_dump(config))
+        runs[workers] = run_stage(args.workdir, "stages.filter", "--raw", str(raw), "--eval-sets", str(eval_sets))
+        outputs.add(tuple(hashlib.sha256((args.workdir / name).read_bytes()).hexdigest()
+                          for name in ("data/filtered.parquet", "metrics/data.json")))
+    if len(outputs) != 1:
+        raise SystemExit(f"filter outputs differ between worker counts {sorted(runs)}")
     stratify_run = run_stage(args.workdir, "stages.stratify")
     funnel = json.loads((args.workdir / "metrics" / "data.json").read_text())
-    print(json.dumps({"rows_in": funnel["rows_in"], "rows_out": funnel["rows_out"], "parquet_gib": round(gib, 2),
-                      "tokenizer": args.tokenizer, "filter": filter_run, "stratify": stratify_run,
-                      "total_seconds": round(filter_run["seconds"] + stratify_run["seconds"], 1)}, indent=2))
+    result = {"rows_in": funnel["rows_in"], "rows_out": funnel["rows_out"], "parquet_gib": round(gib, 2),
+              "tokenizer": args.tokenizer, "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(),
+              "filter_by_workers": {str(k): v for k, v in runs.items()}, "outputs_identical": True,
+              "stratify": stratify_run,
+              "total_seconds_by_workers": {str(k): round(v["seconds"] + stratify_run["seconds"], 1)
+                                           for k, v in runs.items()}}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

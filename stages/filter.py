@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import multiprocessing
+import os
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -139,13 +143,18 @@ def _drop(table: pa.Table, keep, rule: str, dropped: Counter) -> pa.Table:
     return kept
 
 
-def filter_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, seen: set[bytes],
-                 dropped: Counter, count_tokens: TokenCounter | None,
-                 contamination: ContaminationIndex | None = None, kept_rates: list[float] | None = None) -> pa.Table:
-    """Apply every rule to one batch of raw rows; `seen` carries instruction keys across batches, and
-    `kept_rates` gets each kept row's second-guess rate (when a tokenizer counts tokens)."""
-    id_column = config.id_column
-    columns = (id_column, *TEXT_COLUMNS)
+@dataclass
+class Screened:
+    """The rows of one batch that passed every rule but deduplication, and what the row-by-row rules dropped."""
+    dropped: Counter
+    columns: tuple[list, ...]  # ids, instructions, reasonings, answers, difficulties
+    rates: list[float] | None  # each row's second-guess markers per 1k reasoning tokens (None: no tokenizer)
+
+
+def arrow_rules(table: pa.Table, config: params.FilterParams, dropped: Counter) -> pa.Table:
+    """The rules Arrow applies to whole columns at once (complete rows, category, quality, difficulty): cheap,
+    and most rows go here, so they run where the rows are read and only the rest travel to a worker."""
+    columns = (config.id_column, *TEXT_COLUMNS)
     complete = functools.reduce(pc.and_, [pc.is_valid(table[c]) for c in columns])
     blank = pc.equal(pc.utf8_trim_whitespace(pc.cast(table["instruction"], pa.string())), "")
     table = _drop(table, pc.and_(complete, pc.invert(pc.fill_null(blank, True))), "null_field", dropped)
@@ -153,7 +162,14 @@ def filter_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, 
                           ("input_quality", config.input_qualities),
                           ("difficulty", config.difficulties)):
         table = _drop(table, pc.is_in(pc.cast(table[rule], pa.string()), pa.array(allowed)), rule, dropped)
+    return table
 
+
+def screen_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, count_tokens: TokenCounter | None,
+                 contamination: ContaminationIndex | None = None) -> Screened:
+    """Apply the row-by-row rules (all but deduplication) to rows that passed arrow_rules: they depend on no
+    other batch, so batches are screened in any order, by any process."""
+    dropped, id_column = Counter(), config.id_column
     ids, instructions, reasonings, answers, difficulties = [], [], [], [], []
     for row_id, instruction, response, difficulty in zip(
             pc.cast(table[id_column], pa.string()).to_pylist(), table["instruction"].to_pylist(),
@@ -179,21 +195,29 @@ def filter_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, 
     rates = None if n_tokens is None else per_1k(second_guess_counts([reasonings[i] for i in fits]),
                                                  [n_tokens[len(ids) + i] for i in fits])
     threshold = config.max_second_guesses_per_1k
-    keep = []  # deduplication comes last, so an instruction keeps its first response under the threshold
-    for k, i in enumerate(fits):
-        if threshold is not None and rates[k] > threshold:
-            dropped["too_many_second_guesses"] += 1
-            continue
-        key = instruction_key(instructions[i])
+    keep = [k for k in range(len(fits)) if threshold is None or rates[k] <= threshold]
+    dropped["too_many_second_guesses"] += len(fits) - len(keep)
+    return Screened(dropped, tuple([column[fits[k]] for k in keep] for column in
+                                            (ids, instructions, reasonings, answers, difficulties)),
+                    None if rates is None else [float(rates[k]) for k in keep])
+
+
+def keep_first(screened: Screened, config: params.FilterParams, seen: set[bytes], dropped: Counter,
+               kept_rates: list[float]) -> pa.Table:
+    """A screened batch without the instructions seen before (batches in file order, so an instruction keeps
+    its first response under the threshold); `seen` carries instruction keys across batches."""
+    dropped.update(screened.dropped)
+    keep = []
+    for i, instruction in enumerate(screened.columns[1]):
+        key = instruction_key(instruction)
         if config.deduplicate and key in seen:
             dropped["duplicate_instruction"] += 1
             continue
         seen.add(key)
         keep.append(i)
-        if rates is not None and kept_rates is not None:
-            kept_rates.append(float(rates[k]))
-    return pa.table([[column[i] for i in keep] for column in
-                     (ids, instructions, reasonings, answers, difficulties)], schema=OUTPUT_SCHEMA)
+    if screened.rates is not None:
+        kept_rates.extend(screened.rates[i] for i in keep)
+    return pa.table([[column[i] for i in keep] for column in screened.columns], schema=OUTPUT_SCHEMA)
 
 
 def raw_files(raw: Path) -> list[Path]:
@@ -242,15 +266,58 @@ def funnel_metrics(rows_in: int, dropped: Counter, difficulty_counts: Counter, s
             "boxed_answer_share": boxed_answers / rows_out if rows_out else 0.0}
 
 
+def worker_count(workers: int | str) -> int:
+    """filter.workers as a number of processes: 'auto' is every core this process may run on."""
+    return len(os.sched_getaffinity(0)) if workers == "auto" else workers
+
+
+_WORKER: dict = {}  # a screening process's arguments to screen_batch, set once as it starts
+
+
+def _start_worker(*args) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism: no thread pool in each
+    _WORKER["args"] = args
+
+
+def _screen_in_worker(table: pa.Table) -> Screened:
+    return screen_batch(table, *_WORKER["args"])
+
+
+def screened_batches(batches: Iterator[pa.Table], processes: int, *args) -> Iterator[Screened]:
+    """screen_batch(batch, *args) of every batch, in order: in this process, or by `processes` worker processes
+    with at most two batches each in flight, so memory stays flat however large the input."""
+    if processes == 1:
+        yield from (screen_batch(batch, *args) for batch in batches)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork: the tokenizer's and Arrow's threads do not survive it
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker, initargs=args) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.submit(_screen_in_worker, batch))
+            if len(pending) >= 2 * processes:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def filter_files(files: list[Path], out: Path, config: params.FilterParams, max_tokens: int,
-                 count_tokens: TokenCounter | None, contamination: ContaminationIndex | None = None) -> dict:
-    """Stream `files` through the rules into `out` (atomically); return the funnel metrics."""
+                 count_tokens: TokenCounter | None, contamination: ContaminationIndex | None = None,
+                 processes: int = 1) -> dict:
+    """Stream `files` through the rules into `out` (atomically), batches screened by `processes` processes;
+    return the funnel metrics. The output does not depend on the number of processes."""
     dropped, difficulty_counts, seen, rows_in, rates, boxed = Counter(), Counter(), set(), 0, [], 0
     assert count_tokens is not None or config.max_second_guesses_per_1k is None, "params require check_length"
+    batches = read_batches(files, config.id_column)
     with atomic_file(out) as tmp, pq.ParquetWriter(tmp, OUTPUT_SCHEMA) as writer:
-        for batch in read_batches(files, config.id_column):
-            rows_in += batch.num_rows
-            kept = filter_batch(batch, config, max_tokens, seen, dropped, count_tokens, contamination, rates)
+        def passed_arrow_rules() -> Iterator[pa.Table]:
+            nonlocal rows_in
+            for batch in batches:
+                rows_in += batch.num_rows
+                yield arrow_rules(batch, config, dropped)
+
+        for screened in screened_batches(passed_arrow_rules(), processes, config, max_tokens, count_tokens,
+                                         contamination):
+            kept = keep_first(screened, config, seen, dropped, rates)
             difficulty_counts.update(kept["difficulty"].to_pylist())
             boxed += pc.sum(pc.match_substring_regex(kept["answer"], BOXED.pattern)).as_py() or 0
             if kept.num_rows:
@@ -285,7 +352,10 @@ def main(argv: list[str] | None = None) -> None:
     model = params.load("model")
     count_tokens = TokenCounter(load_tokenizer(model), model.directive) if config.check_length else None
     contamination = contamination_index(args.eval_sets, config.contamination_ngram) if config.decontaminate else None
-    funnel = filter_files(raw_files(args.raw), args.out, config, model.max_seq_length, count_tokens, contamination)
+    processes = worker_count(config.workers)
+    log.info("screening rows in %d process(es) (filter.workers: %s)", processes, config.workers)
+    funnel = filter_files(raw_files(args.raw), args.out, config, model.max_seq_length, count_tokens, contamination,
+                          processes)
     write_json(args.metrics, funnel)
     log.info("kept %d of %d rows -> %s", funnel["rows_out"], funnel["rows_in"], args.out)
 

@@ -1,3 +1,4 @@
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -279,3 +280,25 @@ def test_without_a_tokenizer_there_is_no_rate_and_no_threshold(messy_source, tmp
     assert funnel["second_guesses_per_1k"] is None and funnel["boxed_answer_share"] > 0
     with pytest.raises(ParamsError, match="max_second_guesses_per_1k needs check_length: true"):
         filter_params.__class__(**{**filter_params.__dict__, "check_length": False, "max_second_guesses_per_1k": 5.0})
+
+
+def test_worker_processes_write_the_bytes_and_the_funnel_of_one_process(messy_source, tmp_path, filter_params,
+                                                                      tokenizer, monkeypatch):
+    source, cases = messy_source
+    monkeypatch.setattr(filter_stage, "BATCH_ROWS", 8)  # many batches, with duplicates across them
+    counter = filter_stage.TokenCounter(tokenizer, DIRECTIVE)
+    results = []
+    for processes in (1, 3):
+        out = tmp_path / f"filtered-{processes}.parquet"
+        funnel = filter_stage.filter_files(filter_stage.raw_files(source), out, filter_params, MAX_TOKENS, counter,
+                                           processes=processes)
+        results.append((out.read_bytes(), funnel))
+    assert results[0] == results[1]
+    funnel = results[0][1]
+    assert funnel["rows_in"] == len(cases) > 8 * 3 and funnel["dropped"]["duplicate_instruction"] > 0
+    assert funnel["second_guesses_per_1k"]["p99"] > 0  # each kept row's rate, in order
+
+
+def test_auto_workers_are_the_cores_this_process_may_use():
+    assert filter_stage.worker_count("auto") == len(os.sched_getaffinity(0))
+    assert filter_stage.worker_count(3) == 3

@@ -107,6 +107,7 @@ class FilterParams:
     decontaminate: StrictBool
     contamination_ngram: Annotated[StrictInt, Field(ge=5)]  # words
     max_second_guesses_per_1k: Annotated[StrictFloat, Field(gt=0)] | None  # None: keep every rate
+    workers: AutoOrPositive  # processes screening rows at once; auto: every core this process may use
 
     @pydantic.model_validator(mode="after")
     def _second_guess_rule_counts_tokens(self):
