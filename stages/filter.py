@@ -239,9 +239,8 @@ def _open(file: Path, id_column: str) -> pq.ParquetFile:
     return parquet
 
 
-def read_batches(files: list[Path], id_column: str) -> Iterator[pa.Table]:
+def read_batches(parquets: list[tuple[Path, pq.ParquetFile]], id_column: str) -> Iterator[pa.Table]:
     """Stream the needed columns of every file in small batches, so memory stays flat."""
-    parquets = [(file, _open(file, id_column)) for file in files]
     total = sum(p.metadata.num_rows for _, p in parquets)
     with tqdm(total=total, unit="rows", desc="filter", mininterval=2) as progress:
         for file, parquet in parquets:
@@ -307,7 +306,14 @@ def filter_files(files: list[Path], out: Path, config: params.FilterParams, max_
     return the funnel metrics. The output does not depend on the number of processes."""
     dropped, difficulty_counts, seen, rows_in, rates, boxed = Counter(), Counter(), set(), 0, [], 0
     assert count_tokens is not None or config.max_second_guesses_per_1k is None, "params require check_length"
-    batches = read_batches(files, config.id_column)
+    parquets = [(file, _open(file, config.id_column)) for file in files]
+    total = sum(p.metadata.num_rows for _, p in parquets)
+    if total == 0:
+        raise FilterError(f"filter: the {len(files)} Parquet file(s) read ({files[0]}, ...) hold no rows; check "
+                          "data.source in params.yaml and run the fetch stage again (dvc repro fetch)")
+    processes = min(processes, -(-total // BATCH_ROWS))  # a worker costs a start: none without a batch for it
+    log.info("%d rows in %d file(s), screened in %d process(es)", total, len(files), processes)
+    batches = read_batches(parquets, config.id_column)
     with atomic_file(out) as tmp, pq.ParquetWriter(tmp, OUTPUT_SCHEMA) as writer:
         def passed_arrow_rules() -> Iterator[pa.Table]:
             nonlocal rows_in
@@ -353,7 +359,6 @@ def main(argv: list[str] | None = None) -> None:
     count_tokens = TokenCounter(load_tokenizer(model), model.directive) if config.check_length else None
     contamination = contamination_index(args.eval_sets, config.contamination_ngram) if config.decontaminate else None
     processes = worker_count(config.workers)
-    log.info("screening rows in %d process(es) (filter.workers: %s)", processes, config.workers)
     funnel = filter_files(raw_files(args.raw), args.out, config, model.max_seq_length, count_tokens, contamination,
                           processes)
     write_json(args.metrics, funnel)

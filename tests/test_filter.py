@@ -302,3 +302,10 @@ def test_worker_processes_write_the_bytes_and_the_funnel_of_one_process(messy_so
 def test_auto_workers_are_the_cores_this_process_may_use():
     assert filter_stage.worker_count("auto") == len(os.sched_getaffinity(0))
     assert filter_stage.worker_count(3) == 3
+
+
+def test_an_empty_source_is_named_with_what_to_do_not_as_a_funnel(tmp_path, filter_params):
+    pq.write_table(magpie_data.table([]), tmp_path / "empty.parquet")
+    with pytest.raises(filter_stage.FilterError, match=r"hold no rows; check data\.source .*\(dvc repro fetch\)"):
+        filter_stage.filter_files([tmp_path / "empty.parquet"], tmp_path / "f.parquet", filter_params, 4096, None)
+    assert not (tmp_path / "f.parquet").exists()

@@ -150,7 +150,8 @@ def test_the_train_fingerprint_covers_the_code_dvc_reruns_the_stage_for():
 
 def test_the_train_modules_leave_transformers_unimported_for_unsloth_to_patch_first():
     modules = "checkpoints, choices, data, model, output"
-    check = f"import sys; from stages.training import {modules}; print(sorted({{'transformers', 'peft'}} & sys.modules.keys()))"
+    check = (f"import sys; from stages.training import {modules}; "
+             "print(sorted({'transformers', 'peft'} & sys.modules.keys()))")
     imported = subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=True, capture_output=True, text=True)
     assert imported.stdout.strip() == "[]"
 
