@@ -1,22 +1,26 @@
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from stages import filter as filter_stage
 from stages.core.prompts import encode_pairs, example_texts
+from stages.data import screening
 from stages.data.magpie import SchemaError, split_response
 from tests import magpie_data, tiny_model
-from tests.conftest import DIRECTIVE
+from tests.conftest import DIRECTIVE, ROOT
 
 MAX_TOKENS = 1024  # the tiny tokenizer spends ~4 tokens per word: the clean rows fit, the long one does not
 
 
 def run_filter(source: Path, out: Path, config, tokenizer, max_tokens=MAX_TOKENS) -> dict:
-    counter = filter_stage.TokenCounter(tokenizer, DIRECTIVE) if tokenizer is not None else None
+    counter = screening.TokenCounter(tokenizer, DIRECTIVE) if tokenizer is not None else None
     return filter_stage.filter_files(filter_stage.raw_files(source), out, config, max_tokens, counter)
 
 
@@ -54,7 +58,7 @@ def test_an_example_of_exactly_max_tokens_fits_and_one_token_more_does_not(token
     example = ("What is 1 + 2?", "I add them. " * 50, "The answer is 3.")
     prompt, completion = encode_pairs(tokenizer, [example_texts(tokenizer, *example, directive=DIRECTIVE)])
     exact = len(prompt[0]) + len(completion[0])
-    count = filter_stage.TokenCounter(tokenizer, DIRECTIVE)
+    count = screening.TokenCounter(tokenizer, DIRECTIVE)
     assert count(*([part] for part in example), exact - 1) == [exact]
     assert count(*([part] for part in example), exact)[0] <= exact
 
@@ -182,12 +186,12 @@ def test_chunked_token_counts_equal_full_encodings(split_tokenizer, monkeypatch)
     import random
 
     rng = random.Random(0)
-    count = filter_stage.TokenCounter(split_tokenizer, "")
+    count = screening.TokenCounter(split_tokenizer, "")
     assert count.by_chunks
     backend = split_tokenizer.backend_tokenizer
     sizes = []
     for cache_size in (2_000_000, 2_000_000, 50):
-        monkeypatch.setattr(filter_stage, "CHUNK_CACHE_SIZE", cache_size)
+        monkeypatch.setattr(screening, "CHUNK_CACHE_SIZE", cache_size)
         texts = [spaced_text(rng, rng.randint(0, 300)) for _ in range(10)]
         texts += [spaced_text(rng, rng.randint(20, 300), gap) for gap in GAPS]
         texts += [spaced_text(rng, rng.randint(0, 50), edge=edge) for edge in (" ", "  ", "\n", " \n", "\u00a0")]
@@ -204,7 +208,7 @@ def test_a_tokenizer_whose_tokens_span_spaces_is_counted_on_whole_texts():
     raw = Tokenizer(models.BPE())  # no pre-tokenizer: merges may cross spaces
     raw.train_from_iterator(["of the of the of the"] * 50, trainers.BpeTrainer(vocab_size=60))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
-    count = filter_stage.TokenCounter(tokenizer, "")
+    count = screening.TokenCounter(tokenizer, "")
     assert not count.by_chunks
     texts = ["of the of the", "the of"]
     assert count.count(texts) == [len(tokenizer(t).input_ids) for t in texts]
@@ -286,7 +290,7 @@ def test_worker_processes_write_the_bytes_and_the_funnel_of_one_process(messy_so
                                                                       tokenizer, monkeypatch):
     source, cases = messy_source
     monkeypatch.setattr(filter_stage, "BATCH_ROWS", 8)  # many batches, with duplicates across them
-    counter = filter_stage.TokenCounter(tokenizer, DIRECTIVE)
+    counter = screening.TokenCounter(tokenizer, DIRECTIVE)
     results = []
     for processes in (1, 3):
         out = tmp_path / f"filtered-{processes}.parquet"
@@ -300,8 +304,8 @@ def test_worker_processes_write_the_bytes_and_the_funnel_of_one_process(messy_so
 
 
 def test_auto_workers_are_the_cores_this_process_may_use():
-    assert filter_stage.worker_count("auto") == len(os.sched_getaffinity(0))
-    assert filter_stage.worker_count(3) == 3
+    assert screening.worker_count("auto") == len(os.sched_getaffinity(0))
+    assert screening.worker_count(3) == 3
 
 
 def test_an_empty_source_is_named_with_what_to_do_not_as_a_funnel(tmp_path, filter_params):
@@ -309,3 +313,20 @@ def test_an_empty_source_is_named_with_what_to_do_not_as_a_funnel(tmp_path, filt
     with pytest.raises(filter_stage.FilterError, match=r"hold no rows; check data\.source .*\(dvc repro fetch\)"):
         filter_stage.filter_files([tmp_path / "empty.parquet"], tmp_path / "f.parquet", filter_params, 4096, None)
     assert not (tmp_path / "f.parquet").exists()
+
+
+def test_the_stage_run_as_main_by_runpy_screens_in_worker_processes(tmp_path, tiny_model_dir):
+    """runpy (as bench/filter_speed.py runs a stage) makes the stage __main__ without a spec that spawned
+    processes could import: what the workers are given must come from an importable module."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"].update(name=str(tiny_model_dir), max_seq_length=MAX_TOKENS)
+    raw["filter"].update(workers=2, decontaminate=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    magpie_data.write_shards(tmp_path / "raw", magpie_data.clean_rows(filter_stage.BATCH_ROWS + 10), shards=1)
+    runner = ("import runpy, sys; sys.argv = ['filter', '--raw', 'raw']; "
+              "runpy.run_module('stages.filter', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", runner], cwd=tmp_path, capture_output=True,
+                            text=True, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "screened in 2 process(es)" in result.stderr
+    assert pq.read_metadata(tmp_path / "data" / "filtered.parquet").num_rows == filter_stage.BATCH_ROWS + 10
