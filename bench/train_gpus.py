@@ -78,6 +78,7 @@ def run(model_dir: str, gpus: int, steps: int, backend: str, rows: int, max_seq_
     if process.returncode:
         return result | {"log_tail": (process.stdout + process.stderr)[-3000:]}
     metrics = json.loads((project / "metrics" / "train.json").read_text())
+    metrics |= json.loads((project / "reports" / "train_run.json").read_text())  # speed and time: no metrics
     per_step = project / "metrics" / "train" / "plots" / "metrics" / "loss.tsv"  # train/loss.tsv: the run's mean
     losses = {int(row["step"]): round(float(row["loss"]), 4)
               for row in csv.DictReader(per_step.open(), delimiter="\t")}

@@ -181,12 +181,15 @@ def verdict_page(report: dict, figure_names: list[str], figures_dir: str) -> str
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--samples", type=Path, default=Path("data/eval/samples.parquet"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/eval"), help="headline: <set>/<measure>.json")
-    parser.add_argument("--budget", type=Path, default=Path("metrics/eval_budget"), help="plots: <set>.tsv")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--samples", type=Path, default=Path("data/eval/samples.parquet"),
+                        help="in: evaluate's graded generations")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/eval"),
+                        help="out: the headline metrics, <set>/<measure>.json (dvc metrics)")
+    parser.add_argument("--budget", type=Path, default=Path("metrics/eval_budget"),
+                        help="out: accuracy at every budget, <set>.tsv (dvc plots)")
     parser.add_argument("--reports", type=Path, default=Path("reports"),
-                        help="details.json, verdict.md and figures/")
+                        help="out: details.json, verdict.md and figures/")
     args = parser.parse_args(argv)
 
     max_new_tokens = params.load("eval").max_new_tokens

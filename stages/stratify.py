@@ -67,10 +67,12 @@ def stratify(table: pa.Table, config: params.StratifyParams, seed: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--filtered", type=Path, default=Path("data/filtered.parquet"))
-    parser.add_argument("--out", type=Path, default=Path("data/splits"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/splits.json"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--filtered", type=Path, default=Path("data/filtered.parquet"), help="in: filter's kept rows")
+    parser.add_argument("--out", type=Path, default=Path("data/splits"),
+                        help="out: train.parquet, val.parquet, test.parquet")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/splits.json"),
+                        help="out: rows per split and difficulty")
     args = parser.parse_args(argv)
 
     config = params.load("stratify")

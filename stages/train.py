@@ -58,13 +58,21 @@ def relaunch_distributed(num_gpus: int, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> None:
     """extra_callbacks: more Trainer callbacks (benchmarks that time the run from inside, bench/train_phases.py)."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--splits", type=Path, default=Path("data/splits"))
-    parser.add_argument("--adapter", type=Path, default=Path("models/adapter"))
-    parser.add_argument("--merged", type=Path, default=Path("models/merged"))
-    parser.add_argument("--checkpoints", type=Path, default=Path("models/checkpoints"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
-    parser.add_argument("--live", type=Path, default=Path("metrics/train"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--splits", type=Path, default=Path("data/splits"),
+                        help="in: stratify's train.parquet and val.parquet")
+    parser.add_argument("--adapter", type=Path, default=Path("models/adapter"),
+                        help="out: the LoRA adapter (the best checkpoint's weights) and tokenizer")
+    parser.add_argument("--merged", type=Path, default=Path("models/merged"),
+                        help="out: the base model with the adapter merged in (train.merge_16bit)")
+    parser.add_argument("--checkpoints", type=Path, default=Path("models/checkpoints"),
+                        help="in/out: checkpoints a stopped run resumes from")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/train.json"),
+                        help="out: losses, steps, batch geometry (dvc metrics)")
+    parser.add_argument("--live", type=Path, default=Path("metrics/train"),
+                        help="out: dvclive's loss and learning-rate curves (dvc plots)")
+    parser.add_argument("--run-stats", type=Path, default=Path("reports/train_run.json"),
+                        help="out: speed, wall time and memory of the run (not a metric: they vary run to run)")
     args = parser.parse_args(argv)
 
     config = params.load("train")
@@ -94,6 +102,9 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> None:
     checkpointing, why = train_choices.gradient_checkpointing(config, backend, micro, model_params.max_seq_length,
                                                               model_config, memory)
     if config.num_gpus > 1 and not worker:
+        if memory is None:  # no CUDA
+            log.warning("train.num_gpus=%d without CUDA: %d CPU processes (DDP over gloo), which only tests use; "
+                        "set train.num_gpus: 1 for one CPU process", config.num_gpus, config.num_gpus)
         if code := relaunch_distributed(config.num_gpus, sys.argv[1:] if argv is None else argv):
             raise cli.StageError(f"train: a distributed worker failed (exit code {code}); see its log above")
         return
@@ -159,9 +170,12 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> None:
             train_output.save_adapter(model, tokenizer, tmp)
         with atomic_dir(args.merged) as tmp:
             train_output.export_merged(model, tokenizer, tmp, backend, config.merge_16bit)
-        write_json(args.metrics, train_output.summary(trainer, output, wall_seconds, resumed_from, tokens_before,
-                                                     clock)
-                   | {"gradient_checkpointing": checkpointing})
+        metrics, run = train_output.summary(trainer, output, wall_seconds, resumed_from, tokens_before, clock)
+        base_weights = "4-bit" if backend == "unsloth" and config.load_in_4bit else str(model.dtype).removeprefix(
+            "torch.")
+        write_json(args.metrics, metrics | {"backend": backend, "base_weights": base_weights,
+                                            "gradient_checkpointing": checkpointing})
+        write_json(args.run_stats, run)
         train_checkpoints.mark_finished(args.checkpoints)
         log.info("adapter -> %s (%s)", args.adapter,
                  f"best val loss {trainer.state.best_metric} at {trainer.state.best_model_checkpoint}" if validate
@@ -169,4 +183,5 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, kept="the checkpoints in models/checkpoints/ (one every train.eval_every_steps); `dvc repro` "
+            "resumes from the last one")

@@ -76,3 +76,8 @@ def test_smoke_command_leaves_the_checkout_untouched_and_its_experiment_shows_an
     assert kept == evaluation
     assert sh(project, "git", "rev-parse", "HEAD").stdout == head
     assert sh(project, "git", "status", "--porcelain").stdout == ""
+
+    sh(project, "git", "checkout", "-q", "smoke-run")  # the README's way to see a kept experiment's outputs
+    dvc(project, "checkout")
+    assert (project / "release" / "README.md").is_file() and (project / "models" / "adapter").is_dir()
+    assert sh(project, "git", "status", "--porcelain").stdout == ""  # no gigabytes waiting for a `git add -A`

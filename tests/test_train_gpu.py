@@ -31,7 +31,8 @@ def test_unsloth_trains_in_4bit_and_its_adapter_loads_back(model_dir, tmp_path, 
 
     metrics = json.loads((project / "metrics" / "train.json").read_text())
     assert metrics["steps"] == 4
-    assert 0 < metrics["peak_gpu_memory_gib"] < 8
+    assert 0 < json.loads((project / "reports" / "train_run.json").read_text())["peak_gpu_memory_gib"] < 8
+    assert (metrics["backend"], metrics["base_weights"], metrics["optimizer"]) == ("unsloth", "4-bit", "adamw_8bit")
     adapter = project / "models" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stages.core.artifacts import fingerprint
 from stages.core.cli import StageError
-from stages.core.hub import hub_snapshot, one_line
+from stages.core.hub import hub_snapshot, is_hub_id, one_line
 from stages.core.params import ModelParams
 
 TOKENIZER_FILES = ["*.json", "*.jinja", "merges.txt", "tokenizer.model"]  # config, tokenizer, chat template
@@ -25,7 +25,16 @@ class ModelLoadError(StageError):
 
 
 def _is_local(name: str) -> bool:
-    return Path(name).expanduser().exists()
+    """model.name is a local folder. A name that can only be a path (not owner/name), or whose first part is a
+    folder here (models/r1 with a models/ folder), must exist: a hub lookup would only confuse."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return True
+    if not is_hub_id(name) or Path(path.parts[0]).is_dir():
+        raise ModelLoadError(f"model.name={name!r} is neither an existing local path nor a valid hub id: no folder "
+                             f"{path}; point it at a local model folder that exists, or at a hub id (owner/name) with "
+                             "model.revision")
+    return False
 
 
 def model_identity(model: ModelParams) -> dict:

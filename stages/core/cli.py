@@ -1,21 +1,57 @@
-"""Entry point shared by every stage: logging set-up, and bad input reported as one clear line
-(exit code 2) instead of a traceback.
+"""Entry point shared by every stage: logging set-up, the whole params.yaml checked before anything runs, bad
+input reported as one clear line (exit code 2) instead of a traceback, and a stop (Ctrl-C, SIGTERM) as one line
+that names what was kept.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+from pathlib import Path
+
+RESTARTS = "nothing: its outputs are written whole when it finishes, so `dvc repro` runs it again"
 
 
 class StageError(Exception):
     """Bad input or environment that the user can fix; the message says what and how."""
 
 
-def run(main, argv: list[str] | None = None) -> None:
+class Stopped(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same clean-up runs."""
+
+
+def _stop(signum, frame):
+    raise Stopped
+
+
+def restore_hint() -> str:
+    """Under `dvc repro`, how to get back the outputs DVC removed before it ran the failed stage."""
+    stage = os.environ.get("DVC_STAGE")  # set by DVC for every stage command it runs
+    if not stage:
+        return ""
+    return (f" (DVC removed {stage}'s previous outputs before running it: `dvc checkout {stage}` brings back the "
+            "cached ones, `git checkout -- metrics reports` the metrics and reports kept in git)")
+
+
+def run(main, argv: list[str] | None = None, kept: str = RESTARTS, check_params: bool = True) -> None:
+    """Run a stage's main: params checked first (unless check_params is off: processes a stage starts), errors
+    and stops as one line. kept: what a stop leaves for the next run (train's checkpoints, evaluate's sets)."""
+    from stages.core import params  # params imports this module for StageError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log = logging.getLogger("stages")
+    stage = Path(sys.argv[0]).stem  # python -m stages.<stage>: argv[0] is the module's file
+    signal.signal(signal.SIGTERM, _stop)
     try:
+        if check_params:
+            params.check_all()
         main(argv)
     except StageError as e:
-        logging.getLogger("stages").error("%s", e)
+        log.error("%s%s", e, restore_hint())
         sys.exit(2)
+    except (KeyboardInterrupt, Stopped) as e:
+        signum = signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT
+        log.error("%s: stopped by %s; kept %s", stage, signal.Signals(signum).name, kept)
+        sys.exit(128 + signum)  # the shell's code for a process ended by that signal, which DVC reports as such

@@ -230,3 +230,20 @@ def load_seed(path: str | Path = PARAMS_FILE) -> int:
     if "seed" not in raw:
         raise ParamsError(f"params: seed missing in {path}")
     return build(StrictInt, raw["seed"], "seed")
+
+
+def check_all(path: str | Path = PARAMS_FILE) -> None:
+    """Every section of params.yaml and the rules across sections, without loading any data: a stage calls it
+    before it touches anything (core/cli.py), so the first stage that runs catches a params error anywhere
+    (a typo in eval.sets fails in seconds, not after training)."""
+    raw = read(path)
+    for section in (*SECTIONS, "eval_data", "seed"):
+        if section not in raw:
+            raise ParamsError(f"params: section '{section}' missing in {path}")
+    sections = {name: build(cls, raw[name], name) for name, cls in SECTIONS.items()}
+    eval_data = build(dict[str, EvalSetParams], raw["eval_data"], "eval_data")
+    build(StrictInt, raw["seed"], "seed")
+    unknown = [name for name in sections["eval"].sets if name != HELDOUT and name not in eval_data]
+    if unknown:
+        raise ParamsError(f"params: eval.sets names {', '.join(map(repr, unknown))}, which eval_data does not define; "
+                          f"known sets: {', '.join([HELDOUT, *eval_data])}. Fix eval.sets or add the set to eval_data")

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, kept="the shares this worker finished (the parent keeps whole sets)", check_params=False)
     # Its shares are written: skip the interpreter's teardown (freeing the KV cache, the CUDA graphs and
     # torch.compile's worker pool), which took ~5 s of an H200 worker's exit while the parent waited.
     logging.shutdown()

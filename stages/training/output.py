@@ -49,15 +49,17 @@ def step_clock(synchronize: bool = False):
     return StepClock()
 
 
-def summary(trainer, train_output, wall_seconds: float, resumed_from: int, tokens_before: int, clock=None) -> dict:
-    """The numbers metrics/train.json keeps: losses, where and why training ended, the batch geometry (micro-batch
-    x accumulation x processes = train.sequences_per_step), speed, memory."""
+def summary(trainer, train_output, wall_seconds: float, resumed_from: int, tokens_before: int,
+            clock=None) -> tuple[dict, dict]:
+    """(metrics, run): what metrics/train.json keeps (losses, where and why training ended, the batch geometry:
+    micro-batch x accumulation x processes = train.sequences_per_step, and how it ran: optimizer), and the run's
+    speed, time and memory, which differ on every run: they go to a file `dvc metrics diff` does not compare."""
     state, args = trainer.state, trainer.args
     evals = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
     best_step = checkpoint_step(state.best_model_checkpoint) if state.best_model_checkpoint else None
     tokens = state.num_input_tokens_seen - tokens_before
     runtime = train_output.metrics.get("train_runtime") or wall_seconds
-    return {
+    metrics = {
         "train_loss": train_output.training_loss,
         "validated": bool(evals),  # false: no validation split, so no early stopping and the last step is the result
         "val_loss": {"best": state.best_metric, "last": evals[-1] if evals else None, "evaluations": len(evals)},
@@ -71,12 +73,17 @@ def summary(trainer, train_output, wall_seconds: float, resumed_from: int, token
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "processes": args.world_size,
         "tokens_seen": state.num_input_tokens_seen,
+        "optimizer": str(args.optim.value if hasattr(args.optim, "value") else args.optim),
+        "compute_dtype": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+    }
+    run = {
         "tokens_per_second": tokens / runtime if runtime else None,
         "tokens_per_second_after_first_step": clock.tokens_per_second_after_first_step() if clock else None,
         "tokens_per_second_second_half": clock.tokens_per_second_second_half() if clock else None,
         "peak_gpu_memory_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
         "wall_seconds": wall_seconds,
     }
+    return metrics, run
 
 
 def save_adapter(model, tokenizer, out: Path) -> None:

@@ -62,3 +62,12 @@ def test_packages_never_import_a_stage_and_core_imports_only_core():
         assert not imported & stage_modules, name
         if name.startswith("stages.core."):
             assert all(m.startswith("stages.core.") for m in imported), name
+
+
+def test_every_cached_output_is_ignored_by_the_root_gitignore():
+    ignored = {line for line in (ROOT / ".gitignore").read_text().splitlines() if line.startswith("/")}
+    for name, stage in STAGES.items():
+        for out in stage.get("outs", []):
+            path, options = (next(iter(out.items())) if isinstance(out, dict) else (out, {}))
+            if (options or {}).get("cache", True):
+                assert f"/{path}" in ignored, (name, path)  # else a checkout of an experiment lists it untracked

@@ -160,3 +160,15 @@ def test_weights_are_only_safetensors(tmp_path, tiny_model_dir):
     message, _ = load_error(local_model_dir, model(name=str(no_weights)))
     assert_one_line(message, "no *.safetensors weights")
     assert load_tokenizer(model(name=str(no_weights))).chat_template  # the tokenizer needs no weights
+
+
+def test_a_missing_local_model_folder_is_named_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = params.ModelParams(name=str(tmp_path / "no-model"), revision="main", max_seq_length=1024, directive="")
+    with pytest.raises(ModelLoadError, match=r"no folder .*no-model; point it at a local model folder"):
+        local_model_dir(missing)
+    with pytest.raises(ModelLoadError, match="no folder"):
+        base_model.model_identity(missing)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelLoadError, match="no folder models/r1"):  # shaped like owner/name, but models/ is here
+        local_model_dir(params.ModelParams(name="models/r1", revision="main", max_seq_length=1024, directive=""))

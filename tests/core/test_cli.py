@@ -1,0 +1,82 @@
+"""What every stage does around its work: params checked first, one line for bad input, one line for a stop."""
+
+import importlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+SLEEPER = """
+import logging, sys, time
+sys.argv = ["stages/sleeper.py"]
+from stages.core import cli
+
+def main(argv):
+    logging.getLogger("stages.sleeper").info("started")
+    time.sleep(60)
+
+cli.run(main, kept="the test's checkpoint; `dvc repro` resumes")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_is_one_line_naming_what_was_kept_with_the_signals_exit_code(signum):
+    process = subprocess.Popen([sys.executable, "-c", SLEEPER], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               env=os.environ | {"PYTHONPATH": str(ROOT)})
+    lines = []
+    while not any("started" in line for line in lines):
+        lines.append(process.stderr.readline())
+        assert process.poll() is None, "".join(lines)
+    process.send_signal(signum)
+    rest = process.stderr.read()
+    assert process.wait(timeout=30) == 128 + signum
+    assert "Traceback" not in rest
+    assert rest.strip().splitlines() == [rest.strip()]  # one line
+    assert f"sleeper: stopped by {signal.Signals(signum).name}; kept the test's checkpoint; `dvc repro` resumes" in rest
+
+
+def run_stage(project, stage: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=project, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(ROOT), **env}, timeout=120)
+
+
+def test_a_typo_in_another_section_stops_any_stage_in_seconds_before_it_touches_anything(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["eval"]["sets"] = ["heldout", "aime24"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    started = time.perf_counter()
+    result = run_stage(tmp_path, "stratify")  # stratify reads no eval param, and has no input here either
+    assert time.perf_counter() - started < 15
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line or "params:" in line]
+    assert len(errors) == 1 and "eval.sets names 'aime24'" in errors[0] and "known sets: heldout" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_under_dvc_a_failed_stage_says_how_to_get_its_previous_outputs_back(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    result = run_stage(tmp_path, "stratify", DVC_STAGE="stratify")  # no data/filtered.parquet
+    assert result.returncode == 2
+    assert "`dvc checkout stratify` brings back the cached ones" in result.stderr
+    assert "dvc checkout" not in run_stage(tmp_path, "stratify").stderr  # not under DVC: nothing was removed
+
+
+@pytest.mark.parametrize("stage", ["fetch", "fetch_eval", "filter", "stratify", "train", "evaluate", "report",
+                                   "release"])
+def test_every_stage_option_says_what_it_is_and_its_default(stage, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    module = importlib.import_module(f"stages.{stage}")
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = capsys.readouterr().out
+    options = re.findall(r"^  (--[a-z-]+) ", text, flags=re.M)
+    assert options and len(re.findall(r"\(default: [^)]+\)", text)) == len(options)
+    assert all(re.search(rf"^  {option} \S+\s+(in|out|in/out): ", text, flags=re.M) for option in options), text
