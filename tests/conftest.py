@@ -15,6 +15,13 @@ from stages.filter import OUTPUT_SCHEMA
 from tests import magpie_data, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # Workers already fill the cores: a thread pool of each per core in every worker, and in every stage or
+    # training process it starts, only makes them wait on each other (torch's CPU tests ran 3-6x slower).
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    import torch
+
+    torch.set_num_threads(1)
 DIRECTIVE = params.load("model", ROOT / "params.yaml").directive  # the prompt line every stage adds
 
 
@@ -33,6 +40,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    # Longest first, so that the pytest-xdist workers (handed one test at a time: --maxschedchunk 1) end
+    # together: the test whose fixture builds the shared reproduced pipeline, the smoke run (it needs none,
+    # so the other worker does not wait on the build), the longest dvc test, the other dvc runs, the rest.
+    first = ("test_repro_builds_splits", "test_smoke_command", "test_experiments_run_alone")
+
+    def rank(item: pytest.Item) -> int:
+        named = [k for k, name in enumerate(first) if item.name.startswith(name)]
+        return named[0] if named else len(first) if item.get_closest_marker("slow") else len(first) + 1
+
+    items.sort(key=rank)
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
