@@ -58,7 +58,7 @@ def sample_rows(model_name: str, set_name: str, problems: pa.Table, generations,
                 config: params.EvalParams, tokenizer) -> pd.DataFrame:
     """One row per generation: the problem, the response, its grade and how it reasons (stages.scoring.overthinking)."""
     from stages.scoring import overthinking
-    from stages.scoring.grading import grade, split_reasoning
+    from stages.scoring.grading import boxed_parses, grade, split_reasoning
 
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -84,6 +84,8 @@ def sample_rows(model_name: str, set_name: str, problems: pa.Table, generations,
             "looped": overthinking.loops(generation.text, config.loop_ngram, config.loop_repeats),
             "outcome_efficiency": overthinking.outcome_efficiency(generation.text, correct, is_gold, count_tokens),
             "boxed": bool(answer and overthinking.has_boxed(answer)), "latex": overthinking.uses_latex(generation.text),
+            "boxed_parses": boxed_parses(answer), "latex_answer": overthinking.latex_answer(answer),
+            "answer_steps": overthinking.answer_steps(answer), "stepwise": overthinking.stepwise(answer),
         })
     return pd.DataFrame.from_records(records)
 

@@ -22,7 +22,7 @@ from stages.core.prompts import prompt_text
 from stages.scoring import verdict
 
 log = logging.getLogger("stages.release")  # not __name__: `python -m` runs a stage as __main__
-TAGS = ["lora", "qlora", "unsloth", "math", "reasoning", "deepseek-r1"]
+TAGS = ["lora", "math", "reasoning", "deepseek-r1"]  # plus qlora and unsloth when the run used them (run_tags)
 PROBLEM = "{problem}"  # the placeholder shown in the prompt format
 
 
@@ -54,6 +54,13 @@ def read_json(path: Path, stage: str) -> dict:
         raise ReleaseError(f"release: {path} is not valid JSON ({e}); re-run the {stage} stage") from e
 
 
+def run_tags(training: dict) -> list[str]:
+    """The card's tags for how training actually ran (metrics/train.json), not how params asked for it: a CPU
+    run with backend auto trains with PEFT in fp32, which is neither QLoRA nor Unsloth."""
+    return TAGS + ["qlora"] * (training.get("base_weights") == "4-bit") + ["unsloth"] * (
+        training.get("backend") == "unsloth")
+
+
 def card_data(inputs: Inputs):
     from huggingface_hub import ModelCardData
 
@@ -61,7 +68,8 @@ def card_data(inputs: Inputs):
                                       if name in inputs.eval_data]
     return ModelCardData(
         base_model=inputs.model.name if is_hub_id(inputs.model.name) else None, library_name="peft",
-        datasets=list(dict.fromkeys(s for s in sources if is_hub_id(s))) or None, license="apache-2.0", tags=TAGS,
+        datasets=list(dict.fromkeys(s for s in sources if is_hub_id(s))) or None, license="apache-2.0",
+        tags=run_tags(inputs.training),
         pipeline_tag="text-generation")
 
 

@@ -24,10 +24,12 @@ log = logging.getLogger("stages.report")  # not __name__: `python -m` runs a sta
 # The headline of `dvc metrics show`: file name -> (measure, decimals kept). One file per set and measure, so
 # the table is one row per (set, measure) with five columns (base, delta, finetuned, high, low) and fits a screen.
 HEADLINE = {"accuracy": ("accuracy", 4), "tokens": ("response_tokens_mean", 1),
-            "markers_per_1k": ("second_guesses_per_1k_reasoning_tokens", 3), "finished": ("finished_share", 4)}
+            "markers_per_1k": ("second_guesses_per_1k_reasoning_tokens", 3), "finished": ("finished_share", 4),
+            "latex": ("latex_answer_share", 4), "steps": ("stepwise_share", 4)}
 PERCENTILES = (50, 90, 99)
 COLUMNS = ("model", "set", "problem_id", "sample", "level", "correct", "response_tokens", "reasoning_tokens",
-           "hit_max_tokens", "finished", "second_guesses", "looped", "outcome_efficiency")
+           "hit_max_tokens", "finished", "second_guesses", "looped", "outcome_efficiency", "answer_tokens", "boxed",
+           "boxed_parses", "latex_answer", "stepwise")
 COLORS = {BASE: "tab:gray", FINETUNED: "tab:blue"}
 LABELS = {BASE: "base", FINETUNED: "fine-tuned"}
 PNG = {"format": "png", "dpi": 100, "metadata": {"Software": None}}  # no version stamp: same input, same bytes
@@ -171,6 +173,7 @@ def verdict_page(report: dict, figure_names: list[str], figures_dir: str) -> str
         lines += [f"## {set_name}", "",
                   f"{result['problems']} problems; {responses[BASE]} base and {responses[FINETUNED]} fine-tuned "
                   "responses.", "",
+                  *[f"{note}\n" for note in verdict.set_notes(result, report["max_new_tokens"])],
                   verdict.verdict_markdown([r for r in report["verdict"] if r["set"] == set_name]),
                   verdict.budget_markdown(result["budget"])]
     lines += ["## Measures", ""]

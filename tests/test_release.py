@@ -21,7 +21,8 @@ FUNNEL = {"rows_in": 1000, "rows_out": 410, "dropped": {"null_field": 0, "task_c
           "difficulty": {"easy": 200, "hard": 210}}
 SPLITS = {"train": {"rows": 368}, "val": {"rows": 21}, "test": {"rows": 21}}
 TRAINING = {"train_loss": 0.61234, "validated": True, "val_loss": {"best": 0.58, "last": 0.59, "evaluations": 4},
-            "best_step": 150, "steps": 200, "stopped_early": True}
+            "best_step": 150, "steps": 200, "stopped_early": True, "backend": "unsloth", "base_weights": "4-bit",
+            "optimizer": "adamw_8bit"}
 
 
 def write_adapter(adapter: Path) -> None:
@@ -76,7 +77,13 @@ def test_card_metadata_names_base_model_library_datasets_license_and_tags(releas
     assert data["library_name"] == "peft" and data["license"] == "apache-2.0"
     assert data["datasets"] == [raw["data"]["source"], raw["eval_data"]["gsm8k"]["source"],
                                 raw["eval_data"]["math500"]["source"]]
-    assert data["tags"] == ["lora", "qlora", "unsloth", "math", "reasoning", "deepseek-r1"]
+    assert data["tags"] == ["lora", "math", "reasoning", "deepseek-r1", "qlora", "unsloth"]
+
+
+def test_the_card_tags_how_training_ran_not_how_params_asked():
+    cpu_run = {"backend": "peft", "base_weights": "float32", "optimizer": "adamw_torch"}  # backend auto on a CPU
+    assert release.run_tags(cpu_run) == ["lora", "math", "reasoning", "deepseek-r1"]
+    assert release.run_tags(TRAINING)[-2:] == ["qlora", "unsloth"]
 
 
 def test_card_body_has_the_verdict_funnel_training_usage_and_limits(released):

@@ -22,7 +22,8 @@ MAX_NEW_TOKENS = 4096
 # The columns of data/eval/samples.parquet, in evaluate's order.
 SAMPLE_COLUMNS = ("model", "set", "problem_id", "sample", "level", "problem", "gold", "response", "extracted_answer",
                   "correct", "response_tokens", "reasoning_tokens", "answer_tokens", "hit_max_tokens", "closed_think",
-                  "finished", "second_guesses", "looped", "outcome_efficiency", "boxed", "latex")
+                  "finished", "second_guesses", "looped", "outcome_efficiency", "boxed", "latex", "boxed_parses",
+                  "latex_answer", "answer_steps", "stepwise")
 
 
 def sample_row(model: str, set_name: str, problem: int, sample: int = 0, **columns) -> dict:
@@ -32,7 +33,8 @@ def sample_row(model: str, set_name: str, problem: int, sample: int = 0, **colum
            "response": f"<think>\nWait, {problem} + 1 = {problem + 1}.\n</think>\n\n\\boxed{{{problem + 1}}}",
            "extracted_answer": str(problem + 1), "correct": True, "response_tokens": 100, "reasoning_tokens": 90,
            "answer_tokens": 10, "hit_max_tokens": False, "closed_think": True, "finished": True,
-           "second_guesses": 1, "looped": False, "outcome_efficiency": 1.0, "boxed": True, "latex": True}
+           "second_guesses": 1, "looped": False, "outcome_efficiency": 1.0, "boxed": True, "latex": True,
+           "boxed_parses": True, "latex_answer": True, "answer_steps": 1, "stepwise": False}
     unknown = set(columns) - set(row)
     assert not unknown, unknown
     return row | columns
@@ -58,7 +60,10 @@ def crafted_samples(problems: int = 30, samples: int = 2, seed: int = 0) -> pd.D
                         model, set_name, problem, sample, correct=correct, response_tokens=tokens,
                         reasoning_tokens=tokens - 50, answer_tokens=50, hit_max_tokens=cut, finished=not cut,
                         closed_think=not cut, second_guesses=int(rng.poisson(markers)),
-                        looped=bool(cut and rng.random() < 0.5), outcome_efficiency=0.6 if correct else 0.0))
+                        looped=bool(cut and rng.random() < 0.5), outcome_efficiency=0.6 if correct else 0.0,
+                        # fine-tuned: boxed and laid out in steps far more often
+                        boxed=not cut and rng.random() < (0.95 if scale < 1 else 0.6),
+                        stepwise=not cut and rng.random() < (0.8 if scale < 1 else 0.2)))
     return samples_frame(rows)
 
 

@@ -69,7 +69,8 @@ def test_smoke_command_leaves_the_checkout_untouched_and_its_experiment_shows_an
     show = readme_show_command()
     assert show[:3] == ["dvc", "exp", "show"]
     shown = dvc(project, *show[1:]).stdout  # the README's table of the experiment shows its accuracy per set
-    assert all(f"metrics/eval/{name}/accuracy.json:finetuned" in shown for name in ("gsm8k", "heldout", "math500"))
+    assert all(f"metrics/eval/{name}/accuracy.json:{column}" in shown for name in ("gsm8k", "heldout", "math500")
+               for column in ("base", "finetuned", "delta", "low", "high"))  # the delta with its interval
 
     dvc(project, "exp", "branch", name, "smoke-run")
     kept = json.loads(sh(project, "git", "show", "smoke-run:metrics/eval/gsm8k/accuracy.json").stdout)

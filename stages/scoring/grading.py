@@ -88,3 +88,16 @@ def grade(gold: str, answer: str | None, numeric: bool) -> tuple[bool, str | Non
     extracted = boxed if boxed is not None else (str(predicted[-1]) if predicted else None)
     gold_parsed = list(_parsed_gold(gold))  # verify takes a list, not a tuple
     return bool(gold_parsed and predicted and verify(gold_parsed, predicted)), extracted
+
+
+def boxed_parses(answer: str | None) -> bool:
+    """The answer's last \\boxed{} holds notation math-verify can read (right or wrong): a grader, or a
+    reader's tool, gets a value out of it. False without a box."""
+    boxed = last_boxed(answer) if answer else None
+    if not boxed or not boxed.strip():
+        return False
+    from math_verify import parse
+
+    # parse also returns the text itself as a string: only a sympy value counts as read. It reads words as
+    # products of symbols ("the answer" as t*h*e*...), so prose in a box counts too: a limit of this measure.
+    return any(not isinstance(value, str) for value in parse(f"$\\boxed{{{boxed}}}$"))

@@ -153,3 +153,31 @@ def outcome_efficiency(response: str, correct: bool, is_gold: Callable[[str], bo
     if position is None or total == 0:
         return 1.0
     return min(count_tokens(response[:position]) / total, 1.0)
+
+
+# Mathematics written without LaTeX: Unicode superscripts, roots, vulgar fractions, operators and letters.
+UNICODE_MATH = re.compile("[\u00b2\u00b3\u00b9\u2070-\u209f\u221a\u221b\u00bc-\u00be\u2150-\u215e\u00d7\u00f7"
+                          "\u2212\u2264\u2265\u2260\u2248\u00b1\u221e\u2211\u222b\u03c0\u2202\u2208\u2229\u222a]")
+# A step: a line that starts with a number ("1.", "2)"), "Step 3", or a bullet; or a display equation.
+STEP_LINE = re.compile(r"^\s*(?:\d+[.)]\s|step\s+\d+\b|[-*\u2022]\s)", re.IGNORECASE | re.MULTILINE)
+DISPLAY_EQUATION = re.compile(r"\$\$.+?\$\$|\\\[.+?\\\]|\\begin\{(?:align|equation|gather)\*?\}", re.DOTALL)
+
+
+def latex_answer(answer: str | None) -> bool:
+    """The answer writes its mathematics in LaTeX: some LaTeX ($...$, \\(...\\), \\frac, \\boxed, ...), and no
+    mathematics in Unicode symbols instead (x\u00b2, \u221a2, \u00bd, \u00d7, \u2264)."""
+    return bool(answer) and uses_latex(answer) and not UNICODE_MATH.search(answer)
+
+
+def answer_steps(answer: str | None) -> int:
+    """Steps the answer is laid out in: its numbered, "Step N" or bulleted lines, or its display equations,
+    whichever are more. A proxy for a clear step-by-step answer: it sees layout, not whether the steps are
+    right, needed or in a sensible order, and misses steps written as running prose."""
+    if not answer:
+        return 0
+    return max(len(STEP_LINE.findall(answer)), len(DISPLAY_EQUATION.findall(answer)))
+
+
+def stepwise(answer: str | None) -> bool:
+    """Laid out as at least two steps (answer_steps)."""
+    return answer_steps(answer) >= 2

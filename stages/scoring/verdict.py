@@ -62,6 +62,16 @@ MEASURES = (
     # 0 for a wrong answer: Chen et al. ("Do NOT Think That Much") average over all responses.
     Measure("outcome_efficiency", "outcome_efficiency",
             meaning="share of a response's tokens spent up to its first correct answer; 0 when wrong"),
+    Measure("boxed_share", "boxed", meaning="share whose final answer (after </think>) puts its result in \\boxed{}"),
+    Measure("boxed_parse_share", "boxed_parses",
+            meaning="share whose last \\boxed{} holds notation math-verify can read, right or wrong"),
+    Measure("latex_answer_share", "latex_answer",
+            meaning="share whose final answer writes its mathematics in LaTeX (none in Unicode symbols: x², √2, ½)"),
+    Measure("stepwise_share", "stepwise",
+            meaning="share whose final answer is laid out as steps (2+ numbered, 'Step N' or bulleted lines, or 2+ "
+                    "display equations): a proxy for layout; it cannot tell whether the steps are right or clear"),
+    Measure("answer_tokens_mean", "answer_tokens", higher_is_better=False,
+            meaning="tokens of the final answer (after </think>) per response"),
 )
 MEASURE_BY_NAME = {m.name: m for m in MEASURES}
 
@@ -79,6 +89,10 @@ CLAIMS = (
     Claim("eliminates recursive doubt", "loop_share"),
     Claim("stays accurate", "accuracy"),
     Claim("finishes", "finished_share"),
+    Claim("proper mathematical notation", "boxed_share"),
+    Claim("proper mathematical notation", "boxed_parse_share"),
+    Claim("proper mathematical notation", "latex_answer_share"),
+    Claim("clearer step-by-step reasoning", "stepwise_share"),
 )
 
 
@@ -286,3 +300,28 @@ def budget_markdown(budget: list[dict]) -> str:
     lines = ["| budget (tokens) | base accuracy | fine-tuned accuracy |", "|---:|---:|---:|"]
     lines += [f"| {row['budget']} | {row[BASE]:.3f} | {row[FINETUNED]:.3f} |" for row in budget]
     return "\n".join(lines) + "\n"
+
+
+FEW_PROBLEMS = 100  # below this a set's intervals are too wide to show a few points of accuracy
+# A true difference of this many standard errors is detected (interval excludes 0) about 80% of the time.
+DETECTED_80 = 2.8
+
+
+def set_notes(result: dict, max_new_tokens: int) -> list[str]:
+    """What a set's verdict can and cannot decide, from its details (report.details_json's sets[name]): the
+    smallest accuracy difference it can see, and warnings (few problems, responses that all hit the budget)."""
+    notes = []
+    accuracy = result["measures"]["accuracy"]
+    if not (math.isnan(accuracy["low"]) or math.isnan(accuracy["high"])):
+        half = (accuracy["high"] - accuracy["low"]) / 2
+        standard_error = half / 1.96
+        notes.append(f"Accuracy: the delta's interval is ±{100 * half:.1f} points, so smaller differences read as "
+                     f"*no detectable difference*; a true difference of {100 * DETECTED_80 * standard_error:.1f} "
+                     "points would be detected about 80% of the time. More problems or samples narrow it.")
+    if result["problems"] < FEW_PROBLEMS:
+        notes.append(f"Warning: only {result['problems']} problems; every interval here is wide.")
+    for model, label in ((BASE, "base"), (FINETUNED, "fine-tuned")):
+        if result["measures"]["hit_max_tokens_share"][model] == 1.0:
+            notes.append(f"Warning: every {label} response hit the {max_new_tokens}-token budget; its measures "
+                         "describe cut-off responses (raise eval.max_new_tokens).")
+    return notes

@@ -4,6 +4,7 @@ from fractions import Fraction
 import pytest
 
 from stages.data.eval_sets import math500, read_files
+from stages.scoring import grading
 from stages.scoring.grading import grade, gsm8k_gold, last_boxed, plain_number, split_reasoning
 from tests.conftest import ROOT
 
@@ -88,3 +89,10 @@ def test_math500_reference_solutions_grade_correct_against_their_answers():
              if not grade(p["gold"], row["solution"], p["numeric"])[0]]
     assert wrong == []
     assert sum(problems["numeric"].to_pylist()) > 300  # most golds are plain numbers and take the exact path
+
+
+@pytest.mark.parametrize(("answer", "parses"), [
+    ("So \\boxed{\\frac{1}{2}}.", True), ("\\boxed{x^2+1}", True), ("\\boxed{7} and then \\boxed{8}", True),
+    ("\\boxed{???}", False), ("\\boxed{}", False), ("\\boxed{ }", False), ("The answer is 7.", False), (None, False)])
+def test_a_boxed_answer_parses_when_math_verify_reads_a_value_from_its_last_box(answer, parses):
+    assert grading.boxed_parses(answer) is parses

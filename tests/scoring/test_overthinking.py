@@ -1,6 +1,7 @@
 import pytest
 
 from stages.core import params
+from stages.scoring import overthinking
 from stages.scoring.overthinking import (
     SECOND_GUESS_MARKERS,
     boxed_answers,
@@ -151,3 +152,22 @@ def test_outcome_efficiency_is_zero_when_wrong_and_one_when_no_candidate_is_reco
 def test_latex_is_detected():
     assert uses_latex("so $x^2 = 4$") and uses_latex("\\frac{1}{2}") and uses_latex("\\[ x \\]")
     assert not uses_latex("the answer is 4 dollars")
+
+
+@pytest.mark.parametrize(("answer", "latex"), [
+    ("$x^2 + 1$", True), ("\\boxed{7}", True), ("so $\\frac{1}{2}$ of them", True),
+    ("x² + 1", False), ("The root is √2.", False), ("Half: ½", False), ("3 × 4 = 12", False),
+    ("$\\frac{1}{2}$ or ½", False),  # mathematics in Unicode beside the LaTeX
+    ("The answer is 4.", False), ("", False), (None, False)])
+def test_an_answer_counts_as_latex_only_with_latex_and_no_unicode_mathematics(answer, latex):
+    assert overthinking.latex_answer(answer) is latex
+
+
+@pytest.mark.parametrize(("answer", "steps"), [
+    ("1. Add the two.\n2. Multiply by 3.\n3. So 21.", 3), ("Step 1: add\nStep 2: multiply", 2),
+    ("- a is 2\n- b is 3", 2), ("$$a = b$$\nand\n$$b = c$$", 2), ("\\[x = 1\\] then \\[y = 2\\]", 2),
+    ("\\begin{align} a &= b \\\\ b &= c \\end{align}", 1),
+    ("First add, then multiply: 21.", 0), ("1. only one", 1), ("In 2019. it rained", 0), (None, 0)])
+def test_answer_steps_count_numbered_or_bulleted_lines_or_display_equations(answer, steps):
+    assert overthinking.answer_steps(answer) == steps
+    assert overthinking.stepwise(answer) is (steps >= 2)

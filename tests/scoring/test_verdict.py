@@ -16,7 +16,8 @@ TOKENS = (MEASURE_BY_NAME["response_tokens_mean"],)
 def response(model: str, problem: int, **columns) -> dict:
     row = {"model": model, "set": "gsm8k", "problem_id": f"p{problem}", "sample": 0, "correct": True,
            "response_tokens": 100, "reasoning_tokens": 90, "second_guesses": 0, "hit_max_tokens": False,
-           "looped": False, "finished": True, "outcome_efficiency": 1.0}
+           "looped": False, "finished": True, "outcome_efficiency": 1.0, "answer_tokens": 10, "boxed": True,
+           "boxed_parses": True, "latex_answer": True, "stepwise": False}
     return row | columns
 
 
@@ -220,3 +221,23 @@ def test_budget_curve_is_per_model_and_set():
 def test_budget_curve_rejects_responses_longer_than_the_budget():
     with pytest.raises(verdict.VerdictError, match="max_new_tokens 1000"):
         verdict.budget_curve(pd.DataFrame([response("base", 0, response_tokens=1200)]), max_new_tokens=1000)
+
+
+def set_result(problems: int, low: float, high: float, base_cut: float = 0.2, finetuned_cut: float = 0.0) -> dict:
+    return {"problems": problems, "measures": {
+        "accuracy": {"base": 0.5, "finetuned": 0.52, "delta": 0.02, "low": low, "high": high},
+        "hit_max_tokens_share": {"base": base_cut, "finetuned": finetuned_cut}}}
+
+
+def test_set_notes_state_the_smallest_accuracy_difference_the_set_can_see():
+    notes = verdict.set_notes(set_result(500, -0.01, 0.05), 8192)
+    assert notes == ["Accuracy: the delta's interval is ±3.0 points, so smaller differences read as *no detectable "
+                     "difference*; a true difference of 4.3 points would be detected about 80% of the time. More "
+                     "problems or samples narrow it."]
+
+
+def test_set_notes_warn_of_few_problems_and_of_responses_that_all_hit_the_budget():
+    notes = verdict.set_notes(set_result(4, float("nan"), float("nan"), base_cut=1.0), 32)
+    assert notes == ["Warning: only 4 problems; every interval here is wide.",
+                     "Warning: every base response hit the 32-token budget; its measures describe cut-off responses "
+                     "(raise eval.max_new_tokens)."]
