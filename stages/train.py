@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None, extra_callbacks: tuple = ()) -> None:
                               eval_dataset=val_examples if validate else None,
                               data_collator=train_data.collator(tokenizer, config.packing), callbacks=callbacks,
                               attention_weight=attention_weight(model_config))
+    from transformers import ProgressCallback
+
+    if trainer.pop_callback(ProgressCallback):  # the bar stays; its log lines become plain ones
+        trainer.add_callback(train_output.progress_callback())
     log.info("%s backend, %d train / %d val examples, micro-batch %d x accumulation %d x %d process(es)%s%s",
              backend, len(train_examples), len(val_examples), micro, trainer.args.gradient_accumulation_steps,
              trainer.args.world_size, " (packed: sequences per micro-batch vary, tokens balanced)" if config.packing

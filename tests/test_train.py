@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -517,3 +518,16 @@ def test_step_logging_does_not_reread_the_curves_unless_a_studio_wants_them(tmp_
                     logs={"loss": 0.1})
     callback.live._wait_for_studio_updates_posted()
     assert reads == [6] and "data" in posted
+
+
+def test_each_logging_step_is_one_plain_line_not_a_dict_of_quoted_numbers(project, capfd):
+    from stages.training.output import step_line
+
+    assert step_line({"loss": 0.61234, "grad_norm": 0.34, "learning_rate": 2e-4, "epoch": 0.5, "total_flos": 1.0},
+                     50, 3566) == "step 50/3566: loss 0.6123, grad_norm 0.34, learning_rate 0.0002, epoch 0.5"
+    set_params(project, "train", max_steps=2, eval_every_steps=1)
+    train_stage.main([])
+    out, err = capfd.readouterr()
+    err = out + err  # tqdm writes to stdout
+    assert re.search(r"step 1/2: loss [\d.]+, grad_norm [\d.]+, learning_rate", err), err[-2000:]
+    assert "{'loss'" not in err and "'loss':" not in err

@@ -140,3 +140,22 @@ def live_callback(live_dir: Path, resumed_from: int):
                 super().post_data_to_studio()
 
     return StepAligned(live=Quiet(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resumed_from)))
+
+
+def step_line(logs: dict, step: int, max_steps: int) -> str:
+    """One plain log line for one logging step: `step 50/3566: loss 0.6123, grad_norm 0.3402, ...`."""
+    values = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                       for key, value in logs.items() if key != "total_flos")
+    return f"step {step}/{max_steps}: {values}"
+
+
+def progress_callback():
+    """transformers' progress bar, writing step_line for each logging step instead of a dict of quoted numbers."""
+    from transformers import ProgressCallback
+
+    class StepLines(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                self.training_bar.write(step_line(logs, state.global_step, state.max_steps))
+
+    return StepLines()
