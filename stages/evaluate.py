@@ -74,7 +74,8 @@ def sample_rows(model_name: str, set_name: str, problems: pa.Table, generations,
 
         records.append({
             "model": model_name, "set": set_name, "problem_id": problem["id"], "sample": k // problems.num_rows,
-            "level": problem["level"], "problem": problem["problem"], "gold": problem["gold"],
+            "level": problem["level"], "subject": problem["subject"], "problem": problem["problem"],
+            "gold": problem["gold"],
             "response": generation.text, "extracted_answer": extracted, "correct": correct,
             "response_tokens": generation.n_tokens, "reasoning_tokens": generation.reasoning_tokens,
             "answer_tokens": generation.answer_tokens,

@@ -136,6 +136,9 @@ def results_section(inputs: Inputs) -> str:
     for set_name, result in report["sets"].items():
         lines += [f"**{set_name}** ({result['problems']} problems):", ""]
         lines += [verdict.budget_markdown(result["budget"])]
+    if report.get("domains"):
+        lines += ["By domain (MATH-500 subject and level, held-out difficulty):", "", verdict.MANY_COMPARISONS, "",
+                  verdict.domain_markdown(report["domains"])]
     lines += ["Measures:", ""] + [f"- `{m.name}`: {m.meaning}" for m in verdict.MEASURES]
     return "\n".join(lines) + "\n"
 

@@ -27,7 +27,7 @@ HEADLINE = {"accuracy": ("accuracy", 4), "tokens": ("response_tokens_mean", 1),
             "markers_per_1k": ("second_guesses_per_1k_reasoning_tokens", 3), "finished": ("finished_share", 4),
             "latex": ("latex_answer_share", 4), "steps": ("stepwise_share", 4)}
 PERCENTILES = (50, 90, 99)
-COLUMNS = ("model", "set", "problem_id", "sample", "level", "correct", "response_tokens", "reasoning_tokens",
+COLUMNS = ("model", "set", "problem_id", "sample", "level", "subject", "correct", "response_tokens", "reasoning_tokens",
            "hit_max_tokens", "finished", "second_guesses", "looped", "outcome_efficiency", "answer_tokens", "boxed",
            "boxed_parses", "latex_answer", "stepwise")
 COLORS = {BASE: "tab:gray", FINETUNED: "tab:blue"}
@@ -161,6 +161,26 @@ def figures(samples: pd.DataFrame, deltas: pd.DataFrame, curve: pd.DataFrame, ma
     return images
 
 
+def domain_figures(domains: pd.DataFrame) -> dict:
+    """accuracy_by_domain.png: each group's accuracy delta with its interval, a panel per set and grouping;
+    none when no set has groups."""
+    accuracy = domains[domains["measure"] == "accuracy"]
+    panels = list(accuracy.groupby(["set", "by"], sort=True))
+    if not panels:
+        return {}
+    figure, axes = _figure(len(panels), width=4.5, height=max(2.5, 0.35 * max(len(p) for _, p in panels) + 1))
+    for ax, ((set_name, by), rows) in zip(axes, panels, strict=True):
+        y = np.arange(len(rows))
+        ax.errorbar(rows["delta"], y, xerr=[rows["delta"] - rows["low"], rows["high"] - rows["delta"]], fmt="o",
+                    capsize=3, color=COLORS[FINETUNED])
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(y, rows["group"])
+        ax.set(title=f"{set_name} by {by}", xlabel=f"accuracy delta ({CONFIDENCE:.0%} interval)")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, **PNG)
+    return {"accuracy_by_domain.png": buffer.getvalue()}
+
+
 def verdict_page(report: dict, figure_names: list[str], figures_dir: str) -> str:
     """reports/verdict.md: per set the verdict table and accuracy at every budget; then the figures."""
     boot = report["bootstrap"]
@@ -176,6 +196,8 @@ def verdict_page(report: dict, figure_names: list[str], figures_dir: str) -> str
                   *[f"{note}\n" for note in verdict.set_notes(result, report["max_new_tokens"])],
                   verdict.verdict_markdown([r for r in report["verdict"] if r["set"] == set_name]),
                   verdict.budget_markdown(result["budget"])]
+    if report["domains"]:
+        lines += ["## By domain", "", verdict.MANY_COMPARISONS, "", verdict.domain_markdown(report["domains"])]
     lines += ["## Measures", ""]
     lines += [f"- `{name}`: {m.meaning}" for name, m in MEASURE_BY_NAME.items()]
     lines += ["", "## Figures", ""]
@@ -200,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     samples = read_samples(args.samples)
     deltas = verdict.paired_deltas(samples, seed=seed, resamples=RESAMPLES, confidence=CONFIDENCE)
     curve = verdict.budget_curve(samples, max_new_tokens)
-    report = details(samples, deltas, curve, max_new_tokens, seed)
-    images = figures(samples, deltas, curve, max_new_tokens)
+    domains = verdict.domain_deltas(samples, seed=seed, resamples=RESAMPLES, confidence=CONFIDENCE)
+    report = details(samples, deltas, curve, max_new_tokens, seed) | {"domains": domains.to_dict("records")}
+    images = figures(samples, deltas, curve, max_new_tokens) | domain_figures(domains)
 
     with atomic_dir(args.metrics) as tmp:
         for set_name, files in headline(deltas).items():

@@ -267,7 +267,7 @@ def test_reasoning_and_answer_tokens_are_counted_on_the_generated_ids(tokenizer)
                "answer cut inside a character": (reasoning + close + half_e, r + 2, (r, 1, r + 2, True))}
     config = params.load("eval", ROOT / "params.yaml")
     problems = pa.table({"id": ["p"], "problem": ["What is 12 + 13?"], "gold": ["25"], "level": ["1"],
-                         "numeric": [True]})
+                         "subject": ["all"], "numeric": [True]})
     for name, (ids, max_new_tokens, expected) in scripts.items():
         # ScriptedModel stands in for transformers' generate: the padded route's interface
         config = params.EvalParams(**{**config.__dict__, "max_new_tokens": max_new_tokens, "batching": "padded"})
@@ -367,7 +367,8 @@ def test_a_change_of_model_directive_regenerates_with_the_new_prompts(project, g
 
 def test_each_sample_row_measures_how_the_response_reasons(tokenizer):
     config = params.load("eval", ROOT / "params.yaml")
-    problems = pa.table({"id": ["p"], "problem": ["What is 2+2?"], "gold": ["4"], "level": ["1"], "numeric": [True]})
+    problems = pa.table({"id": ["p"], "problem": ["What is 2+2?"], "gold": ["4"], "level": ["1"], "subject": ["all"],
+                         "numeric": [True]})
     early = ("Two and two. So 2+2 = 4. Wait, let me check again: 2+2 is 4, yes, hmm.</think>\n\n"
              "The answer is \\boxed{4}.")
     wrong = "Two and two make 5.</think>\n\n\\boxed{5}"

@@ -20,16 +20,17 @@ from tests.conftest import ROOT
 SETS = ("gsm8k", "math500")
 MAX_NEW_TOKENS = 4096
 # The columns of data/eval/samples.parquet, in evaluate's order.
-SAMPLE_COLUMNS = ("model", "set", "problem_id", "sample", "level", "problem", "gold", "response", "extracted_answer",
-                  "correct", "response_tokens", "reasoning_tokens", "answer_tokens", "hit_max_tokens", "closed_think",
-                  "finished", "second_guesses", "looped", "outcome_efficiency", "boxed", "latex", "boxed_parses",
-                  "latex_answer", "answer_steps", "stepwise")
+SAMPLE_COLUMNS = ("model", "set", "problem_id", "sample", "level", "subject", "problem", "gold", "response",
+                  "extracted_answer", "correct", "response_tokens", "reasoning_tokens", "answer_tokens",
+                  "hit_max_tokens", "closed_think", "finished", "second_guesses", "looped", "outcome_efficiency",
+                  "boxed", "latex", "boxed_parses", "latex_answer", "answer_steps", "stepwise")
 
 
 def sample_row(model: str, set_name: str, problem: int, sample: int = 0, **columns) -> dict:
     """One graded generation: a correct, finished 100-token response with one marker, unless columns say else."""
     row = {"model": model, "set": set_name, "problem_id": f"{set_name}-{problem:03d}", "sample": sample,
-           "level": f"level {problem % 3 + 1}", "problem": f"What is {problem} + 1?", "gold": str(problem + 1),
+           "level": f"level {problem % 3 + 1}", "subject": ("Algebra", "Geometry")[problem % 2],
+           "problem": f"What is {problem} + 1?", "gold": str(problem + 1),
            "response": f"<think>\nWait, {problem} + 1 = {problem + 1}.\n</think>\n\n\\boxed{{{problem + 1}}}",
            "extracted_answer": str(problem + 1), "correct": True, "response_tokens": 100, "reasoning_tokens": 90,
            "answer_tokens": 10, "hit_max_tokens": False, "closed_think": True, "finished": True,
@@ -150,7 +151,8 @@ def test_verdict_page_has_each_sets_table_and_shows_every_figure(reported):
         assert f"## {set_name}" in page and table.splitlines()[2].split("|")[1:4] == [
             f" {set_name} ", " more concise ", " response_tokens_mean "]
     figures = sorted((reported / "reports" / "figures").iterdir())
-    assert [f.name for f in figures] == ["accuracy_by_budget.png", "response_tokens.png", "second_guesses_per_1k.png"]
+    assert [f.name for f in figures] == ["accuracy_by_budget.png", "accuracy_by_domain.png", "response_tokens.png",
+                                         "second_guesses_per_1k.png"]
     for figure in figures:
         assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
         assert f"](figures/{figure.name})" in page

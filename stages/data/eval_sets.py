@@ -14,7 +14,8 @@ from stages.core.cli import StageError
 from stages.scoring.grading import gsm8k_gold, last_boxed, plain_number
 
 SCHEMA = pa.schema([("id", pa.string()), ("problem", pa.string()), ("gold", pa.string()),
-                    ("level", pa.string()), ("numeric", pa.bool_())])
+                    ("level", pa.string()), ("subject", pa.string()), ("numeric", pa.bool_())])
+ALL = "all"  # the level or subject of a set that has none
 
 
 class EvalSetError(StageError):
@@ -48,7 +49,8 @@ def gsm8k(table: pa.Table, name: str, where: str) -> pa.Table:
     _require(table, ("question", "answer"), name, where)
     golds = [gsm8k_gold(a) for a in table["answer"].to_pylist()]
     return pa.table({"id": [f"{name}-{i:05d}" for i in range(table.num_rows)], "problem": table["question"],
-                     "gold": golds, "level": ["all"] * table.num_rows, "numeric": numeric(golds)}, schema=SCHEMA)
+                     "gold": golds, "level": [ALL] * table.num_rows, "subject": [ALL] * table.num_rows,
+                     "numeric": numeric(golds)}, schema=SCHEMA)
 
 
 def math500(table: pa.Table, name: str, where: str) -> pa.Table:
@@ -56,9 +58,10 @@ def math500(table: pa.Table, name: str, where: str) -> pa.Table:
     ids = (table["unique_id"].to_pylist() if "unique_id" in table.column_names
            else [f"{name}-{i:05d}" for i in range(table.num_rows)])
     levels = ([f"level {level}" for level in table["level"].to_pylist()] if "level" in table.column_names
-              else ["all"] * table.num_rows)
+              else [ALL] * table.num_rows)
+    subjects = (table["subject"].to_pylist() if "subject" in table.column_names else [ALL] * table.num_rows)
     golds = [str(answer) for answer in table["answer"].to_pylist()]
-    return pa.table({"id": ids, "problem": table["problem"], "gold": golds, "level": levels,
+    return pa.table({"id": ids, "problem": table["problem"], "gold": golds, "level": levels, "subject": subjects,
                      "numeric": numeric(golds)}, schema=SCHEMA)
 
 
@@ -72,5 +75,5 @@ def heldout(test_split: pa.Table) -> tuple[pa.Table, int]:
     keep = [i for i, gold in enumerate(golds) if gold]
     table = pa.table({"id": test_split["id"].take(keep), "problem": test_split["instruction"].take(keep),
                       "gold": [golds[i] for i in keep], "level": test_split["difficulty"].take(keep),
-                      "numeric": numeric([golds[i] for i in keep])}, schema=SCHEMA)
+                      "subject": [ALL] * len(keep), "numeric": numeric([golds[i] for i in keep])}, schema=SCHEMA)
     return table, test_split.num_rows - len(keep)

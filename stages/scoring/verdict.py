@@ -325,3 +325,44 @@ def set_notes(result: dict, max_new_tokens: int) -> list[str]:
             notes.append(f"Warning: every {label} response hit the {max_new_tokens}-token budget; its measures "
                          "describe cut-off responses (raise eval.max_new_tokens).")
     return notes
+
+
+DOMAIN_MEASURES = ("accuracy", "response_tokens_mean")
+DOMAIN_COLUMNS = ["set", "by", "group", "problems", "measure", "base", "finetuned", "delta", "low", "high"]
+MANY_COMPARISONS = (f"These are many comparisons: with {CONFIDENCE:.0%} intervals, about one group in "
+                    f"{1 / (1 - CONFIDENCE):.0f} shows an interval that excludes 0 by chance alone, so they carry no "
+                    "verdict words; read them as where to look, not as findings.")
+
+
+def domain_deltas(samples: pd.DataFrame, seed: int = 0, resamples: int = RESAMPLES,
+                  confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Accuracy and tokens per response of both models by domain: per set, per grouping column (subject, level)
+    that has two or more groups, each group's paired delta with its interval, problems resampled within the
+    group. No verdict words (see MANY_COMPARISONS)."""
+    measures = tuple(MEASURE_BY_NAME[name] for name in DOMAIN_MEASURES)
+    frames = []
+    for _, rows in samples.groupby("set", sort=True):
+        for by in ("subject", "level"):
+            if by not in rows.columns or rows[by].nunique() < 2:
+                continue
+            for group, subset in rows.groupby(by, sort=True):
+                deltas = paired_deltas(subset, measures, seed=seed, resamples=resamples, confidence=confidence)
+                frames.append(deltas.assign(by=by, group=str(group), problems=subset["problem_id"].nunique()))
+    if not frames:
+        return pd.DataFrame(columns=DOMAIN_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[DOMAIN_COLUMNS]
+
+
+def domain_markdown(rows: list[dict]) -> str:
+    """Domain rows (domain_deltas records) as one compact table: a line per set, grouping and group."""
+    lines = [f"| set | by | group | problems | accuracy: base, fine-tuned, delta [{CONFIDENCE:.0%} interval] | "
+             "tokens per response: delta [interval] |", "|---|---|---|---:|---|---|"]
+    table = pd.DataFrame.from_records(rows, columns=DOMAIN_COLUMNS)
+    for (set_name, by, group), measures in table.groupby(["set", "by", "group"], sort=False):
+        accuracy = measures[measures["measure"] == "accuracy"].iloc[0]
+        tokens = measures[measures["measure"] == "response_tokens_mean"].iloc[0]
+        lines.append(f"| {set_name} | {by} | {group} | {accuracy['problems']} | {_number(accuracy['base'], 3)}, "
+                     f"{_number(accuracy['finetuned'], 3)}, {_number(accuracy['delta'], 3)} "
+                     f"[{_number(accuracy['low'], 3)}, {_number(accuracy['high'], 3)}] | "
+                     f"{_number(tokens['delta'], 0)} [{_number(tokens['low'], 0)}, {_number(tokens['high'], 0)}] |")
+    return "\n".join(lines) + "\n"

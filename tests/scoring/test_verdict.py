@@ -241,3 +241,29 @@ def test_set_notes_warn_of_few_problems_and_of_responses_that_all_hit_the_budget
     assert notes == ["Warning: only 4 problems; every interval here is wide.",
                      "Warning: every base response hit the 32-token budget; its measures describe cut-off responses "
                      "(raise eval.max_new_tokens)."]
+
+
+def test_domain_deltas_resample_problems_within_each_group_and_carry_no_verdict_word():
+    rows = []
+    for problem in range(40):
+        subject = "Algebra" if problem < 20 else "Geometry"
+        for model in ("base", "finetuned"):
+            improves = subject == "Algebra" and model == "finetuned"  # fine-tuned gains on algebra only
+            rows.append(response(model, problem, subject=subject, level=f"level {problem % 2 + 1}",
+                                 correct=improves or problem % 4 == 0))
+    domains = verdict.domain_deltas(pd.DataFrame(rows), seed=0, resamples=500)
+    accuracy = domains[domains["measure"] == "accuracy"].set_index(["by", "group"])
+    assert set(accuracy.index) == {("subject", "Algebra"), ("subject", "Geometry"), ("level", "level 1"),
+                                   ("level", "level 2")}
+    algebra, geometry = accuracy.loc[("subject", "Algebra")], accuracy.loc[("subject", "Geometry")]
+    assert algebra["problems"] == 20 and algebra["delta"] == pytest.approx(0.75) and algebra["low"] > 0
+    assert geometry["delta"] == 0 and geometry["low"] == geometry["high"] == 0  # no problem differs there
+    assert "verdict" not in domains.columns
+    table = verdict.domain_markdown(domains.to_dict("records"))
+    assert "| gsm8k | subject | Algebra | 20 | 0.250, 1.000, 0.750 [" in table
+
+
+def test_a_set_without_groups_has_no_domain_rows():
+    rows = [response(model, problem, subject="all", level="all") for problem in range(5)
+            for model in ("base", "finetuned")]
+    assert verdict.domain_deltas(pd.DataFrame(rows), resamples=50).empty
