@@ -93,6 +93,10 @@ def test_card_body_has_the_verdict_funnel_training_usage_and_limits(released):
         assert line in text
     page = (released / "reports" / "verdict.md").read_text()
     assert "| gsm8k | stays accurate | accuracy |" in page and "| gsm8k | stays accurate | accuracy |" in text
+    assert "| gsm8k | proper mathematical notation | latex_answer_share |" in text
+    for line in verdict.domain_markdown(details["domains"]).splitlines():  # the domain table, as on the page
+        assert line in text and line in page
+    assert verdict.MANY_COMPARISONS in text
     assert "From 1000 rows of" in text and "| `task_category` | 500 |" in text and "null_field" not in text
     assert "train 368, val 21, test 21" in text
     assert "| `lora.r` | 8 |" in text and "| `val_loss.best` | 0.58 |" in text
