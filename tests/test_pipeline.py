@@ -136,7 +136,7 @@ def test_experiments_run_alone_and_queued_and_show_as_a_table(reproduced, tmp_pa
     single = dvc(project, "exp", "run", "-n", "rank16", "-S", "train.lora.r=16")
     assert ran_stages(single.stdout) - {"report"} == {"train", "evaluate", "release"}
     dvc(project, "exp", "run", "--queue", "-S", "train.lora.r=4,32")
-    dvc(project, "queue", "start")
+    dvc(project, "queue", "start", "--jobs", "2")  # both at once: the test waits on the slower
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
