@@ -312,7 +312,10 @@ def set_notes(result: dict, max_new_tokens: int) -> list[str]:
     smallest accuracy difference it can see, and warnings (few problems, responses that all hit the budget)."""
     notes = []
     accuracy = result["measures"]["accuracy"]
-    if not (math.isnan(accuracy["low"]) or math.isnan(accuracy["high"])):
+    if accuracy["high"] == accuracy["low"]:  # every resample alike: no problem's result differs between them
+        notes.append("Accuracy: no problem was answered differently by the two models, so the interval is a point "
+                     "and cannot say which differences this set could show.")
+    elif not (math.isnan(accuracy["low"]) or math.isnan(accuracy["high"])):
         half = (accuracy["high"] - accuracy["low"]) / 2
         standard_error = half / 1.96
         notes.append(f"Accuracy: the delta's interval is ±{100 * half:.1f} points, so smaller differences read as "

@@ -18,10 +18,12 @@ def test_gsm8k_gold_is_the_number_after_the_marker_and_numeric(tmp_path):
     assert all(table["numeric"].to_pylist())
 
 
-def test_math500_keeps_answer_level_and_id(tmp_path):
+def test_math500_keeps_answer_level_subject_and_id(tmp_path):
     table = math500(read_files([eval_data.write_math500(tmp_path)]), "math500", "fixture")
     assert table["gold"].to_pylist()[1] == "\\frac{5}{6}"
     assert table["level"].to_pylist() == ["level 2", "level 1", "level 3"]
+    assert table["subject"].to_pylist() == [subject for _, _, subject, _ in eval_data.MATH500]
+    assert len(set(table["subject"].to_pylist())) > 1  # the domain table has groups to compare
     assert table["id"].to_pylist()[0] == "test/Precalculus/0.json"
 
 

@@ -267,3 +267,9 @@ def test_a_set_without_groups_has_no_domain_rows():
     rows = [response(model, problem, subject="all", level="all") for problem in range(5)
             for model in ("base", "finetuned")]
     assert verdict.domain_deltas(pd.DataFrame(rows), resamples=50).empty
+
+
+def test_set_notes_do_not_claim_a_detectable_difference_from_a_point_interval():
+    notes = verdict.set_notes(set_result(500, 0.0, 0.0), 8192)
+    assert notes == ["Accuracy: no problem was answered differently by the two models, so the interval is a point "
+                     "and cannot say which differences this set could show."]
