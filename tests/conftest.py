@@ -44,17 +44,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # together: the test whose fixture builds the shared reproduced pipeline, the smoke run (it needs none,
     # so the other worker does not wait on the build), the longest dvc test, the other dvc runs, the rest.
     first = ("test_repro_builds_splits", "test_smoke_command", "test_experiments_run_alone")
-    # Then the other dvc runs, then the tests that start processes or compile (20-35 s each on the CI machine),
-    # so that none of them starts last.
-    spawning = ("ddp", "two_nodes", "compiled_decode_step", "worker", "runpy")
 
     def rank(item: pytest.Item) -> int:
         named = [k for k, name in enumerate(first) if item.name.startswith(name)]
-        if named:
-            return named[0]
-        if item.get_closest_marker("slow"):
-            return len(first)
-        return len(first) + (1 if any(word in item.name for word in spawning) else 2)
+        return named[0] if named else len(first) if item.get_closest_marker("slow") else len(first) + 1
 
     items.sort(key=rank)
 
