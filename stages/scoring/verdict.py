@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -303,8 +304,10 @@ def budget_markdown(budget: list[dict]) -> str:
 
 
 FEW_PROBLEMS = 100  # below this a set's intervals are too wide to show a few points of accuracy
-# A true difference of this many standard errors is detected (interval excludes 0) about 80% of the time.
-DETECTED_80 = 2.8
+# The interval's half-width in standard errors (1.96 at 95%), and the true difference, in standard errors, that
+# an interval excludes 0 for about 80% of the time (2.80 at 95%): both from CONFIDENCE, not typed beside it.
+INTERVAL_Z = NormalDist().inv_cdf(1 - (1 - CONFIDENCE) / 2)
+DETECTED_80 = INTERVAL_Z + NormalDist().inv_cdf(0.8)
 
 
 def set_notes(result: dict, max_new_tokens: int) -> list[str]:
@@ -317,7 +320,7 @@ def set_notes(result: dict, max_new_tokens: int) -> list[str]:
                      "and cannot say which differences this set could show.")
     elif not (math.isnan(accuracy["low"]) or math.isnan(accuracy["high"])):
         half = (accuracy["high"] - accuracy["low"]) / 2
-        standard_error = half / 1.96
+        standard_error = half / INTERVAL_Z
         notes.append(f"Accuracy: the delta's interval is ±{100 * half:.1f} points, so smaller differences read as "
                      f"*no detectable difference*; a true difference of {100 * DETECTED_80 * standard_error:.1f} "
                      "points would be detected about 80% of the time. More problems or samples narrow it.")
