@@ -2,12 +2,17 @@
 with random weights and a random merged LoRA, ~100-token prompts, sampling as the model card says.
 
 Workloads: `real-length` ends each response (EOS forced: random weights never stop) at a length drawn
-from a seeded lognormal (--mean, --sd, cut at --budget), as reasoning traces do; `uniform` runs every
-response to --budget. Reports useful tokens/s (tokens up to and including EOS), the share of decode
-slots that kept a token, and peak GPU memory, per route; speedup = continuous / padded.
+from a seeded lognormal (--mean, --sd, cut at --budget), as reasoning traces do; `r1-math500` is that
+with DeepSeek's published length spread of R1-Distill-Qwen-1.5B on MATH-500 (mean 5,450, sd 7,328) at
+the budget of params.yaml (eval.max_new_tokens); `uniform` runs every response to --budget. Reports
+useful tokens/s (tokens up to and including EOS), the share of decode slots that kept a token, the
+responses in flight, the tail and peak GPU memory, per route; speedup = the last route over the first.
+Routes: `padded`, `reserved` (continuous batching with every slot's cache at full length, as before
+paging) and `continuous` (the stage's route: the paged cache). --step-sizes also times one decode step
+per batch size at --step-context tokens of context against its bandwidth bound (bytes read / --bandwidth).
 
     python -m tests.random_model /tmp/r1
-    python -m bench.generate_speed /tmp/r1 --workload real-length --mean 2000 --sd 1500 --budget 4096
+    python -m bench.generate_speed /tmp/r1 --workload r1-math500 --prompts 2048 --step-sizes 8,64,256,512
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from stages.core import params
 from stages.core.prompts import prompt_text
 from stages.generation import batched as generation
+from stages.generation.continuous import ContinuousBatcher, kv_bytes_per_token
 from tests import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,14 +63,18 @@ def end_lengths(count: int, mean: float, sd: float, budget: int, seed: int = 0) 
     return np.clip(np.rint(draws), 1, budget).astype(int).tolist()
 
 
+WORKLOADS = {"r1-math500": (5450, 7328)}  # name: (mean, sd) of response tokens, published
+
+
 def run_route(route: str, model, tokenizer, texts: list[str], config: params.EvalParams,
               end_at: list[int] | None) -> dict:
-    config = dataclasses.replace(config, batching=route)
+    config = dataclasses.replace(config, batching="padded" if route == "padded" else "continuous")
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     start = time.perf_counter()
     stats: dict = {}
-    outputs = generation.generate(model, tokenizer, texts, config, seed=0, end_at=end_at, stats=stats)
+    outputs = generation.generate(model, tokenizer, texts, config, seed=0, end_at=end_at, stats=stats,
+                                  reserved=route == "reserved")
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     useful = sum(o.n_tokens for o in outputs)
@@ -74,6 +84,10 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
             "useful_tokens_per_second": round(useful / seconds),
             "decode_slot_share": round(stats["decode_slot_share"], 3),
             **({"tail_steps": stats["tail_steps"], "tail_seconds": round(stats["tail_seconds"], 1),
+                "decode_steps": stats["decode_steps"], "in_flight_mean": round(stats["in_flight_mean"], 1),
+                "in_flight_max": stats["in_flight_max"], "preempted": stats["preempted"],
+                "cache_tokens": stats["cache_tokens"], "block_tokens": stats["block_tokens"],
+                "cache_gib": round(stats["cache_tokens"] * kv_bytes_per_token(model.config, model.dtype) / 2**30, 1),
                 "compiled": stats["compiled"], "compile_seconds": round(stats["compile_seconds"], 1)}
                if "tail_steps" in stats else {}),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
@@ -111,13 +125,16 @@ def run_processes(processes: int, model_dir: str, adapter: Path, texts: list[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir")
-    parser.add_argument("--workload", choices=["real-length", "uniform"], default="real-length")
+    parser.add_argument("--workload", choices=["real-length", "uniform", *WORKLOADS], default="real-length")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--mean", type=float, default=2000, help="real-length: mean response tokens")
     parser.add_argument("--sd", type=float, default=1500, help="real-length: standard deviation")
-    parser.add_argument("--budget", type=int, default=4096, help="eval.max_new_tokens")
+    parser.add_argument("--budget", type=int, help="eval.max_new_tokens (default: params.yaml's)")
     parser.add_argument("--batch-size", default="auto", help="eval.batch_size: auto (default) or a number")
-    parser.add_argument("--routes", default="padded,continuous", help="comma-separated, run in this order")
+    parser.add_argument("--routes", default="reserved,continuous", help="comma-separated, run in this order")
+    parser.add_argument("--step-sizes", default="", help="e.g. 8,64,256,512: time a decode step at these sizes")
+    parser.add_argument("--step-context", type=int, default=2048, help="--step-sizes: tokens of each context")
+    parser.add_argument("--bandwidth", type=float, default=3.35e12, help="GPU memory bytes/s (H100 SXM)")
     parser.add_argument("--processes", default="", help="e.g. 1,2: instead of --routes, the continuous route "
                         "through the stage's worker processes (one per GPU), each count in turn; speedup: last/first")
     parser.add_argument("--startup", action=argparse.BooleanOptionalAction, default=True,
@@ -134,10 +151,13 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     adapter = random_adapter(args.model_dir, Path("/tmp/bench-adapter"))
     config = params.load("eval", ROOT / "params.yaml")
+    args.budget = args.budget or config.max_new_tokens
+    if args.workload in WORKLOADS:
+        args.mean, args.sd = WORKLOADS[args.workload]
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     config = dataclasses.replace(config, max_new_tokens=args.budget, batch_size=batch, static_cache=True)
     texts = prompts(tokenizer, args.prompts)
-    end_at = end_lengths(args.prompts, args.mean, args.sd, args.budget) if args.workload == "real-length" else None
+    end_at = end_lengths(args.prompts, args.mean, args.sd, args.budget) if args.workload != "uniform" else None
     workload = {"prompts": args.prompts, "prompt_tokens": len(tokenizer(texts[0], add_special_tokens=False)[
         "input_ids"]), "budget": args.budget, "temperature": config.temperature, "top_p": config.top_p}
     if end_at:
@@ -164,16 +184,55 @@ def main() -> None:
         return
     model_params = params.ModelParams(name=args.model_dir, revision="main", max_seq_length=4096, directive="")
     model = generation.load_model(model_params, adapter)
-    for route in args.routes.split(","):
+    if args.step_sizes:
+        results["decode_steps"] = step_times(model, [int(n) for n in args.step_sizes.split(",")],
+                                             args.step_context, args.bandwidth)
+        save(results, args.out)
+    for route in [r for r in args.routes.split(",") if r]:
         results["routes"][route] = run_route(route, model, tokenizer, texts, config, end_at)
         print(json.dumps({route: results["routes"][route]}), flush=True)
+        save(results, args.out)
         torch.cuda.empty_cache()
-    if {"padded", "continuous"} <= results["routes"].keys():
-        routes = results["routes"]
-        results["speedup"] = round(routes["continuous"]["useful_tokens_per_second"]
-                                   / routes["padded"]["useful_tokens_per_second"], 2)
+    routes = list(results["routes"].values())
+    if len(routes) > 1:
+        results["baseline_useful_tokens_per_second"] = routes[0]["useful_tokens_per_second"]
+        results["useful_tokens_per_second"] = routes[-1]["useful_tokens_per_second"]
+        results["speedup"] = round(routes[-1]["useful_tokens_per_second"] / routes[0]["useful_tokens_per_second"], 2)
     print(json.dumps(results, indent=2))
     save(results, args.out)
+
+
+def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats: int = 20) -> list[dict]:
+    """Milliseconds of one compiled, graph-replayed decode step (sampling as the model card says) with every
+    slot at `context` tokens, per batch size, against the step's bandwidth bound: the weights plus each
+    slot's keys and values, read once, at `bandwidth` bytes/s."""
+    config = params.load("eval", ROOT / "params.yaml")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = []
+    for size in sizes:
+        engine = ContinuousBatcher(model, size, context + 1, eos=-1, temperature=config.temperature,
+                                   top_p=config.top_p, compile=True)
+        with torch.inference_mode():
+            engine._compile()
+            engine._capture()
+            for slot in range(size):
+                assert engine.cache.grow(slot, context + 1)
+            engine.positions.fill_(context)
+            engine.active.fill_(1)
+            engine.graphs[size].replay()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                engine.graphs[size].replay()
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / repeats
+        read = weights + size * (context + 1) * kv_bytes_per_token(model.config, model.dtype)
+        rows.append({"slots": size, "context": context, "ms": round(1e3 * seconds, 2),
+                     "bound_ms": round(1e3 * read / bandwidth, 2), "tokens_per_second": round(size / seconds)})
+        print(json.dumps(rows[-1]), flush=True)
+        del engine
+        torch.cuda.empty_cache()
+    return rows
 
 
 def save(results: dict, out: Path | None) -> None:

@@ -20,10 +20,14 @@ from tqdm import tqdm
 from stages.core import params
 from stages.core.cli import StageError
 from stages.core.prompts import THINK_CLOSE
-from stages.generation.continuous import ContinuousBatcher, DecodeStep, token_kv_shape
+from stages.generation.continuous import ContinuousBatcher, DecodeStep, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so compiled shapes repeat
+MAX_SLOTS = 512  # the most responses a decode step carries
+# GPU memory left out of the paged KV cache: a 512-slot decode step's logits and sampler (~2.5 GiB), a
+# prefill's activations (~2 GiB at 32k tokens), the graphs' workspaces. On an H100: 92% of what is free.
+CACHE_HEADROOM = 6 * 2**30
 ATTENTION = "sdpa_grouped"
 
 
@@ -143,18 +147,28 @@ def _bucket(length: int) -> int:
     return -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
 
 
-def batch_size(config: params.EvalParams, model, longest_prompt: int) -> int:
-    """eval.batch_size, or for 'auto' the most sequences whose KV cache fits in 60% of free GPU memory
-    (at most 512: beyond that a step no longer gets cheaper per token); 16 on CPU."""
+def batch_size(config: params.EvalParams, model, longest_prompt: int, paged: bool = False) -> int:
+    """eval.batch_size, or for 'auto' on a GPU: with a paged cache (continuous batching), 512 (beyond that a
+    step no longer gets cheaper per token; the cache's blocks bound the responses in flight); else the most
+    sequences whose KV cache at full length fits in 60% of free GPU memory, at most 512. 16 on CPU."""
     if config.batch_size != "auto":
         return config.batch_size if torch.cuda.is_available() else min(config.batch_size, 16)
     if not torch.cuda.is_available():
         return 16
-    kv_heads, head_dim = token_kv_shape(model.config)
-    kv_bytes_per_token = 2 * model.config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+    if paged:
+        return MAX_SLOTS
     free, _ = torch.cuda.mem_get_info()
-    sequence_bytes = kv_bytes_per_token * (_bucket(longest_prompt) + config.max_new_tokens)
-    return max(8, min(512, int(0.6 * free // sequence_bytes) // 8 * 8))
+    sequence_bytes = kv_bytes_per_token(model.config, model.dtype) * (_bucket(longest_prompt) + config.max_new_tokens)
+    return max(8, min(MAX_SLOTS, int(0.6 * free // sequence_bytes) // 8 * 8))
+
+
+def cache_tokens(model) -> int | None:
+    """The tokens of the paged KV cache: on a GPU, all free memory but CACHE_HEADROOM (the decode step's
+    logits and sampler, a prefill's activations, the graphs); None on CPU (every slot at full length)."""
+    if model.device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return max(0, free - CACHE_HEADROOM) // kv_bytes_per_token(model.config, model.dtype)
 
 
 def to_generation(tokenizer, new_tokens: list[int], eos: int) -> Generation:
@@ -180,6 +194,7 @@ class Request:
     pad: int
     keys: list[int]
     end_at: list[int] | None = None  # benchmarks: each response's forced end (random weights never end)
+    reserved: bool = False  # benchmarks: each slot reserves the full length (continuous batching before paging)
 
 
 def sampling_keys(prompts: list[str], seed: int) -> list[int]:
@@ -197,24 +212,26 @@ def sampling_keys(prompts: list[str], seed: int) -> list[int]:
 
 def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, seed: int, desc: str = "generate",
              end_at: list[int] | None = None, stats: dict | None = None, keys: list[int] | None = None,
-             on_generation: Callable[[int, Generation], None] | None = None) -> list[Generation]:
+             on_generation: Callable[[int, Generation], None] | None = None,
+             reserved: bool = False) -> list[Generation]:
     """Generate one response per prompt. end_at (benchmarks): force each response's end-of-sequence as
     its token number end_at[i], since random weights never end by themselves. stats, when given, receives
     how the route used its decode slots. keys: the prompts' sampling keys (default: sampling_keys with the
     seed); continuous batching keys each response's random numbers by them, the padded route by the seed.
-    on_generation(i, generation) as each response ends (the padded route: as each batch ends)."""
+    on_generation(i, generation) as each response ends (the padded route: as each batch ends). reserved
+    (benchmarks): continuous batching with each slot's cache at full length, as before paging."""
     if not prompts:
         return []
     keys = sampling_keys(prompts, seed) if keys is None else keys
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     longest = max(map(len, encoded), default=0)
     check_context(model, longest, config.max_new_tokens)
-    size = batch_size(config, model, longest)
-    eos = tokenizer.eos_token_id
     route = generate_padded if config.batching == "padded" else generate_continuous
+    size = batch_size(config, model, longest, paged=route is generate_continuous and not reserved)
+    eos = tokenizer.eos_token_id
     pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     longest_first = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-    request = Request(encoded, longest_first, config, size, eos, pad, keys, end_at)
+    request = Request(encoded, longest_first, config, size, eos, pad, keys, end_at, reserved)
     log.info("%s: %d prompts, %s batching of %d, up to %d new tokens each", desc, len(prompts), config.batching,
              size, config.max_new_tokens)
     torch.manual_seed(seed)
@@ -242,10 +259,11 @@ def generate_continuous(model, request: Request, progress,
     encoded, order, config, end_at, eos = request.encoded, request.order, request.config, request.end_at, request.eos
     budgets = [min(config.max_new_tokens, end_at[i]) if end_at else config.max_new_tokens for i in order]
     length = max(map(len, encoded), default=0) + config.max_new_tokens
+    paging = {"block": length} if request.reserved else {"cache_tokens": cache_tokens(model)}
     try:
         engine = ContinuousBatcher(model, request.slots, length, eos, config.temperature, config.top_p,
                                    graphs=config.static_cache,
-                                   compile=config.static_cache and model.device.type == "cuda")
+                                   compile=config.static_cache and model.device.type == "cuda", **paging)
     except ValueError as e:
         raise GenerationError(f"evaluate: eval.batching is 'continuous', but {e}; set eval.batching: padded") from e
 

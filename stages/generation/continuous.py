@@ -8,6 +8,7 @@ run eagerly with a masked SDPA. Prompts are prefilled eagerly, a group at a time
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -18,38 +19,64 @@ import torch
 log = logging.getLogger(__name__)
 PREFILL_TOKENS = 32_768  # prompt tokens per prefill forward: bounds its activation memory
 PROGRESS_STEPS = 64  # decode steps between progress reports
+BLOCK_TOKENS = 512  # tokens of a KV-cache block: a response wastes half of one on average (H100: 512 steps
+# fastest of 256-2048 at 8 slots x 8k tokens, within 3% of 1024-2048 at 256-512 slots)
 SMALLEST_GRAPH = 8  # slots of the smallest decode graph; once no prompt waits, the batch shrinks to fit
 
 
 class DecodeStep:
-    """What attention needs in a decode step over the slot cache; passed to the model in place of a mask,
+    """What attention needs in a decode step over the block cache; passed to the model in place of a mask,
     so transformers hands it, untouched, to the attention function (stages.generation.batched)."""
 
-    def __init__(self, positions: torch.Tensor, flash: bool):
+    def __init__(self, positions: torch.Tensor, table: torch.Tensor, flash: bool):
         self.positions = positions  # per slot: where this step's token is written (= tokens before it)
+        self.table = table  # per slot: the cache blocks holding its tokens, in order [slots, blocks a slot may hold]
         self.flash = flash
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None):
-        """query [slots, heads, 1, head_dim] against the slot cache [slots, length, kv_heads, head_dim] ->
-        [slots, 1, heads, head_dim], each slot's query seeing its cache up to and including its position."""
-        slots, length, kv_heads, head_dim = keys.shape
-        heads = query.shape[1]
-        used = self.positions + 1
+        """query [slots, heads, 1, head_dim] against the block cache [blocks, block, kv_heads, head_dim] ->
+        [slots, 1, heads, head_dim], each slot's query seeing its tokens up to and including its position."""
+        slots, heads = query.shape[:2]
+        _, block, kv_heads, head_dim = keys.shape
+        per_slot = self.table.shape[1]
+        # how many of each of the slot's blocks' tokens it has written (0 for the blocks it does not hold yet)
+        starts = torch.arange(per_slot, device=query.device) * block
+        used = (self.positions[:, None] + 1 - starts).clamp(0, block)
         if self.flash:
-            # One query row per slot with every head: FlashAttention folds each KV head's query heads into rows
-            # itself (every KV head read once) and, when few slots leave SMs idle, splits each slot's keys over
-            # several blocks (split-KV; measured on an H200: 8 slots at ~3,000 tokens, 7.9 -> 5.1 ms a step).
-            steps = torch.arange(slots + 1, device=query.device, dtype=torch.int32)
-            output = torch.ops.aten._flash_attention_forward(
-                query.reshape(slots, heads, head_dim), keys.view(slots * length, kv_heads, head_dim),
-                values.view(slots * length, kv_heads, head_dim), steps, steps * length, 1, length, 0.0, False, False,
-                scale=scaling, seqused_k=used.to(torch.int32))[0]
-            return output.reshape(slots, 1, heads, head_dim)
-        # Masked SDPA, each group of query heads folded into the query length (no K/V copies per head).
-        mask = (torch.arange(length, device=query.device) < used[:, None])[:, None, None, :]
+            # Every (slot, block) is a sequence of FlashAttention's variable-length kernel that reads its keys
+            # where the block lies in the cache (offset = block number x block size): the kernel reads only
+            # the blocks a slot holds. Its query rows are the slot's query heads of one KV head (a group), so
+            # each block is read once for all of them. The blocks' partial results, weighted by their log-sum-
+            # exps, add up to the attention over all of the slot's tokens.
+            groups = heads // kv_heads
+            rows = query.reshape(slots, kv_heads, groups, head_dim).transpose(1, 2)  # [slots, groups, kv, dim]
+            rows = rows[:, None].expand(slots, per_slot, groups, kv_heads, head_dim).reshape(-1, kv_heads, head_dim)
+            entries = slots * per_slot
+            query_starts = torch.arange(entries + 1, device=query.device, dtype=torch.int32) * groups
+            key_starts = torch.cat([self.table.reshape(-1) * block, self.table.new_zeros(1)]).to(torch.int32)
+            output, lse = torch.ops.aten._flash_attention_forward(
+                rows, keys.view(-1, kv_heads, head_dim), values.view(-1, kv_heads, head_dim), query_starts,
+                key_starts, groups, block, 0.0, False, False, scale=scaling,
+                seqused_k=used.reshape(-1).to(torch.int32))[:2]
+            output = output.view(slots, per_slot, groups, kv_heads, head_dim)
+            if lse.dim() == 2:  # [kv_heads, query rows]
+                lse = lse.view(kv_heads, slots, per_slot, groups).permute(1, 2, 3, 0)  # [slots, blocks, groups, kv]
+            else:  # [sequences, kv_heads, rows of a sequence]
+                lse = lse.view(slots, per_slot, kv_heads, groups).transpose(2, 3)
+            lse = torch.where((used > 0)[:, :, None, None], lse, float("-inf"))
+            weights = (lse - lse.amax(1, keepdim=True)).exp()
+            weights = (weights / weights.sum(1, keepdim=True))[..., None]
+            merged = (output.float() * weights).sum(1).to(query.dtype)  # [slots, groups, kv, dim]
+            return merged.transpose(1, 2).reshape(slots, 1, heads, head_dim)
+        # Masked SDPA over each slot's blocks gathered in order, each group of query heads folded into the
+        # query length (no K/V copies per head).
+        length = per_slot * block
+        gathered_keys = keys[self.table].view(slots, length, kv_heads, head_dim)
+        gathered_values = values[self.table].view(slots, length, kv_heads, head_dim)
+        mask = (torch.arange(length, device=query.device) <= self.positions[:, None])[:, None, None, :]
         folded = query.reshape(slots, kv_heads, heads // kv_heads, head_dim)
         output = torch.nn.functional.scaled_dot_product_attention(
-            folded, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scaling)
+            folded, gathered_keys.transpose(1, 2), gathered_values.transpose(1, 2), attn_mask=mask, scale=scaling)
         return output.reshape(slots, 1, heads, head_dim)
 
 
@@ -59,54 +86,98 @@ def token_kv_shape(config) -> tuple[int, int]:
     return config.num_key_value_heads, head_dim
 
 
-class SlotCache:
-    """The KV cache of every slot, per layer [slots, length, kv_heads, head_dim] (FlashAttention's layout).
-    A prefill passes it to the model as past_key_values: transformers' attention layers call update()."""
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """The keys and values of one token in every layer."""
+    kv_heads, head_dim = token_kv_shape(config)
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
 
-    def __init__(self, config, slots: int, length: int, dtype: torch.dtype, device: torch.device):
-        shape = (slots, length, *token_kv_shape(config))
+
+class BlockCache:
+    """The KV cache in blocks of `block` tokens, per layer [blocks, block, kv_heads, head_dim], handed to
+    responses a block at a time as they grow, so the responses in flight follow their actual lengths, not the
+    budget. Block 0 is scratch: every slot's table points there until it holds blocks, so writes of empty
+    slots land nowhere that matters. A prefill passes it to the model as past_key_values: transformers'
+    attention layers call update()."""
+
+    def __init__(self, config, slots: int, length: int, block: int, tokens: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.block = block
+        self.per_slot = -(-length // block)  # blocks a slot may hold
+        self.blocks = tokens // block + 1
+        if self.blocks - 1 < self.per_slot:
+            raise ValueError(f"a KV cache of {tokens} tokens cannot hold one response of {length} tokens")
+        shape = (self.blocks, block, *token_kv_shape(config))
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.table = torch.zeros(slots, self.per_slot, dtype=torch.long, device=device)
+        self.held: list[list[int]] = [[] for _ in range(slots)]  # the blocks of each slot, in order
+        self.free = list(range(self.blocks - 1, 0, -1))  # popped from the end: low blocks first
         self.rows: torch.Tensor | None = None  # the slots the prompts being prefilled go to
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block)
+
+    def grow(self, slot: int, tokens: int) -> bool:
+        """Give the slot the blocks that hold `tokens`; False (and nothing given) when too few are free."""
+        needed = self.blocks_for(tokens) - len(self.held[slot])
+        if needed > len(self.free):
+            return False
+        if needed > 0:
+            new = [self.free.pop() for _ in range(needed)]
+            self.table[slot, len(self.held[slot]):len(self.held[slot]) + needed] = torch.tensor(new)
+            self.held[slot] += new
+        return True
+
+    def release(self, slot: int) -> None:
+        self.free += self.held[slot][::-1]
+        self.held[slot] = []
+        self.table[slot] = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Prompts are written from position 0; they attend to themselves only."""
         length = key_states.shape[2]
-        self.keys[layer_idx][self.rows, :length] = key_states.transpose(1, 2)
-        self.values[layer_idx][self.rows, :length] = value_states.transpose(1, 2)
+        positions = torch.arange(length, device=key_states.device)
+        blocks = self.table[self.rows][:, positions // self.block]  # [rows, length]; beyond a slot's: scratch
+        offsets = positions % self.block
+        self.keys[layer_idx][blocks, offsets] = key_states.transpose(1, 2)
+        self.values[layer_idx][blocks, offsets] = value_states.transpose(1, 2)
         return key_states, value_states
 
-    def compact(self, keep: torch.Tensor) -> None:
-        """Move the slots in `keep` to the front, in that order."""
-        for tensor in (*self.keys, *self.values):
-            tensor[:len(keep)] = tensor[keep]
+    def compact(self, keep: list[int]) -> None:
+        """Move the slots in `keep` to the front, in that order (their tables: no keys or values move)."""
+        index = torch.tensor(keep, device=self.table.device)
+        self.table[:len(keep)] = self.table[index].clone()
+        self.table[len(keep):] = 0
+        self.held = [self.held[slot] for slot in keep] + [[] for _ in range(len(self.held) - len(keep))]
 
 
-class LayerSlots:
-    """One layer's slot cache as a decode step's attention sees it (its past_key_values): update() writes
-    each slot's new key and value at the slot's position and returns the cache of the stepping slots. It
-    ignores the layer index, so one compiled layer step serves every layer."""
+class LayerBlocks:
+    """One layer's block cache as a decode step's attention sees it (its past_key_values): update() writes
+    each slot's new key and value at the slot's position, in the block its table gives, and returns the
+    layer's cache. It ignores the layer index, so one compiled layer step serves every layer."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
-        self.keys, self.values, self.positions = keys, values, positions
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, table: torch.Tensor):
+        self.keys, self.values, self.positions, self.table = keys, values, positions, table
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        block = self.keys.shape[1]
         slots = key_states.shape[0]
-        index = torch.arange(slots, device=key_states.device)
-        self.keys[index, self.positions] = key_states[:, :, 0]
-        self.values[index, self.positions] = value_states[:, :, 0]
-        return self.keys[:slots], self.values[:slots]
+        blocks = self.table[torch.arange(slots, device=key_states.device), self.positions // block]
+        self.keys[blocks, self.positions % block] = key_states[:, :, 0]
+        self.values[blocks, self.positions % block] = value_states[:, :, 0]
+        return self.keys, self.values
 
 
 DECODER_PARTS = ("embed_tokens", "rotary_emb", "layers", "norm")  # what a decode step runs, in this order
 
 
 def layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-               keys: torch.Tensor, values: torch.Tensor, flash: bool) -> torch.Tensor:
+               table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, flash: bool) -> torch.Tensor:
     """One decoder layer of a decode step: hidden [slots, 1, hidden] of the slots' last tokens, written to
-    and attending over the layer's cache (keys, values) up to each slot's position."""
-    return layer(hidden, attention_mask=DecodeStep(positions, flash), position_ids=positions[:, None],
-                 past_key_values=LayerSlots(keys, values, positions), use_cache=True, position_embeddings=(cos, sin))
+    and attending over the layer's block cache (keys, values) up to each slot's position."""
+    return layer(hidden, attention_mask=DecodeStep(positions, table, flash), position_ids=positions[:, None],
+                 past_key_values=LayerBlocks(keys, values, positions, table), use_cache=True,
+                 position_embeddings=(cos, sin))
 
 
 def last_step(norm, head, sample, hidden: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -201,13 +272,24 @@ class Stats:
     tail_seconds: float = 0.0
     compiled: bool = False  # the decode step ran torch.compile's code
     compile_seconds: float = 0.0
+    cache_tokens: int = 0  # tokens the KV cache holds (its blocks, scratch left out)
+    block_tokens: int = 0
+    in_flight_mean: float = 0.0  # responses in the cache during a decode step, on average
+    in_flight_max: int = 0
+    preempted: int = 0  # responses paused for lack of free blocks (their tokens recomputed when resumed)
 
 
 class ContinuousBatcher:
-    """Generates token ids for many prompts through `slots` concurrent KV-cache slots."""
+    """Generates token ids for many prompts through `slots` concurrent sequences, their KV cache in blocks
+    of `block` tokens (`cache_tokens` in all; default: every slot at full `length`) handed out as they grow.
+    When a response needs a block and none is free, the response admitted last is paused: its blocks are
+    freed, and it waits at the head of the queue to be resumed (its prompt and tokens so far prefilled
+    again: the same sampling numbers, so the same tokens). A block as long as `length` with the default
+    cache is one fixed slot per response: the cache of continuous batching before paging."""
 
     def __init__(self, model, slots: int, length: int, eos: int, temperature: float, top_p: float,
-                 graphs: bool = True, compile: bool = False):
+                 graphs: bool = True, compile: bool = False, block: int = BLOCK_TOKENS,
+                 cache_tokens: int | None = None):
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         config, self.device = model.config, model.device
         if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
@@ -217,7 +299,9 @@ class ContinuousBatcher:
                              f"model's decoder ({type(self.decoder).__name__}) lacks some")
         self.layers = self.decoder.layers[:config.num_hidden_layers]
         self.slots, self.length, self.eos = slots, length, eos
-        self.cache = SlotCache(config, slots, length, model.dtype, self.device)
+        block = min(block, length)
+        self.cache = BlockCache(config, slots, length, block, cache_tokens or slots * -(-length // block) * block,
+                                model.dtype, self.device)
         self.sample = sampler(temperature, top_p)
         self.flash = flash_decode_available(self.device, model.dtype)
         # each slot's next input token: the token a decode step just drew, read back by run()
@@ -228,8 +312,8 @@ class ContinuousBatcher:
         self.use_graphs = graphs and self.device.type == "cuda"
         # torch.compile fuses the step's many small kernels (norms, rotary, activations, the sampler's
         # arithmetic) in two graphs: one decoder layer, which every layer runs (Dynamo traces one layer, not
-        # all 28: ~1 s instead of ~10 s a process), and the step's end. The slot count is a dynamic dimension:
-        # the two graphs serve every decode size, cache, engine and model of a process.
+        # all 28: ~1 s instead of ~10 s a process), and the step's end. The slot count and the cache's shape
+        # are dynamic: the two graphs serve every decode size, cache, engine and model of a process.
         self.compiled = compile  # until compiling fails; stats.compiled once it succeeded
         self.layer_step, self.last_step = layer_step, last_step
         if compile:
@@ -237,16 +321,18 @@ class ContinuousBatcher:
             self.last_step = torch.compile(last_step, fullgraph=True)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.owner: list[int | None] = [None] * slots  # the prompt (index) each slot is answering
-        self.stats = Stats()
+        self.lengths = [0] * slots  # tokens in each slot's cache after its next decode step
+        self.stats = Stats(cache_tokens=(self.cache.blocks - 1) * block, block_tokens=block)
 
     def _next_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The next token of each slot from its last one, its write position and its sampling key; writes
         their keys and values into the cache. The decoder's forward pass, run part by part (DECODER_PARTS)."""
         hidden = self.decoder.embed_tokens(tokens[:, None])
         cos, sin = self.decoder.rotary_emb(hidden, positions[:, None])
+        table = self.cache.table[:len(tokens)]
         for layer, layer_keys, layer_values in zip(self.layers, self.cache.keys, self.cache.values, strict=True):
-            hidden = self.layer_step(layer, *self._any_slots(hidden, cos, sin, positions), layer_keys, layer_values,
-                                     self.flash)
+            hidden = self.layer_step(layer, *self._any_slots(hidden, cos, sin, positions, table), layer_keys,
+                                     layer_values, self.flash)
         return self.last_step(self.decoder.norm, self.head, self.sample, *self._any_slots(hidden, keys, positions))
 
     def _any_slots(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -274,13 +360,14 @@ class ContinuousBatcher:
         Triton, no C compiler), say so and decode eagerly."""
         start = time.perf_counter()
         log.info("compiling the decode step (tens of seconds on a machine's first run; seconds once cached)")
-        # Graphs for any cache's slots and length: every worker, model and set of a run, and later runs
-        # (through Inductor's on-disk cache), reuse them instead of compiling anew.
+        # Graphs for any cache's blocks, block size and blocks per slot: every worker, model and set of a
+        # run, and later runs (through Inductor's on-disk cache), reuse them instead of compiling anew.
         for tensor in (*self.cache.keys, *self.cache.values):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
             torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        torch._dynamo.maybe_mark_dynamic(self.cache.table, 1)
         try:
-            self._decode(self.slots)  # writes only into empty slots, at position 0
+            self._decode(self.slots)  # writes only into the scratch block
         except Exception as e:  # torch.compile raises many kinds; the eager step is always there
             log.warning("decoding without torch.compile, which failed here (%s: %s)", type(e).__name__,
                         (str(e).strip().splitlines() or [""])[0])
@@ -293,7 +380,7 @@ class ContinuousBatcher:
 
     def _capture(self) -> None:
         """One graph per decode size (slots, slots/2, ...), captured before any prompt is in the cache:
-        the warm-up steps write only into empty slots."""
+        the warm-up steps write only into the scratch block."""
         pool = None
         for size in self._graph_sizes():
             stream = torch.cuda.Stream()
@@ -319,9 +406,10 @@ class ContinuousBatcher:
         self.stats.slot_steps += size
 
     def _prefill(self, slots: list[int], prompts: list[list[int]], keys: list[int]) -> list[int]:
-        """Write the prompts' KV into `slots` and return each one's first generated token."""
+        """Write the prompts' KV into `slots` (whose blocks hold them) and return each one's first generated
+        token."""
         width = max(map(len, prompts))
-        input_ids = torch.tensor([p + [self.eos] * (width - len(p)) for p in prompts], device=self.device)
+        input_ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)  # any id
         rows = self.cache.rows = torch.tensor(slots, device=self.device)
         hidden = self.decoder(input_ids=input_ids, position_ids=torch.arange(width, device=self.device)[None],
                               attention_mask={"full_attention": None}, past_key_values=self.cache,
@@ -333,6 +421,8 @@ class ContinuousBatcher:
         self.tokens[rows] = first
         self.positions[rows] = torch.tensor([len(p) for p in prompts], device=self.device)
         self.active[rows] = 1
+        for slot, prompt in zip(slots, prompts, strict=True):
+            self.lengths[slot] = len(prompt) + 1
         self.stats.prefill_calls += 1
         return first.tolist()
 
@@ -349,11 +439,12 @@ class ContinuousBatcher:
             self._capture()
         self.owner = [None] * self.slots
         waiting = list(range(len(prompts)))[::-1]  # popped from the end: prompts go in their given order
-        generated: dict[int, list[int]] = {}
+        generated: dict[int, list[int]] = {}  # the tokens of each response in flight (or paused)
+        admitted: dict[int, int] = {}  # the admission number of each response in flight: the last is paused first
+        admissions = itertools.count()
         size = self.slots
         refill_at = max(1, self.slots // 16)  # free slots worth a prefill while prompts wait
-
-        taken = 0
+        taken = in_flight = 0
 
         def take(slot: int, token: int) -> None:
             nonlocal taken
@@ -363,25 +454,37 @@ class ContinuousBatcher:
             ids.append(token)
             if token == self.eos or len(ids) >= budgets[index]:
                 self._release(slot)
+                admitted.pop(index)
                 on_done(index, generated.pop(index))
+
+        def context(index: int) -> list[int]:
+            """What a response's prefill reads: its prompt, and its tokens so far when it was paused (the
+            position of its last token keys the next token's number, as in a decode step)."""
+            return prompts[index] + generated.get(index, [])
 
         while waiting or any(index is not None for index in self.owner[:size]):
             free = [slot for slot in range(size) if self.owner[slot] is None]
             if waiting and (len(free) >= min(refill_at, len(waiting)) or len(free) == size):
-                group = self._admit(free, waiting, prompts)
-                first = self._prefill(group, [prompts[self.owner[slot]] for slot in group],
-                                      [keys[self.owner[slot]] for slot in group])
-                for slot, token in zip(group, first, strict=True):
-                    generated[self.owner[slot]] = []
-                    take(slot, token)
-                if not waiting:
-                    tail_from = (self.stats.decode_steps, time.perf_counter())
-                continue
+                group = self._admit(free, waiting, context)
+                if group:
+                    contexts = [context(self.owner[slot]) for slot in group]
+                    first = self._prefill(group, contexts, [keys[self.owner[slot]] for slot in group])
+                    for slot, token in zip(group, first, strict=True):
+                        admitted[self.owner[slot]] = next(admissions)
+                        generated.setdefault(self.owner[slot], [])
+                        take(slot, token)
+                    if not waiting:
+                        tail_from = (self.stats.decode_steps, time.perf_counter())
+                    continue
             if not waiting:  # the tail: decode with the smallest graph that holds every response left
                 size = self._shrink(size)
+            self._grow(size, waiting, admitted)
+            in_flight += sum(index is not None for index in self.owner[:size])
+            self.stats.in_flight_max = max(self.stats.in_flight_max, len(admitted))
             self._step(size)
             for slot, token in enumerate(self.tokens[:size].tolist()):
                 if self.owner[slot] is not None:
+                    self.lengths[slot] += 1
                     take(slot, token)
             if on_tokens and self.stats.decode_steps % PROGRESS_STEPS == 0:
                 on_tokens(taken)
@@ -390,17 +493,37 @@ class ContinuousBatcher:
         if prompts:
             self.stats.tail_steps = self.stats.decode_steps - tail_from[0]
             self.stats.tail_seconds = time.perf_counter() - tail_from[1]
+            self.stats.in_flight_mean = in_flight / max(self.stats.decode_steps, 1)
 
-    def _admit(self, free: list[int], waiting: list[int], prompts: list[list[int]]) -> list[int]:
-        """Give waiting prompts to free slots, as many as one prefill takes; returns those slots."""
+    def _admit(self, free: list[int], waiting: list[int], context: Callable[[int], list[int]]) -> list[int]:
+        """Give waiting prompts to free slots, as many as one prefill takes and the free blocks hold, 1% of
+        the cache kept for the responses in flight to grow into (as vLLM does); returns those slots."""
         group, tokens = [], 0
+        spare = (self.cache.blocks - 1) // 100
         for slot in free:
-            if not waiting or (group and tokens + len(prompts[waiting[-1]]) > PREFILL_TOKENS):
+            if not waiting:
+                break
+            length = len(context(waiting[-1])) + 1
+            if group and tokens + length > PREFILL_TOKENS:
+                break
+            if len(self.cache.free) < self.cache.blocks_for(length) + spare or not self.cache.grow(slot, length):
                 break
             self.owner[slot] = waiting.pop()
-            tokens += len(prompts[self.owner[slot]])
+            tokens += length
             group.append(slot)
         return group
+
+    def _grow(self, size: int, waiting: list[int], admitted: dict[int, int]) -> None:
+        """Give each response whose next token starts a block that block; where none is free, pause the
+        response admitted last (perhaps the one growing) and put it back at the head of the queue."""
+        for slot in range(size):
+            while self.owner[slot] is not None and not self.cache.grow(slot, self.lengths[slot]):
+                last = max(admitted, key=admitted.get)
+                victim = self.owner.index(last)
+                admitted.pop(last)
+                self._release(victim)
+                waiting.append(last)
+                self.stats.preempted += 1
 
     def _shrink(self, size: int) -> int:
         """Move the busy slots to the front and return the smallest graph size that holds them."""
@@ -408,14 +531,16 @@ class ContinuousBatcher:
         smaller = min((n for n in self._graph_sizes() if n >= len(busy)), default=size)
         if smaller < size:
             keep = torch.tensor(busy, device=self.device)
-            self.cache.compact(keep)
+            self.cache.compact(busy)
             for buffer in (self.tokens, self.positions, self.active, self.keys):
                 buffer[:len(busy)] = buffer[keep].clone()
                 buffer[len(busy):] = 0
             self.owner = [self.owner[slot] for slot in busy] + [None] * (self.slots - len(busy))
+            self.lengths = [self.lengths[slot] for slot in busy] + [0] * (self.slots - len(busy))
         return smaller
 
     def _release(self, slot: int) -> None:
         self.owner[slot] = None
         self.active[slot] = 0
         self.positions[slot] = 0
+        self.cache.release(slot)

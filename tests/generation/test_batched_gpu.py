@@ -46,17 +46,50 @@ def test_greedy_continuous_batching_returns_the_tokens_of_generate_in_fp32(model
                                         tokenizer.eos_token_id) == output
 
 
-def test_flash_decode_attention_matches_masked_sdpa_in_bf16(model_dir):
+def test_flash_decode_attention_over_scattered_blocks_matches_masked_sdpa_in_bf16(model_dir):
     assert continuous.flash_decode_available(torch.device("cuda"), torch.bfloat16)
     torch.manual_seed(0)
-    slots, length, kv_heads, heads, head_dim = 16, 1024, 2, 12, 128
-    keys, values = (torch.randn(slots, length, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-                    for _ in range(2))
+    slots, block, per_slot, kv_heads, heads, head_dim = 16, 256, 6, 2, 12, 128
+    keys, values = (torch.randn(1 + slots * per_slot, block, kv_heads, head_dim, device="cuda",
+                                dtype=torch.bfloat16) for _ in range(2))
+    table = (torch.randperm(slots * per_slot, device="cuda") + 1).view(slots, per_slot)
     query = torch.randn(slots, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
-    positions = torch.randint(0, length, (slots,), device="cuda")
-    flash = continuous.DecodeStep(positions, flash=True).attend(query, keys, values, head_dim ** -0.5)
-    masked = continuous.DecodeStep(positions, flash=False).attend(query, keys, values, head_dim ** -0.5)
+    positions = torch.randint(0, block * per_slot, (slots,), device="cuda")
+    positions[:3] = torch.tensor([0, block - 1, block])  # the first token, a full block, a block's first token
+    flash = continuous.DecodeStep(positions, table, flash=True).attend(query, keys, values, head_dim ** -0.5)
+    masked = continuous.DecodeStep(positions, table, flash=False).attend(query, keys, values, head_dim ** -0.5)
     torch.testing.assert_close(flash, masked, atol=2e-2, rtol=2e-2)
+
+
+def test_compiled_graph_steps_over_small_blocks_give_generates_tokens_in_fp32_and_pause_without_loss(model_dir):
+    """Blocks of 16 tokens (responses span several), then a cache of 4 blocks for 8 slots (responses are
+    paused and resumed): the tokens of transformers' generate, every response to its budget."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map={"": 0},
+                                                 attn_implementation=generation.register_attention()).eval()
+    prompts = [tokenizer(f"Find x if {i}x + {i + 3} = {7 * i}.", add_special_tokens=False)["input_ids"]
+               for i in range(12)]
+    budgets = [8 + 5 * (i % 4) for i in range(12)]
+    length = max(map(len, prompts)) + max(budgets)
+    runs = {}
+    for cache in (None, 4 * 16):
+        engine = continuous.ContinuousBatcher(model, 8, length, eos=-1, temperature=0.0, top_p=1.0, compile=True,
+                                              block=16, cache_tokens=cache)
+        done = {}
+        with torch.inference_mode():
+            engine.run(prompts, budgets, done.__setitem__)
+        assert engine.stats.compiled and engine.stats.graph_sizes
+        runs[cache] = (done, engine.stats.preempted)
+    assert runs[None][1] == 0 and runs[64][1] > 0
+    assert runs[64][0] == runs[None][0]
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.inference_mode():
+            output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budgets[i],
+                                    min_new_tokens=budgets[i], do_sample=False, pad_token_id=0)
+        assert runs[None][0][i] == output[0, ids.shape[1]:].tolist()
 
 
 def test_sampled_generation_with_graphs_ends_where_forced_and_repeats_with_the_seed(model_dir):

@@ -169,38 +169,79 @@ def reference_varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, ma
                                debug_mask, *, scale=None, seqused_k=None):
     """FlashAttention's variable-length forward as documented, one sequence at a time: rows
     cu_seqlens_q[i]:cu_seqlens_q[i+1] of query attend to the first seqused_k[i] rows from cu_seqlens_k[i] of
-    key/value (non-causal), head h to key head h // (heads / key heads)."""
+    key/value (non-causal), head h to key head h // (heads / key heads); returns the output and each row's
+    log-sum-exp of scores [heads, rows] (+inf for a sequence without keys, whose output is 0)."""
     assert not causal and dropout == 0.0
-    output = torch.empty_like(query)
+    output = torch.zeros_like(query)
+    lse = torch.full((query.shape[1], query.shape[0]), float("inf"))
     groups = query.shape[1] // key.shape[1]
     for i in range(len(cu_seqlens_q) - 1):
         start, end, k0 = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(cu_seqlens_k[i])
         used = int(seqused_k[i]) if seqused_k is not None else int(cu_seqlens_k[i + 1]) - k0
+        if used == 0:
+            continue
         k = key[k0:k0 + used].repeat_interleave(groups, dim=1).transpose(0, 1)  # [heads, used, dim]
         v = value[k0:k0 + used].repeat_interleave(groups, dim=1).transpose(0, 1)
         q = query[start:end].transpose(0, 1)  # [heads, rows, dim]
-        output[start:end] = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale).transpose(0, 1)
-    return output, None, None, None, None
+        scores = q @ k.transpose(1, 2) * scale
+        lse[:, start:end] = scores.logsumexp(-1)
+        output[start:end] = (scores.softmax(-1) @ v).transpose(0, 1)
+    return output, lse, None, None, None
 
 
-def test_the_flash_decode_layout_gives_each_query_head_its_key_head_and_its_slot_length(monkeypatch):
-    """The GPU path gives FlashAttention one query row per slot, every head in it; checked against masked
-    SDPA with FlashAttention's documented semantics standing in for the CUDA kernel."""
+def test_the_flash_decode_reads_each_slots_blocks_and_weighs_them_into_attention_over_its_tokens(monkeypatch):
+    """The GPU path gives FlashAttention one sequence per (slot, block), its rows the query heads of a key
+    head, and merges the blocks by their log-sum-exps; checked against masked SDPA over the gathered blocks
+    with FlashAttention's documented semantics standing in for the CUDA kernel, and both against plain
+    attention over each slot's tokens."""
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", reference_varlen_attention)
     torch.manual_seed(0)
-    slots, length, kv_heads, heads, head_dim = 5, 32, 2, 12, 16
-    keys, values = (torch.randn(slots, length, kv_heads, head_dim) for _ in range(2))
+    slots, block, per_slot, kv_heads, heads, head_dim = 5, 8, 4, 2, 12, 16
+    keys, values = (torch.randn(1 + slots * per_slot, block, kv_heads, head_dim) for _ in range(2))
+    table = (torch.randperm(slots * per_slot) + 1).view(slots, per_slot)  # scattered, block 0 left out
     query = torch.randn(slots, heads, 1, head_dim)
-    positions = torch.tensor([0, 3, 31, 17, 8])
-    flash = continuous.DecodeStep(positions, flash=True).attend(query, keys, values, head_dim ** -0.5)
-    masked = continuous.DecodeStep(positions, flash=False).attend(query, keys, values, head_dim ** -0.5)
+    positions = torch.tensor([0, 3, 31, 17, 8])  # one block, one, all four, three, two (a block's first token)
+    flash = continuous.DecodeStep(positions, table, flash=True).attend(query, keys, values, head_dim ** -0.5)
+    masked = continuous.DecodeStep(positions, table, flash=False).attend(query, keys, values, head_dim ** -0.5)
     torch.testing.assert_close(flash, masked)
     # and masked SDPA itself is plain attention over each slot's first position + 1 keys, head h on kv h // 6
     for slot, position in enumerate(positions.tolist()):
-        k = keys[slot, :position + 1].repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
-        v = values[slot, :position + 1].repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+        tokens = keys[table[slot]].reshape(-1, kv_heads, head_dim)[:position + 1]
+        k = tokens.repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
+        v = values[table[slot]].reshape(-1, kv_heads, head_dim)[:position + 1]
+        v = v.repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1)
         expected = torch.nn.functional.scaled_dot_product_attention(query[slot], k, v, scale=head_dim ** -0.5)
         torch.testing.assert_close(masked[slot, 0], expected[:, 0])
+
+
+def test_a_response_that_finds_no_free_block_is_paused_and_resumed_with_the_tokens_it_would_have_drawn(model):
+    """A cache of 4 blocks of 8 tokens for 4 slots: responses of 4-token prompts, which grow to 3 blocks, run out
+    of blocks, the last admitted is paused (blocks freed) and resumed later; the tokens are those of an ample
+    cache, greedy and sampled, and nothing is dropped."""
+    prompts = [[5 + i, 6, 7, 8] for i in range(6)]
+    budgets = [12, 3, 9, 14, 5, 10]
+    for temperature in (0.0, 0.6):
+        ample, engine = run_engine(model, prompts, budgets, slots=4, length=24, temperature=temperature, block=8)
+        assert engine.stats.preempted == 0
+        tight, engine = run_engine(model, prompts, budgets, slots=4, length=24, temperature=temperature, block=8,
+                                   cache_tokens=32)
+        assert engine.stats.preempted > 0 and engine.stats.in_flight_max > 1 and engine.stats.cache_tokens == 32
+        assert tight == ample and sorted(tight) == list(range(6))
+        assert [len(tight[i]) for i in range(6)] == budgets
+
+
+def test_responses_in_flight_follow_their_lengths_not_the_budget(model):
+    """A cache that holds 2 responses at full length carries 8 short ones at once."""
+    prompts = [[5 + i, 6, 7] for i in range(8)]
+    done, engine = run_engine(model, prompts, [4] * 8, slots=8, length=64, block=4, cache_tokens=128)
+    assert engine.stats.in_flight_max == 8 and engine.stats.preempted == 0
+    assert [len(done[i]) for i in range(8)] == [4] * 8
+
+
+def test_a_cache_that_cannot_hold_one_response_is_refused(model):
+    with pytest.raises(ValueError, match="a KV cache of 32 tokens cannot hold one response of 40 tokens"):
+        continuous.ContinuousBatcher(model, slots=4, length=40, eos=0, temperature=0.0, top_p=1.0, block=8,
+                                     cache_tokens=32)
 
 
 def test_progress_reports_the_tokens_generated_so_far_while_responses_run(model):
