@@ -106,8 +106,8 @@ def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_par
     # does on either route. For batch_size 'auto' the key holds 'auto', not the size free memory gave.
     # Several processes split the batches (the padded route seeds each its own way): their count is in too,
     # only when above one, so the files of one process stay valid.
-    sampling = {k: getattr(config, k) for k in ("samples", "temperature", "top_p", "max_new_tokens", "batching",
-                                                "batch_size", "static_cache")}
+    sampling = {k: getattr(config, k) for k in ("temperature", "top_p", "max_new_tokens", "batching", "batch_size",
+                                                "static_cache")}
     made_by = (model_identity(model_params), sampling, seed, *GENERATION_CODE)
     if processes > 1:
         made_by = (*made_by, {"processes": processes})
@@ -119,12 +119,13 @@ def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_par
         for set_name, problems in sets.items():
             prompts = [prompt_text(tokenizer, problem, directive=model_params.directive)
                        for problem in problems["problem"].to_pylist()]
-            key = fingerprint(*made_by, prompts, *([model_adapter] if model_adapter else []))
+            samples = config.samples_of(set_name)
+            key = fingerprint(*made_by, {"samples": samples}, prompts, *([model_adapter] if model_adapter else []))
             files[model_name, set_name] = cached = cache_dir / f"{model_name}-{set_name}-{key}.parquet"
             if cached.is_file():
                 log.info("%s / %s: reusing %s", model_name, set_name, cached)
             else:
-                missing.append(eval_workers.Job(f"{model_name}/{set_name}", prompts * config.samples, cached))
+                missing.append(eval_workers.Job(f"{model_name}/{set_name}", prompts * samples, cached))
         if missing:
             phases.append(eval_workers.Phase(model_name, model_adapter, missing))
     if phases and processes > 1:
@@ -132,7 +133,7 @@ def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_par
     elif phases:
         generate_here(phases, model_params, config, seed, tokenizer)
     frames = [sample_rows(model_name, set_name, problems, eval_workers.read_generations(files[model_name, set_name]),
-                          config.samples, config, tokenizer)
+                          config.samples_of(set_name), config, tokenizer)
               for model_name in params.MODELS for set_name, problems in sets.items()]
     kept = {path.name for path in files.values()}
     for stale in cache_dir.glob("*.parquet"):
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_file(args.samples) as tmp:
         samples.to_parquet(tmp, index=False)
     write_json(args.metrics, {"problems": {name: table.num_rows for name, table in sets.items()},
-                              "samples_per_problem": config.samples, "heldout_without_gold": without_gold})
+                              "samples_per_problem": {name: config.samples_of(name) for name in sets},
+                              "heldout_without_gold": without_gold})
     accuracy = samples.groupby(["set", "model"])["correct"].mean()
     for name in sets:
         log.info("%s: accuracy base %.3f, fine-tuned %.3f (intervals and verdict: the report stage)", name,

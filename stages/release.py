@@ -124,7 +124,8 @@ def training_section(inputs: Inputs) -> str:
 def results_section(inputs: Inputs) -> str:
     report, config = inputs.report, inputs.eval
     boot = report["bootstrap"]
-    lines = [f"Base and fine-tuned wrote {config.samples} response(s) per problem of every set (temperature "
+    per_set = ", ".join(f"{name} {result['samples']}" for name, result in report["sets"].items())
+    lines = [f"Base and fine-tuned wrote the same number of responses per problem ({per_set}; temperature "
              f"{config.temperature}, top-p {config.top_p}, at most {config.max_new_tokens} new tokens). Each delta "
              f"is fine-tuned minus base with a paired {boot['confidence']:.0%} bootstrap interval over problems; "
              "a claim is *better* or *worse* only when the interval excludes 0.", "",

@@ -76,7 +76,9 @@ def details(samples: pd.DataFrame, deltas: pd.DataFrame, curve: pd.DataFrame, ma
         by_model = dict(tuple(rows.groupby("model")))
         sets[set_name] = {
             "problems": int(rows["problem_id"].nunique()),
+            "samples": int(rows["sample"].nunique()),
             "responses": {m: len(by_model[m]) for m in MODELS},
+            "pass_at_k": verdict.passes_at_k(rows),
             "measures": {name: {k: v for k, v in row.items() if k != "set"}
                          for name, row in measures.to_dict("index").items()},
             "accuracy_by_level": {m: {str(level): float(value) for level, value
@@ -187,12 +189,17 @@ def verdict_page(report: dict, figure_names: list[str], figures_dir: str) -> str
     lines = ["# Verdict: fine-tuned vs base", "",
              f"Each delta is fine-tuned minus base with a paired {boot['confidence']:.0%} bootstrap interval over "
              f"problems ({boot['resamples']} resamples, seed {boot['seed']}); a claim is *better* or *worse* only "
-             f"when the interval excludes 0. Budget: {report['max_new_tokens']} new tokens per response.", ""]
+             f"when the interval excludes 0; *detectable* is the smallest true delta it would tell from 0 about 80% "
+             f"of the time. Budget: {report['max_new_tokens']} new tokens per response.", "",
+             "## Summary", "", *verdict.summary_lines(report["verdict"]), "",
+             *[verdict.detectable_line(name, result) + "\n" for name, result in report["sets"].items()]]
     for set_name, result in report["sets"].items():
-        responses = result["responses"]
+        responses, passes = result["responses"], result["pass_at_k"]
         lines += [f"## {set_name}", "",
-                  f"{result['problems']} problems; {responses[BASE]} base and {responses[FINETUNED]} fine-tuned "
-                  "responses.", "",
+                  f"{result['problems']} problems x {result['samples']} sample(s); {responses[BASE]} base and "
+                  f"{responses[FINETUNED]} fine-tuned responses."
+                  + (f" pass@{passes['k']}: base {passes[BASE]:.3f}, fine-tuned {passes[FINETUNED]:.3f}." if passes
+                     else ""), "",
                   *[f"{note}\n" for note in verdict.set_notes(result, report["max_new_tokens"])],
                   verdict.verdict_markdown([r for r in report["verdict"] if r["set"] == set_name]),
                   verdict.budget_markdown(result["budget"])]

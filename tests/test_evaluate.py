@@ -46,7 +46,7 @@ def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
 def project(tmp_path, tiny_model_dir, tiny_adapter, monkeypatch) -> Path:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["model"].update(name=str(tiny_model_dir), max_seq_length=1024)
-    raw["eval"].update(limit=2, samples=2, max_new_tokens=8)
+    raw["eval"].update(limit=2, samples={"default": 2, "math500": 3}, max_new_tokens=8)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     eval_data.write_sets(tmp_path / "data" / "eval" / "sets", tmp_path / "src")
     (tmp_path / "data" / "splits").mkdir(parents=True)
@@ -73,10 +73,11 @@ def generate_calls(monkeypatch) -> list[list[str]]:
 def test_evaluate_writes_every_graded_generation_of_both_models_on_every_set(project):
     evaluate.main([])
     counts = json.loads((project / "metrics" / "eval_sets.json").read_text())
-    assert counts == {"problems": {"heldout": 2, "gsm8k": 2, "math500": 2}, "samples_per_problem": 2,
-                      "heldout_without_gold": 0}
+    assert counts == {"problems": {"heldout": 2, "gsm8k": 2, "math500": 2},
+                      "samples_per_problem": {"heldout": 2, "gsm8k": 2, "math500": 3}, "heldout_without_gold": 0}
     samples = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
-    assert len(samples) == 2 * 3 * 2 * 2
+    assert len(samples) == 2 * 2 * (2 + 2 + 3)  # models x problems x samples of each set
+    assert samples.groupby("set")["sample"].nunique().to_dict() == {"heldout": 2, "gsm8k": 2, "math500": 3}
     assert set(samples["model"]) == {"base", "finetuned"} and set(samples["set"]) == {"heldout", "gsm8k", "math500"}
     from stages.scoring.verdict import MEASURES
 
@@ -422,7 +423,7 @@ def test_two_workers_start_once_for_both_models_and_each_merges_the_adapter_in_p
         for part in ("loaded the base model", "finetuned: merged the adapter"):
             timed = rf"\d\d:\d\d:\d\d\.\d{{3}} worker {worker} {re.escape(WORKERS_LOG)}: {part} in [\d.]+ s"
             assert len(re.findall(timed, log)) == 1
-    assert len(pd.read_parquet(project / "data" / "eval" / "samples.parquet")) == 2 * 3 * 2 * 2
+    assert len(pd.read_parquet(project / "data" / "eval" / "samples.parquet")) == 2 * 2 * (2 + 2 + 3)
 
 
 FAIL_GENERATION = '''  # sitecustomize for worker processes: the one generating $FAIL_GENERATION exits with code 3;

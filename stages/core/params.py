@@ -176,7 +176,7 @@ class EvalSetParams:
 class EvalParams:
     sets: Annotated[list[str], NonEmpty]
     limit: Positive | None  # None: all
-    samples: Positive
+    samples: Positive | dict[str, Positive]  # a number for every set, or per set ('default': the rest, else 1)
     temperature: Annotated[StrictFloat, Field(ge=0)]  # 0: greedy
     top_p: Annotated[StrictFloat, Field(gt=0, le=1)]
     max_new_tokens: Positive
@@ -186,6 +186,12 @@ class EvalParams:
     num_gpus: AutoOrPositive  # processes generating at once, one per GPU; auto: every visible GPU (1 on CPU)
     loop_ngram: Positive  # words, at least, in each copy of a loop
     loop_repeats: Annotated[StrictInt, Field(ge=2)]  # copies in a row
+
+    def samples_of(self, set_name: str) -> int:
+        """Responses per problem of one set."""
+        if isinstance(self.samples, int):
+            return self.samples
+        return self.samples.get(set_name, self.samples.get("default", 1))
 
 
 SECTIONS = {"data": DataParams, "model": ModelParams, "filter": FilterParams, "stratify": StratifyParams,
@@ -247,3 +253,9 @@ def check_all(path: str | Path = PARAMS_FILE) -> None:
     if unknown:
         raise ParamsError(f"params: eval.sets names {', '.join(map(repr, unknown))}, which eval_data does not define; "
                           f"known sets: {', '.join([HELDOUT, *eval_data])}. Fix eval.sets or add the set to eval_data")
+    samples = sections["eval"].samples
+    unknown = [name for name in samples if name not in (HELDOUT, *eval_data, "default")] if isinstance(
+        samples, dict) else []
+    if unknown:
+        raise ParamsError(f"params: eval.samples names {', '.join(map(repr, unknown))}, which is no evaluation set; "
+                          f"use {', '.join([HELDOUT, *eval_data])} or 'default'")

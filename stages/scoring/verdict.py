@@ -8,6 +8,7 @@ their reasoning tokens, and a short response with one "wait" does not dominate t
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -23,6 +24,9 @@ BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no detectable difference"
 # The interval is undefined when the measure is (e.g. tokens per correct answer in resamples without one).
 NOT_MEASURABLE = "not measurable"
 FIRST_BUDGET = 1024  # tokens; the budget curve doubles from here up to max_new_tokens
+# The true difference, in standard errors, that an interval excludes 0 for about 80% of the time (2.80 at 95%:
+# the interval's half-width in standard errors plus 0.84), from CONFIDENCE, not typed beside it.
+DETECTED_80 = NormalDist().inv_cdf(1 - (1 - CONFIDENCE) / 2) + NormalDist().inv_cdf(0.8)
 
 
 class VerdictError(StageError):
@@ -157,8 +161,9 @@ def _resample_counts(rng: np.random.Generator, problems: int, resamples: int) ->
 def paired_deltas(samples: pd.DataFrame, measures: tuple[Measure, ...] = MEASURES, seed: int = 0,
                   resamples: int = RESAMPLES, confidence: float = CONFIDENCE) -> pd.DataFrame:
     """For every set and measure: base, fine-tuned, delta (fine-tuned minus base), its paired bootstrap
-    interval [low, high] and the verdict word; also each model's own interval (base_low, base_high,
-    finetuned_low, finetuned_high) from the same resamples, for plots.
+    interval [low, high], the verdict word and the smallest detectable difference (the true delta an interval
+    would tell from 0 about 80% of the time: DETECTED_80 bootstrap standard errors); also each model's own
+    interval (base_low, base_high, finetuned_low, finetuned_high) from the same resamples, for plots.
 
     Percentile bootstrap over problems: each resample draws the set's problems with replacement, the same
     draw for both models, so a problem's base and fine-tuned samples (all of them) stay together and the
@@ -199,6 +204,7 @@ def paired_deltas(samples: pd.DataFrame, measures: tuple[Measure, ...] = MEASURE
         base_value, finetuned_value = _ratio(base_num, base_den, scale), _ratio(finetuned_num, finetuned_den, scale)
         deltas = finetuned_value - base_value
         low, high = np.percentile(deltas[1:], [tail, 100 - tail], axis=0)
+        detectable = DETECTED_80 * np.std(deltas[1:], axis=0)
         base_low, base_high = np.percentile(base_value[1:], [tail, 100 - tail], axis=0)
         finetuned_low, finetuned_high = np.percentile(finetuned_value[1:], [tail, 100 - tail], axis=0)
         for k, m in enumerate(measures):
@@ -206,9 +212,28 @@ def paired_deltas(samples: pd.DataFrame, measures: tuple[Measure, ...] = MEASURE
                             "finetuned": float(finetuned_value[0, k]), "delta": float(deltas[0, k]),
                             "low": float(low[k]), "high": float(high[k]), "higher_is_better": m.higher_is_better,
                             "verdict": verdict_word(float(low[k]), float(high[k]), m.higher_is_better),
+                            "detectable": float(detectable[k]),
                             "base_low": float(base_low[k]), "base_high": float(base_high[k]),
                             "finetuned_low": float(finetuned_low[k]), "finetuned_high": float(finetuned_high[k])})
     return pd.DataFrame.from_records(records)
+
+
+def pass_at_k(correct: int, samples: int, k: int) -> float:
+    """The unbiased pass@k of one problem (Chen et al. 2021): the chance that k of its `samples` responses, drawn
+    without replacement, include one of the `correct` ones."""
+    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
+
+
+def passes_at_k(rows: pd.DataFrame) -> dict | None:
+    """pass@k of one set's samples for k = its samples per problem, per model, averaged over problems; None with
+    one sample per problem."""
+    _check_columns(rows, ["model", "problem_id", "correct"])
+    counts = rows.groupby(["model", "problem_id"])["correct"].agg(["sum", "size"])
+    k = int(counts["size"].min())
+    if k < 2:
+        return None
+    return {"k": k} | {model: float(np.mean([pass_at_k(int(c), int(n), k) for c, n in group.to_numpy()]))
+                       for model, group in counts.groupby(level="model")}
 
 
 def verdict_rows(deltas: pd.DataFrame, claims: tuple[Claim, ...] = CLAIMS) -> list[dict]:
@@ -223,7 +248,7 @@ def verdict_rows(deltas: pd.DataFrame, claims: tuple[Claim, ...] = CLAIMS) -> li
         for c in claims:
             d = by_measure.loc[(set_name, c.measure)]
             rows.append({"set": set_name, "claim": c.claim, "measure": c.measure,
-                         **{k: float(d[k]) for k in ("base", "finetuned", "delta", "low", "high")},
+                         **{k: float(d[k]) for k in ("base", "finetuned", "delta", "low", "high", "detectable")},
                          "verdict": d["verdict"]})
     return rows
 
@@ -239,20 +264,28 @@ def _number(value: float, decimals: int) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{decimals}f}"
 
 
-def verdict_markdown(rows: list[dict]) -> str:
-    """The verdict rows as a Markdown table; each row's numbers get the decimals its interval's width needs,
-    so a narrow interval is not rounded to [0, 0]."""
-    lines = [f"| set | claim | measure | base | fine-tuned | delta [{CONFIDENCE:.0%} interval] | verdict |",
-             "|---|---|---|---:|---:|---|---|"]
+def _places(rows: list[dict]) -> int:
+    """Decimals for rows of one measure: what the narrowest interval's width needs, so a narrow interval is not
+    rounded to [0, 0]; a width within rounding error of 0 (a delta that never varies) gets the values'."""
+    places = 0
     for r in rows:
         width, magnitude = r["high"] - r["low"], max(abs(r["base"]), abs(r["finetuned"]))
-        # A width within rounding error of 0 (a delta that never varies) gets the decimals of the values.
-        places = _decimals(width, 2) if width > 1e-9 * magnitude else _decimals(magnitude, 3)
-        base, finetuned, delta, low, high = (_number(r[k], places)
-                                             for k in ("base", "finetuned", "delta", "low", "high"))
-        delta = f"{delta} [{low}, {high}]"
-        lines.append(f"| {r['set']} | {r['claim']} | {r['measure']} | {base} | {finetuned} | {delta} | "
-                     f"{r['verdict']} |")
+        places = max(places, _decimals(width, 2) if width > 1e-9 * magnitude else _decimals(magnitude, 3))
+    return places
+
+
+def verdict_markdown(rows: list[dict]) -> str:
+    """The verdict rows as a Markdown table, one precision per measure; a delta is shown as the difference of
+    the shown values, so it never disagrees with them."""
+    places = {m: _places([r for r in rows if r["measure"] == m]) for m in {r["measure"] for r in rows}}
+    lines = [f"| set | claim | measure | base | fine-tuned | delta [{CONFIDENCE:.0%} interval] | detectable | "
+             "verdict |", "|---|---|---|---:|---:|---|---:|---|"]
+    for r in rows:
+        n = places[r["measure"]]
+        base, finetuned = (round(r[k], n) if not math.isnan(r[k]) else math.nan for k in ("base", "finetuned"))
+        delta = f"{_number(round(finetuned - base, n) + 0.0, n)} [{_number(r['low'], n)}, {_number(r['high'], n)}]"
+        lines.append(f"| {r['set']} | {r['claim']} | {r['measure']} | {_number(base, n)} | {_number(finetuned, n)} | "
+                     f"{delta} | {_number(r.get('detectable', math.nan), n)} | {r['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -304,33 +337,53 @@ def budget_markdown(budget: list[dict]) -> str:
 
 
 FEW_PROBLEMS = 100  # below this a set's intervals are too wide to show a few points of accuracy
-# The interval's half-width in standard errors (1.96 at 95%), and the true difference, in standard errors, that
-# an interval excludes 0 for about 80% of the time (2.80 at 95%): both from CONFIDENCE, not typed beside it.
-INTERVAL_Z = NormalDist().inv_cdf(1 - (1 - CONFIDENCE) / 2)
-DETECTED_80 = INTERVAL_Z + NormalDist().inv_cdf(0.8)
+
+
+BUDGET_WARNING = 0.10  # above this share of responses cut at the budget, the budget decides the outcome
+FINISHED_GAP = 0.10  # finished shares this far apart: the models are compared on different kinds of response
+
+
+def detectable_line(set_name: str, result: dict) -> str:
+    """One line: the smallest accuracy difference this set's evaluation can see (details_json's sets[name])."""
+    accuracy = result["measures"]["accuracy"]
+    if accuracy["high"] == accuracy["low"]:  # every resample alike: no problem's result differs between them
+        return (f"On {set_name} no problem was answered differently by the two models: the accuracy interval is a "
+                "point and cannot say which differences this set could show.")
+    if math.isnan(accuracy["detectable"]):
+        return f"On {set_name} the accuracy delta has no interval."
+    return (f"On {set_name} this evaluation separates accuracy differences of {100 * accuracy['detectable']:.1f} "
+            f"points or more (80% of the time at {CONFIDENCE:.0%} confidence); smaller ones read as *{NO_DIFFERENCE}*. "
+            "More problems or samples narrow it.")
 
 
 def set_notes(result: dict, max_new_tokens: int) -> list[str]:
-    """What a set's verdict can and cannot decide, from its details (report.details_json's sets[name]): the
-    smallest accuracy difference it can see, and warnings (few problems, responses that all hit the budget)."""
+    """Warnings on what a set's verdict cannot decide (details_json's sets[name]): few problems, responses
+    cut at the budget, finished shares far apart."""
     notes = []
-    accuracy = result["measures"]["accuracy"]
-    if accuracy["high"] == accuracy["low"]:  # every resample alike: no problem's result differs between them
-        notes.append("Accuracy: no problem was answered differently by the two models, so the interval is a point "
-                     "and cannot say which differences this set could show.")
-    elif not (math.isnan(accuracy["low"]) or math.isnan(accuracy["high"])):
-        half = (accuracy["high"] - accuracy["low"]) / 2
-        standard_error = half / INTERVAL_Z
-        notes.append(f"Accuracy: the delta's interval is ±{100 * half:.1f} points, so smaller differences read as "
-                     f"*no detectable difference*; a true difference of {100 * DETECTED_80 * standard_error:.1f} "
-                     "points would be detected about 80% of the time. More problems or samples narrow it.")
     if result["problems"] < FEW_PROBLEMS:
         notes.append(f"Warning: only {result['problems']} problems; every interval here is wide.")
+    cut, finished = result["measures"]["hit_max_tokens_share"], result["measures"]["finished_share"]
     for model, label in ((BASE, "base"), (FINETUNED, "fine-tuned")):
-        if result["measures"]["hit_max_tokens_share"][model] == 1.0:
-            notes.append(f"Warning: every {label} response hit the {max_new_tokens}-token budget; its measures "
-                         "describe cut-off responses (raise eval.max_new_tokens).")
+        if cut[model] > BUDGET_WARNING:
+            notes.append(f"Warning: {cut[model]:.0%} of {label} responses hit the {max_new_tokens}-token budget; "
+                         "for them the budget, not the model, decides the outcome (raise eval.max_new_tokens).")
+    if abs(finished[FINETUNED] - finished[BASE]) > FINISHED_GAP:
+        notes.append(f"Warning: the models finished {finished[BASE]:.0%} (base) and {finished[FINETUNED]:.0%} "
+                     "(fine-tuned) of their responses; measures over responses compare different kinds of them.")
     return notes
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """Per claim and measure, what the sets say together: each verdict word with the sets that gave it."""
+    lines = []
+    for (claim, measure), group in itertools.groupby(sorted(rows, key=lambda r: (r["claim"], r["measure"])),
+                                                     key=lambda r: (r["claim"], r["measure"])):
+        by_word: dict[str, list[str]] = {}
+        for r in group:
+            by_word.setdefault(r["verdict"], []).append(r["set"])
+        said = "; ".join(f"{word} on {', '.join(sets)}" for word, sets in sorted(by_word.items()))
+        lines.append(f"- {claim} (`{measure}`): {said}")
+    return lines
 
 
 DOMAIN_MEASURES = ("accuracy", "response_tokens_mean")

@@ -121,3 +121,24 @@ def test_eval_num_gpus_must_be_auto_or_a_positive_integer(value):
     with pytest.raises(params.ParamsError, match=rf"^params: eval\.num_gpus: must be 'auto' or a positive integer, "
                                                  rf"got {re.escape(repr(value))}$"):
         params.build(params.EvalParams, raw, "eval")
+
+
+def test_eval_samples_are_a_number_or_a_mapping_per_set_with_a_default():
+    raw = params.read(ROOT / "params.yaml")["eval"]
+    per_set = params.build(params.EvalParams, raw | {"samples": {"default": 2, "math500": 4}}, "eval")
+    assert [per_set.samples_of(name) for name in ("math500", "gsm8k")] == [4, 2]
+    without_default = params.build(params.EvalParams, raw | {"samples": {"math500": 4}}, "eval")
+    assert without_default.samples_of("gsm8k") == 1
+    assert params.build(params.EvalParams, raw | {"samples": 3}, "eval").samples_of("heldout") == 3
+    with pytest.raises(params.ParamsError, match=r"eval\.samples"):
+        params.build(params.EvalParams, raw | {"samples": {"math500": 0}}, "eval")
+
+
+def test_eval_samples_naming_an_unknown_set_is_one_line(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    assert "samples: {default: 1, math500: 4}" in text
+    (tmp_path / "params.yaml").write_text(text.replace("samples: {default: 1, math500: 4}",
+                                                       "samples: {default: 1, math50: 4}"))
+    with pytest.raises(params.ParamsError, match=r"^params: eval\.samples names 'math50', which is no evaluation set; "
+                                                 r"use heldout, gsm8k, math500 or 'default'$"):
+        params.check_all(tmp_path / "params.yaml")

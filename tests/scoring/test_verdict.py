@@ -173,7 +173,52 @@ def test_verdict_rows_and_markdown_name_claim_measure_values_and_word():
     assert rows[4]["verdict"] == verdict.NO_DIFFERENCE  # every answer correct in both: delta [0, 0]
     table = verdict.verdict_markdown(rows).splitlines()
     assert len(table) == 2 + len(verdict.CLAIMS)
-    assert table[2] == ("| gsm8k | more concise | response_tokens_mean | 1145 | 745 | -400 [-400, -400] | better |")
+    assert table[2] == ("| gsm8k | more concise | response_tokens_mean | 1145 | 745 | -400 [-400, -400] | 0 | "
+                        "better |")
+
+
+def test_a_shown_delta_is_the_difference_of_the_shown_values_at_one_precision_per_measure():
+    """23.45 and 7.51 at 0 decimals show as 23 and 8: the delta shows -15, their difference, not -16 (the
+    rounded -15.94), which the old table showed beside them."""
+    rows = [{"set": "a", "claim": "c", "measure": "m", "base": 23.45, "finetuned": 7.51, "delta": -15.94,
+             "low": -30.0, "high": -2.0, "detectable": 12.0, "verdict": "better"},
+            {"set": "b", "claim": "c", "measure": "m", "base": 1.234, "finetuned": 1.334, "delta": 0.1,
+             "low": -9.0, "high": 9.0, "detectable": 12.0, "verdict": "no detectable difference"}]
+    table = verdict.verdict_markdown(rows).splitlines()
+    assert table[2] == "| a | c | m | 23 | 8 | -15 [-30, -2] | 12 | better |"
+    assert table[3] == "| b | c | m | 1 | 1 | 0 [-9, 9] | 12 | no detectable difference |"  # one precision for m
+
+
+def test_the_detectable_difference_is_2_8_bootstrap_standard_errors():
+    rows = [response(model, p, correct=(p % 3 == 0) if model == "base" else (p % 2 == 0)) for p in range(300)
+            for model in ("base", "finetuned")]
+    deltas = verdict.paired_deltas(pd.DataFrame(rows), ACCURACY, seed=0, resamples=4000).iloc[0]
+    # the paired difference's standard error, analytically: sd of per-problem differences / sqrt(problems)
+    differences = np.array([(p % 2 == 0) - (p % 3 == 0) for p in range(300)], dtype=float)
+    standard_error = differences.std() / np.sqrt(300)
+    assert deltas["detectable"] == pytest.approx(2.8016 * standard_error, rel=0.05)
+
+
+@pytest.mark.parametrize(("correct", "samples", "k", "expected"), [
+    (0, 4, 4, 0.0), (1, 4, 4, 1.0), (1, 4, 1, 0.25), (2, 4, 2, 1 - 1 / 6), (4, 4, 2, 1.0)])
+def test_pass_at_k_is_the_unbiased_estimator(correct, samples, k, expected):
+    assert verdict.pass_at_k(correct, samples, k) == pytest.approx(expected)
+
+
+def test_passes_at_k_use_every_sample_of_a_problem_and_none_with_one_sample():
+    rows = [response(model, p, sample=s, correct=(model == "finetuned" and s == p % 4) or (p == 0 and s == 0))
+            for p in range(8) for s in range(4) for model in ("base", "finetuned")]
+    assert verdict.passes_at_k(pd.DataFrame(rows)) == {"k": 4, "base": 1 / 8, "finetuned": 1.0}
+    one = [response(model, p) for p in range(3) for model in ("base", "finetuned")]
+    assert verdict.passes_at_k(pd.DataFrame(one)) is None
+
+
+def test_the_summary_gathers_each_claims_verdicts_over_the_sets():
+    rows = [{"set": name, "claim": "stays accurate", "measure": "accuracy", "verdict": word}
+            for name, word in (("gsm8k", "better"), ("heldout", "no detectable difference"),
+                               ("math500", "no detectable difference"))]
+    assert verdict.summary_lines(rows) == [
+        "- stays accurate (`accuracy`): better on gsm8k; no detectable difference on heldout, math500"]
 
 
 def test_a_problem_answered_by_one_model_only_is_rejected():
@@ -223,24 +268,30 @@ def test_budget_curve_rejects_responses_longer_than_the_budget():
         verdict.budget_curve(pd.DataFrame([response("base", 0, response_tokens=1200)]), max_new_tokens=1000)
 
 
-def set_result(problems: int, low: float, high: float, base_cut: float = 0.2, finetuned_cut: float = 0.0) -> dict:
+def set_result(problems: int, low: float, high: float, base_cut: float = 0.05, finetuned_cut: float = 0.0,
+               finished: tuple[float, float] = (0.9, 0.95)) -> dict:
     return {"problems": problems, "measures": {
-        "accuracy": {"base": 0.5, "finetuned": 0.52, "delta": 0.02, "low": low, "high": high},
-        "hit_max_tokens_share": {"base": base_cut, "finetuned": finetuned_cut}}}
+        "accuracy": {"base": 0.5, "finetuned": 0.52, "delta": 0.02, "low": low, "high": high,
+                     "detectable": 2.8 * (high - low) / 3.92},
+        "hit_max_tokens_share": {"base": base_cut, "finetuned": finetuned_cut},
+        "finished_share": {"base": finished[0], "finetuned": finished[1]}}}
 
 
-def test_set_notes_state_the_smallest_accuracy_difference_the_set_can_see():
-    notes = verdict.set_notes(set_result(500, -0.01, 0.05), 8192)
-    assert notes == ["Accuracy: the delta's interval is ±3.0 points, so smaller differences read as *no detectable "
-                     "difference*; a true difference of 4.3 points would be detected about 80% of the time. More "
-                     "problems or samples narrow it."]
+def test_the_detectable_line_states_the_smallest_accuracy_difference_the_set_can_see():
+    assert verdict.detectable_line("math500", set_result(500, -0.01, 0.05)) == (
+        "On math500 this evaluation separates accuracy differences of 4.3 points or more (80% of the time at 95% "
+        "confidence); smaller ones read as *no detectable difference*. More problems or samples narrow it.")
+    assert verdict.set_notes(set_result(500, -0.01, 0.05), 8192) == []
 
 
-def test_set_notes_warn_of_few_problems_and_of_responses_that_all_hit_the_budget():
-    notes = verdict.set_notes(set_result(4, float("nan"), float("nan"), base_cut=1.0), 32)
-    assert notes == ["Warning: only 4 problems; every interval here is wide.",
-                     "Warning: every base response hit the 32-token budget; its measures describe cut-off responses "
-                     "(raise eval.max_new_tokens)."]
+def test_set_notes_warn_of_few_problems_of_responses_cut_at_the_budget_and_of_finished_shares_apart():
+    notes = verdict.set_notes(set_result(29, float("nan"), float("nan"), base_cut=0.11, finished=(0.6, 0.9)), 32)
+    assert notes == ["Warning: only 29 problems; every interval here is wide.",
+                     "Warning: 11% of base responses hit the 32-token budget; for them the budget, not the model, "
+                     "decides the outcome (raise eval.max_new_tokens).",
+                     "Warning: the models finished 60% (base) and 90% (fine-tuned) of their responses; measures over "
+                     "responses compare different kinds of them."]
+    assert verdict.set_notes(set_result(500, 0.0, 0.1, base_cut=0.10, finished=(0.6, 0.7)), 32) == []
 
 
 def test_domain_deltas_resample_problems_within_each_group_and_carry_no_verdict_word():
@@ -269,7 +320,7 @@ def test_a_set_without_groups_has_no_domain_rows():
     assert verdict.domain_deltas(pd.DataFrame(rows), resamples=50).empty
 
 
-def test_set_notes_do_not_claim_a_detectable_difference_from_a_point_interval():
-    notes = verdict.set_notes(set_result(500, 0.0, 0.0), 8192)
-    assert notes == ["Accuracy: no problem was answered differently by the two models, so the interval is a point "
-                     "and cannot say which differences this set could show."]
+def test_the_detectable_line_does_not_claim_a_resolution_from_a_point_interval():
+    assert verdict.detectable_line("gsm8k", set_result(500, 0.0, 0.0)) == (
+        "On gsm8k no problem was answered differently by the two models: the accuracy interval is a point and cannot "
+        "say which differences this set could show.")
