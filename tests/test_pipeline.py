@@ -156,3 +156,10 @@ def test_experiments_run_alone_and_queued_and_show_as_a_table(reproduced, tmp_pa
     assert {16, 4, 32} <= ranks
     table = dvc(project, "exp", "show", "--only-changed", "--md").stdout
     assert "train.lora.r" in table and "rank16" in table
+    # two runs compared, paired, from their samples read through DVC: the committed baseline and an experiment
+    compared = sh(project, sys.executable, "-m", "stages.scoring.compare", "HEAD", "rank16", "--out", "c.json")
+    assert compared.stdout.startswith("# rank16 against HEAD\n") and "## Control: base models" in compared.stdout
+    result = json.loads((project / "c.json").read_text())
+    control = [row for row in result["base"]["verdict"] if row["measure"] == "accuracy"]
+    assert control and all(row["delta"] == 0 for row in control)  # one base model, one seed: the same responses
+    assert {row["set"] for row in result["finetuned"]["verdict"]} == {"heldout", "gsm8k", "math500"}

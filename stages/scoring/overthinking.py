@@ -90,24 +90,44 @@ def uses_latex(text: str) -> bool:
 
 # A sentence ends at . ! or ? before whitespace (not the point of 3.5), at a line break, or at the end.
 SENTENCE = re.compile(r"[^\n]*?(?:[.!?](?=\s|$)|(?=\n)|$)")
-# "=" but not "<=", ">=", "!=" or "==": a bound or a test is not a stated result.
-STATED = re.compile(r"(?:(?<![<>!=])=(?!=)|\banswers?\s+(?:is|are|was|would be|should be|must be)\b:?)"
+# Where a sentence states a result: "=" (not "<=", ">=", "!=" or "==": a bound or a test is not a result),
+# "the answer is" or "Answer:", the text after it being the result; or a verb that reports a value ("equals",
+# "is", "gives", "totals", "makes", ...), the sentence's final number after it being the result.
+STATED = re.compile(r"(?:(?<![<>!=])=(?!=)|\banswers?\s+(?:is|are|was|would be|should be|must be)\b:?|\banswer\s*:)"
                     r"(?P<value>[^=]*)$", re.IGNORECASE)
+REPORTED = re.compile(r"\b(?:equals?|equalled|is|are|was|were|gives?|gave|totals?|totalled|makes?|made|becomes?"
+                      r"|comes? to)\b(?P<value>.*)$", re.IGNORECASE)
 DELIMITERS = re.compile(r"^(?:\s|\$|\\\[|\\\()+|(?:\s|\$|\\\]|\\\)|[.!?,;:])+$")
+# The final number, with at most three words of units after it ("7 DVDs", "18 dollars per day"), currency,
+# a percent sign or math delimiters around it ("$18", "\$1,200", "25%").
+FINAL_NUMBER = re.compile(r"(?<![\w.,\\])(?P<number>-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?)%?"
+                          r"(?:\s+[A-Za-z]+){0,3}[\s$.!?,;:)\]\\]*$")
 MAX_STATED_CHARS = 40  # longer tails are prose, not a result
 
 
 def stated_results(text: str) -> list[tuple[str, int]]:
-    """(value, end offset) of each sentence that ends in a stated result: the text after the sentence's
-    last "=" or after "the answer is", up to the sentence's end, math delimiters and final punctuation
-    stripped ("so 6 \\times 3 = 18." -> "18"; "\\[ x = \\frac{36}{2} \\]" -> "\\frac{36}{2}")."""
+    """(value, end offset) of the results each sentence states: after the sentence's last "=", "the answer is"
+    or "Answer:", the text up to the sentence's end, math delimiters and final punctuation stripped ("so 6
+    \\times 3 = 18." -> "18"; "\\[ x = \\frac{36}{2} \\]" -> "\\frac{36}{2}"), when short; and, after that or
+    after a verb that reports a value ("equals", "is", "gives", "totals", "makes", "becomes", "comes to"), the
+    sentence's final number, the units or currency around it dropped ("which equals $18" -> "18", "gives a
+    total of 20 eggs." -> "20", "= 7 DVDs" -> "7").
+
+    Still missed: results stated without such a word ("18 eggs in all.", "So, 18."), a value followed by more
+    than three words ("is 18, which seems right"), numbers written as words ("eighteen"), and an expression
+    (not a number) after a verb ("is \\frac{1}{2}.").
+    """
     found = []
     for sentence in SENTENCE.finditer(text):
-        stated = STATED.search(sentence.group())
-        if stated:
-            value = DELIMITERS.sub("", stated.group("value"))
-            if value and len(value) <= MAX_STATED_CHARS:
-                found.append((value, sentence.end()))
+        stated = STATED.search(sentence.group()) or REPORTED.search(sentence.group())
+        if not stated:
+            continue
+        value = DELIMITERS.sub("", stated.group("value")) if stated.re is STATED else ""
+        if value and len(value) <= MAX_STATED_CHARS:
+            found.append((value, sentence.end()))
+        number = FINAL_NUMBER.search(stated.group("value"))
+        if number and number.group("number").replace(",", "") != value:
+            found.append((number.group("number").replace(",", ""), sentence.end()))
     return found
 
 
@@ -116,10 +136,11 @@ def first_correct_position(text: str, is_gold: Callable[[str], bool]) -> int | N
 
     Candidates (an approximation of "the first solution that reaches the correct answer", which the
     paper finds by splitting the response into solutions and evalscope with an LLM judge): every
-    \\boxed{...}, and every sentence ending in a stated result ("= X", "the answer is X"; see
-    stated_results). A value that merely passes through the gold (a try "x = 5." that is then dropped)
-    counts too, so arrival can be dated early; both models are measured the same way. Each distinct
-    value is judged once: is_gold (math-verify) is the slow part.
+    \\boxed{...}, and every result a sentence states ("= X", "the answer is X", "which equals $X", "gives a
+    total of X", "Answer: X"; see stated_results, which also lists what it misses). A value that merely
+    passes through the gold (a try "x = 5." that is then dropped) counts too, so arrival can be dated early;
+    both models are measured the same way. Each distinct value is judged once: is_gold (math-verify) is the
+    slow part.
     """
     verdicts: dict[str, bool] = {}
     for value, end in sorted(boxed_answers(text) + stated_results(text), key=lambda candidate: candidate[1]):

@@ -274,11 +274,11 @@ def _places(rows: list[dict]) -> int:
     return places
 
 
-def verdict_markdown(rows: list[dict]) -> str:
+def verdict_markdown(rows: list[dict], labels: tuple[str, str] = ("base", "fine-tuned")) -> str:
     """The verdict rows as a Markdown table, one precision per measure; a delta is shown as the difference of
-    the shown values, so it never disagrees with them."""
+    the shown values, so it never disagrees with them. labels: the two columns' names."""
     places = {m: _places([r for r in rows if r["measure"] == m]) for m in {r["measure"] for r in rows}}
-    lines = [f"| set | claim | measure | base | fine-tuned | delta [{CONFIDENCE:.0%} interval] | detectable | "
+    lines = [f"| set | claim | measure | {labels[0]} | {labels[1]} | delta [{CONFIDENCE:.0%} interval] | detectable | "
              "verdict |", "|---|---|---|---:|---:|---|---:|---|"]
     for r in rows:
         n = places[r["measure"]]

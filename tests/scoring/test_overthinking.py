@@ -94,7 +94,7 @@ def test_boxed_answers_have_balanced_braces_and_end_offsets():
     ("So $6 \\times 3 = 18$.\n", ["18"]),
     ("\\[ x = \\frac{36}{2} \\]\nso", ["\\frac{36}{2}"]),
     ("Thus the answer is 70\\,000! Done", ["70\\,000"]),
-    ("We need x >= 5. And x != 3? Also 2.5 + 1 = 3.5 here.", ["3.5 here"]),
+    ("We need x >= 5. And x != 3? Also 2.5 + 1 = 3.5 here.", ["3.5 here", "3.5"]),
     ("Here a = b + c, so the sum of the two things we computed earlier in this step is even.", []),
 ])
 def test_stated_results_are_the_tails_of_sentences_after_equals_or_answer_is(text, values):
@@ -120,6 +120,34 @@ def test_first_correct_position_is_the_end_of_the_first_candidate_equal_to_the_g
     assert first_correct_position(TRACE, is_gold("\\frac{36}{2}")) == first
     assert first_correct_position(TRACE, is_gold("9")) == TRACE.index("9.") + 2
     assert first_correct_position(TRACE, is_gold("12")) is None
+
+
+# R1-style traces (GSM8K and MATH kinds) whose gold is first stated mid-reasoning, each in a form the
+# candidates once missed, then checked again and boxed after </think>.
+STATED_FORMS = [
+    ("At a dollar an egg, the 3 boxes of 6 eggs cost 3 times 6, which equals $18.", "18", "which equals $18."),
+    ("She has 12 red and 8 blue marbles, which gives a total of 20 marbles.", "20", "a total of 20 marbles."),
+    ("He bought 10 DVDs and returned 3, so 10 - 3 = 7 DVDs.", "7", "= 7 DVDs."),
+    ("She sells 6 cupcakes at 3 dollars each, so she makes 18 dollars.", "18", "makes 18 dollars."),
+    ("Adding the two rates, the answer: 17", "17", "17"),
+    ("The remaining area totals 45 square feet.", "45", "45 square feet."),
+    ("So the slope becomes 3/4 after the shift.", "3/4", "after the shift."),
+]
+
+
+@pytest.mark.parametrize(("sentence", "gold", "ends_with"), STATED_FORMS)
+def test_the_gold_stated_mid_reasoning_as_a_sentences_result_is_found_there(sentence, gold, ends_with):
+    trace = (f"<think>\nOkay, let me read the problem again. {sentence}\nWait, let me double-check the numbers. "
+             f"Hmm, yes, that holds.\n</think>\n\nThe result is $\\boxed{{{gold}}}$.")
+    position = first_correct_position(trace, is_gold(gold))
+    assert position is not None and trace[:position].rstrip().endswith(ends_with.rstrip())
+    assert position < trace.index("Wait")  # found mid-reasoning, not only in the final box
+
+
+def test_a_reporting_verb_without_a_final_number_states_nothing():
+    assert stated_results("This is wrong. The sum is even. It gives us an idea.") == []
+    assert [v for v, _ in stated_results("Answer: 17")] == ["17"]
+    assert [v for v, _ in stated_results("That makes 1,200 dollars per month.")] == ["1200"]
 
 
 def test_a_gold_that_appears_only_in_the_final_box_is_found_there():
