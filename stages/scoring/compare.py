@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +24,6 @@ from stages.core.artifacts import write_json
 from stages.scoring import verdict
 from stages.scoring.verdict import BASE, CONFIDENCE, FINETUNED, RESAMPLES
 
-log = logging.getLogger("stages.compare")
 SAMPLES = "data/eval/samples.parquet"
 WORKSPACE = "workspace"
 KEY = ["set", "problem_id", "sample"]

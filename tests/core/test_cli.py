@@ -28,8 +28,11 @@ cli.run(main, kept="the test's checkpoint; `dvc repro` resumes")
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_is_one_line_naming_what_was_kept_with_the_signals_exit_code(signum):
+    # SIGINT as a terminal gives it, even where this test runs in a background job (which ignores SIGINT, and
+    # a Python started ignoring it never raises KeyboardInterrupt)
     process = subprocess.Popen([sys.executable, "-c", SLEEPER], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                               env=os.environ | {"PYTHONPATH": str(ROOT)})
+                               env=os.environ | {"PYTHONPATH": str(ROOT)},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     while not any("started" in line for line in lines):
         lines.append(process.stderr.readline())
