@@ -135,8 +135,8 @@ def test_experiments_run_alone_and_queued_and_show_as_a_table(reproduced, tmp_pa
     project = copy_of(reproduced, tmp_path / "project")
     single = dvc(project, "exp", "run", "-n", "rank16", "-S", "train.lora.r=16")
     assert ran_stages(single.stdout) - {"report"} == {"train", "evaluate", "release"}
-    dvc(project, "exp", "run", "--queue", "-S", "train.lora.r=4,32")
-    dvc(project, "queue", "start", "--jobs", "2")  # both at once: the test waits on the slower
+    dvc(project, "exp", "run", "--queue", "-S", "train.lora.r=4")
+    dvc(project, "queue", "start")
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -146,14 +146,14 @@ def test_experiments_run_alone_and_queued_and_show_as_a_table(reproduced, tmp_pa
             time.sleep(2)
     finally:
         dvc(project, "queue", "stop", check=False)  # no worker outlives the test
-    assert status.count("Success") == 2, status
+    assert status.count("Success") == 1, status
     rows = json.loads(dvc(project, "exp", "show", "--json").stdout)
     ranks = set()
     for commit in rows:
         for exp in commit.get("experiments") or []:
             for rev in exp.get("revs", []):
                 ranks.add(rev["data"]["params"]["params.yaml"]["data"]["train"]["lora"]["r"])
-    assert {16, 4, 32} <= ranks
+    assert {16, 4} <= ranks
     table = dvc(project, "exp", "show", "--only-changed", "--md").stdout
     assert "train.lora.r" in table and "rank16" in table
     # two runs compared, paired, from their samples read through DVC: the committed baseline and an experiment

@@ -49,6 +49,7 @@ def test_loss_goes_down_on_a_small_repeated_data_set(project):
     assert metrics["tokens_seen"] > 0 and json.loads((project / "reports" / "train_run.json").read_text())[
         "tokens_per_second"] > 0
     assert (metrics["backend"], metrics["base_weights"], metrics["optimizer"]) == ("peft", "float32", "adamw_torch")
+    assert (metrics["device"], metrics["processes"]) == ("cpu", 1)  # what ran it, for the model card
     assert "tokens_per_second" not in metrics and "wall_seconds" not in metrics  # noise: kept out of the diffs
 
 

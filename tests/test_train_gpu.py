@@ -33,6 +33,7 @@ def test_unsloth_trains_in_4bit_and_its_adapter_loads_back(model_dir, tmp_path, 
     assert metrics["steps"] == 4
     assert 0 < json.loads((project / "reports" / "train_run.json").read_text())["peak_gpu_memory_gib"] < 8
     assert (metrics["backend"], metrics["base_weights"], metrics["optimizer"]) == ("unsloth", "4-bit", "adamw_8bit")
+    assert metrics["device"] == torch.cuda.get_device_name()
     adapter = project / "models" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
 

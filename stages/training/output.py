@@ -75,6 +75,7 @@ def summary(trainer, train_output, wall_seconds: float, resumed_from: int, token
         "tokens_seen": state.num_input_tokens_seen,
         "optimizer": str(args.optim.value if hasattr(args.optim, "value") else args.optim),
         "compute_dtype": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",  # each process's kind
     }
     run = {
         "tokens_per_second": tokens / runtime if runtime else None,
