@@ -41,6 +41,7 @@ class Inputs:
     funnel: dict  # metrics/data.json
     splits: dict  # metrics/splits.json
     training: dict  # metrics/train.json
+    run: dict  # reports/train_run.json: wall time, speed, memory
     report: dict  # reports/details.json
     prompt: str  # the exact prompt text with PROBLEM in place of the problem
 
@@ -118,7 +119,9 @@ def funnel_section(inputs: Inputs) -> str:
 def training_section(inputs: Inputs) -> str:
     config = _flat(dataclasses.asdict(inputs.train))
     return ("Parameters (`train` in params.yaml):\n\n" + _table(("param", "value"), config)
-            + "\nResults (`metrics/train.json`):\n\n" + _table(("result", "value"), _flat(inputs.training)))
+            + "\nResults (`metrics/train.json`):\n\n" + _table(("result", "value"), _flat(inputs.training))
+            + "\nHow long it ran (`reports/train_run.json`; the last run, resumed ones counting from the resume):\n\n"
+            + _table(("run", "value"), _flat(inputs.run)))
 
 
 def results_section(inputs: Inputs) -> str:
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="in: stratify's split sizes, for the card")
     parser.add_argument("--train-metrics", type=Path, default=Path("metrics/train.json"),
                         help="in: train's metrics, for the card")
+    parser.add_argument("--train-run", type=Path, default=Path("reports/train_run.json"),
+                        help="in: train's wall time, speed and memory, for the card")
     parser.add_argument("--out", type=Path, default=Path("release"),
                         help="out: the adapter files and the model card (README.md), ready to upload")
     args = parser.parse_args(argv)
@@ -282,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     inputs = Inputs(model=model, data=params.load("data"), eval_data=params.load("eval_data"),
                     train=params.load("train"), eval=params.load("eval"),
                     funnel=read_json(args.data_metrics, "filter"), splits=read_json(args.splits_metrics, "stratify"),
-                    training=read_json(args.train_metrics, "train"), report=read_json(args.details, "report"),
+                    training=read_json(args.train_metrics, "train"), run=read_json(args.train_run, "train"),
+                    report=read_json(args.details, "report"),
                     prompt=load_prompt(args.adapter, model.directive))
     assemble(args.adapter, args.out, model_card(inputs), model)
     log.info("release: %s ready; upload with: hf upload USER/NAME %s .", args.out, args.out)

@@ -25,6 +25,9 @@ TRAINING = {"train_loss": 0.61234, "validated": True, "val_loss": {"best": 0.58,
             "optimizer": "adamw_8bit"}
 
 
+RUN = {"tokens_per_second": 34886.2, "peak_gpu_memory_gib": 37.7, "wall_seconds": 3744.0}
+
+
 def write_adapter(adapter: Path) -> None:
     """What the train stage leaves in models/adapter: PEFT's config, weights and blank README, the tokenizer."""
     tiny_model.build_tokenizer(adapter)  # with the real R1-Distill chat template
@@ -41,6 +44,8 @@ def make_project(project: Path) -> Path:
     for name, data in (("data", FUNNEL), ("splits", SPLITS), ("train", TRAINING)):
         (project / "metrics").mkdir(exist_ok=True)
         (project / "metrics" / f"{name}.json").write_text(json.dumps(data))
+    (project / "reports").mkdir(exist_ok=True)
+    (project / "reports" / "train_run.json").write_text(json.dumps(RUN))
     return project
 
 
@@ -100,6 +105,7 @@ def test_card_body_has_the_verdict_funnel_training_usage_and_limits(released):
     assert "From 1000 rows of" in text and "| `task_category` | 500 |" in text and "null_field" not in text
     assert "train 368, val 21, test 21" in text
     assert "| `lora.r` | 8 |" in text and "| `val_loss.best` | 0.58 |" in text
+    assert "| `wall_seconds` | 3744 |" in text and "| `peak_gpu_memory_gib` | 37.7 |" in text  # how long it ran
     assert 'FastLanguageModel.from_pretrained("release"' in text and "load_in_4bit=True" in text
     assert f'AutoModelForCausalLM.from_pretrained("{BASE_MODEL}", revision="' in text
     assert 'PeftModel.from_pretrained(base, "release")' in text
