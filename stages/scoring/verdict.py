@@ -8,7 +8,6 @@ their reasoning tokens, and a short response with one "wait" does not dominate t
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -374,16 +373,14 @@ def set_notes(result: dict, max_new_tokens: int) -> list[str]:
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
-    """Per claim and measure, what the sets say together: each verdict word with the sets that gave it."""
-    lines = []
-    for (claim, measure), group in itertools.groupby(sorted(rows, key=lambda r: (r["claim"], r["measure"])),
-                                                     key=lambda r: (r["claim"], r["measure"])):
-        by_word: dict[str, list[str]] = {}
-        for r in group:
-            by_word.setdefault(r["verdict"], []).append(r["set"])
-        said = "; ".join(f"{word} on {', '.join(sets)}" for word, sets in sorted(by_word.items()))
-        lines.append(f"- {claim} (`{measure}`): {said}")
-    return lines
+    """Per claim and measure, in the rows' order, what the sets say together: each verdict word with the sets
+    that gave it."""
+    said: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for r in rows:
+        said.setdefault((r["claim"], r["measure"]), {}).setdefault(r["verdict"], []).append(r["set"])
+    return [f"- {claim} (`{measure}`): " + "; ".join(f"{word} on {', '.join(sets)}" for word, sets in
+                                                    sorted(by_word.items()))
+            for (claim, measure), by_word in said.items()]
 
 
 DOMAIN_MEASURES = ("accuracy", "response_tokens_mean")

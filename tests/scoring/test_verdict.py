@@ -219,6 +219,8 @@ def test_the_summary_gathers_each_claims_verdicts_over_the_sets():
                                ("math500", "no detectable difference"))]
     assert verdict.summary_lines(rows) == [
         "- stays accurate (`accuracy`): better on gsm8k; no detectable difference on heldout, math500"]
+    rows.insert(0, {"set": "gsm8k", "claim": "more concise", "measure": "response_tokens_mean", "verdict": "worse"})
+    assert verdict.summary_lines(rows)[0] == "- more concise (`response_tokens_mean`): worse on gsm8k"  # rows' order
 
 
 def test_a_problem_answered_by_one_model_only_is_rejected():
