@@ -66,7 +66,7 @@ def budget_table(curve: pd.DataFrame, set_name: str) -> pd.DataFrame:
     return rows.pivot(index="budget", columns="model", values="accuracy")[list(MODELS)].reset_index()
 
 
-def details(samples: pd.DataFrame, deltas: pd.DataFrame, curve: pd.DataFrame, max_new_tokens: int,
+def details(samples: pd.DataFrame, deltas: pd.DataFrame, budget: pd.DataFrame, max_new_tokens: int,
             seed: int) -> dict:
     """Everything behind the verdict, per set: every measure with its intervals, accuracy by level,
     response-token percentiles, the budget curve; and the verdict rows."""
@@ -86,7 +86,7 @@ def details(samples: pd.DataFrame, deltas: pd.DataFrame, curve: pd.DataFrame, ma
                                   for m in MODELS},
             "response_tokens": {m: {f"p{p}": float(np.percentile(by_model[m]["response_tokens"], p))
                                     for p in PERCENTILES} for m in MODELS},
-            "budget": budget_table(curve, set_name).to_dict("records"),
+            "budget": budget[budget["set"] == set_name].drop(columns="set").to_dict("records"),
         }
     return {"sets": sets, "verdict": verdict.verdict_rows(deltas),
             "bootstrap": {"resamples": RESAMPLES, "confidence": CONFIDENCE, "seed": seed,
@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     deltas = verdict.paired_deltas(samples, seed=seed, resamples=RESAMPLES, confidence=CONFIDENCE)
     curve = verdict.budget_curve(samples, max_new_tokens)
     domains = verdict.domain_deltas(samples, seed=seed, resamples=RESAMPLES, confidence=CONFIDENCE)
-    report = details(samples, deltas, curve, max_new_tokens, seed) | {"domains": domains.to_dict("records")}
+    budget = verdict.budget_deltas(samples, max_new_tokens, seed=seed, resamples=RESAMPLES, confidence=CONFIDENCE)
+    report = details(samples, deltas, budget, max_new_tokens, seed) | {"domains": domains.to_dict("records")}
     images = figures(samples, deltas, curve, max_new_tokens) | domain_figures(domains)
 
     with atomic_dir(args.metrics) as tmp:

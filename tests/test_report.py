@@ -139,6 +139,7 @@ def test_details_hold_every_measure_levels_percentiles_budget_and_verdict(report
     percentiles = math500["response_tokens"]["finetuned"]
     assert list(percentiles) == ["p50", "p90", "p99"] and percentiles["p50"] <= percentiles["p90"] <= percentiles["p99"]
     assert [row["budget"] for row in math500["budget"]] == [1024, 2048, 4096]
+    assert all(row["low"] <= row["finetuned"] - row["base"] <= row["high"] for row in math500["budget"])
     assert len(details["verdict"]) == len(SETS) * len(verdict.CLAIMS)
     assert details["bootstrap"]["seed"] == yaml.safe_load((reported / "params.yaml").read_text())["seed"]
 

@@ -328,10 +328,28 @@ def budget_curve(samples: pd.DataFrame, max_new_tokens: int) -> pd.DataFrame:
                                                                          ignore_index=True)
 
 
+def budget_deltas(samples: pd.DataFrame, max_new_tokens: int, seed: int = 0, resamples: int = RESAMPLES,
+                  confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Accuracy at every budget (as budget_curve counts it) per set, with the paired delta's interval: set,
+    budget, base, finetuned, delta, low, high."""
+    _check_columns(samples, ["correct", "response_tokens"])
+    frames = []
+    for budget in budgets(max_new_tokens):
+        within = samples.assign(correct=samples["correct"].astype(bool) & (samples["response_tokens"] <= budget))
+        deltas = paired_deltas(within, (MEASURE_BY_NAME["accuracy"],), seed, resamples, confidence)
+        frames.append(deltas.assign(budget=budget)[["set", "budget", "base", "finetuned", "delta", "low", "high"]])
+    return pd.concat(frames, ignore_index=True).sort_values(["set", "budget"], ignore_index=True)
+
+
 def budget_markdown(budget: list[dict]) -> str:
-    """Accuracy at every budget as a Markdown table."""
-    lines = ["| budget (tokens) | base accuracy | fine-tuned accuracy |", "|---:|---:|---:|"]
-    lines += [f"| {row['budget']} | {row[BASE]:.3f} | {row[FINETUNED]:.3f} |" for row in budget]
+    """Accuracy at every budget as a Markdown table, the delta (the difference of the shown values) with its
+    interval."""
+    lines = [f"| budget (tokens) | base accuracy | fine-tuned accuracy | delta [{CONFIDENCE:.0%} interval] |",
+             "|---:|---:|---:|---|"]
+    for row in budget:
+        base, finetuned = round(row[BASE], 3), round(row[FINETUNED], 3)
+        lines.append(f"| {row['budget']} | {base:.3f} | {finetuned:.3f} | {round(finetuned - base, 3) + 0.0:.3f} "
+                     f"[{row['low']:.3f}, {row['high']:.3f}] |")
     return "\n".join(lines) + "\n"
 
 

@@ -265,6 +265,20 @@ def test_budget_curve_is_per_model_and_set():
                                ("finetuned", "math500", 1024): 0.0, ("finetuned", "math500", 2048): 0.0}
 
 
+def test_budget_deltas_give_each_budgets_accuracy_delta_its_paired_interval():
+    """60 problems: the fine-tuned model answers every one right within 1k tokens, the base model right but in
+    1,500 tokens: at 1k the delta is 1 with a point interval, at 2k nothing differs."""
+    rows = [response("base", p, response_tokens=1500) for p in range(60)] + [
+        response("finetuned", p, response_tokens=600) for p in range(60)]
+    budget = verdict.budget_deltas(pd.DataFrame(rows), max_new_tokens=2048, resamples=200)
+    assert budget[["budget", "base", "finetuned", "delta", "low", "high"]].to_dict("records") == [
+        {"budget": 1024, "base": 0.0, "finetuned": 1.0, "delta": 1.0, "low": 1.0, "high": 1.0},
+        {"budget": 2048, "base": 1.0, "finetuned": 1.0, "delta": 0.0, "low": 0.0, "high": 0.0}]
+    table = verdict.budget_markdown(budget.to_dict("records")).splitlines()
+    assert table[0] == "| budget (tokens) | base accuracy | fine-tuned accuracy | delta [95% interval] |"
+    assert table[2] == "| 1024 | 0.000 | 1.000 | 1.000 [1.000, 1.000] |"
+
+
 def test_budget_curve_rejects_responses_longer_than_the_budget():
     with pytest.raises(verdict.VerdictError, match="max_new_tokens 1000"):
         verdict.budget_curve(pd.DataFrame([response("base", 0, response_tokens=1200)]), max_new_tokens=1000)
