@@ -66,3 +66,14 @@ def test_counts_report_rows_per_split_and_difficulty():
 def test_empty_input_is_an_error():
     with pytest.raises(StratifyError, match="no rows"):
         stratify(filtered(0), CONFIG, seed=1)
+
+
+def test_a_zero_fraction_gives_an_empty_split_of_the_same_columns_that_training_reads():
+    """stratify.val_fraction: 0 leaves val.parquet empty with the filter's schema: the split the train stage's
+    no-validation test (tests/test_train.py, val rows []) trains with."""
+    from tests.conftest import splits_table
+
+    splits = stratify(filtered(100), params.StratifyParams(train_fraction=0.9, val_fraction=0, test_fraction=0.1),
+                      seed=1)
+    assert splits["val"].num_rows == 0 and splits["val"].schema == OUTPUT_SCHEMA == splits_table([]).schema
+    assert splits["train"].num_rows + splits["test"].num_rows == 100
