@@ -386,25 +386,13 @@ def test_each_sample_row_measures_how_the_response_reasons(tokenizer):
     assert rows["boxed"].tolist() == [True, True, False]
 
 
-def test_two_worker_processes_give_the_samples_of_one_process(project, capfd):
+def test_two_workers_start_once_for_both_models_merge_the_adapter_in_place_and_give_one_processs_samples(
+        project, monkeypatch, capfd):
     set_params(project, "eval", num_gpus=1)  # the model card's sampling
     evaluate.main([])
     alone = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
     generations = project / "data" / "eval" / "generations"
     files_alone = {f.name for f in generations.iterdir()}
-    set_params(project, "eval", num_gpus=2)  # on CPU: two CPU processes, each with every other prompt
-    capfd.readouterr()
-    evaluate.main([])
-    log = capfd.readouterr().err
-    # each worker answered its share of every set, one call per model
-    assert "base/heldout + base/gsm8k + base/math500 [worker 1]" in log
-    assert "finetuned/heldout + finetuned/gsm8k + finetuned/math500 [worker 0]" in log
-    pd.testing.assert_frame_equal(pd.read_parquet(project / "data" / "eval" / "samples.parquet"), alone)
-    files = {f.name for f in generations.iterdir()}
-    assert len(files) == 6 and not files & files_alone  # the process count is in the key; one process's files: stale
-
-
-def test_two_workers_start_once_for_both_models_and_each_merges_the_adapter_in_place(project, monkeypatch, capfd):
     starts, start = [], subprocess.Popen
 
     def counted(args, **kwargs):
@@ -412,18 +400,23 @@ def test_two_workers_start_once_for_both_models_and_each_merges_the_adapter_in_p
         return start(args, **kwargs)
 
     monkeypatch.setattr(subprocess, "Popen", counted)
-    set_params(project, "eval", num_gpus=2)
+    set_params(project, "eval", num_gpus=2)  # on CPU: two CPU processes, each with every other prompt
     capfd.readouterr()
     evaluate.main([])
     assert starts == ["0", "1"]  # one set of workers for the base and the fine-tuned model
     log = capfd.readouterr().err
+    # each worker answered its share of every set, one call per model
+    assert "base/heldout + base/gsm8k + base/math500 [worker 1]" in log
+    assert "finetuned/heldout + finetuned/gsm8k + finetuned/math500 [worker 0]" in log
     for worker in (0, 1):
         assert log.count(f"worker {worker} {WORKERS_LOG}: finetuned: merging the adapter into the loaded model") == 1
         # each start part timed, the time of day to the millisecond
         for part in ("loaded the base model", "finetuned: merged the adapter"):
             timed = rf"\d\d:\d\d:\d\d\.\d{{3}} worker {worker} {re.escape(WORKERS_LOG)}: {part} in [\d.]+ s"
             assert len(re.findall(timed, log)) == 1
-    assert len(pd.read_parquet(project / "data" / "eval" / "samples.parquet")) == 2 * 2 * (2 + 2 + 3)
+    pd.testing.assert_frame_equal(pd.read_parquet(project / "data" / "eval" / "samples.parquet"), alone)
+    files = {f.name for f in generations.iterdir()}
+    assert len(files) == 6 and not files & files_alone  # the process count is in the key; one process's files: stale
 
 
 FAIL_GENERATION = '''  # sitecustomize for worker processes: the one generating $FAIL_GENERATION exits with code 3;
