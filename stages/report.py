@@ -205,8 +205,10 @@ def verdict_page(report: dict, figure_names: list[str], figures_dir: str) -> str
                   verdict.budget_markdown(result["budget"])]
     if report["domains"]:
         lines += ["## By domain", "", verdict.MANY_COMPARISONS, "", verdict.domain_markdown(report["domains"])]
+    shown = list(dict.fromkeys(row["measure"] for row in report["verdict"]))  # the tables' measures, in order
     lines += ["## Measures", ""]
-    lines += [f"- `{name}`: {m.meaning}" for name, m in MEASURE_BY_NAME.items()]
+    lines += [f"- `{name}`: {MEASURE_BY_NAME[name].meaning}" for name in shown]
+    lines += ["", f"Also in `reports/details.json`: {', '.join(f'`{n}`' for n in MEASURE_BY_NAME if n not in shown)}."]
     lines += ["", "## Figures", ""]
     lines += [f"![{name.removesuffix('.png')}]({figures_dir}/{name})" for name in figure_names]
     return "\n".join(lines) + "\n"

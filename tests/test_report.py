@@ -144,6 +144,15 @@ def test_details_hold_every_measure_levels_percentiles_budget_and_verdict(report
     assert details["bootstrap"]["seed"] == yaml.safe_load((reported / "params.yaml").read_text())["seed"]
 
 
+def test_the_page_describes_the_measures_its_tables_show_and_names_the_rest(reported):
+    page = (reported / "reports" / "verdict.md").read_text()
+    described = page.split("## Measures")[1].split("## Figures")[0]
+    assert "- `accuracy`: " in described and "- `stepwise_share`: " in described
+    assert "- `outcome_efficiency`" not in described  # no claim's measure: not in the tables
+    also = next(line for line in described.splitlines() if line.startswith("Also in `reports/details.json`: "))
+    assert "`outcome_efficiency`" in also and "`hit_max_tokens_share`" in also and "`accuracy`" not in also
+
+
 def test_verdict_page_has_each_sets_table_and_shows_every_figure(reported):
     page = (reported / "reports" / "verdict.md").read_text()
     details = json.loads((reported / "reports" / "details.json").read_text())
