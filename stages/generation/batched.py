@@ -20,7 +20,7 @@ from tqdm import tqdm
 from stages.core import params
 from stages.core.cli import StageError
 from stages.core.prompts import THINK_CLOSE
-from stages.generation.continuous import ContinuousBatcher, DecodeStep, kv_bytes_per_token
+from stages.generation.continuous import CacheTooSmall, ContinuousBatcher, DecodeStep, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so compiled shapes repeat
@@ -264,6 +264,9 @@ def generate_continuous(model, request: Request, progress,
         engine = ContinuousBatcher(model, request.slots, length, eos, config.temperature, config.top_p,
                                    graphs=config.static_cache,
                                    compile=config.static_cache and model.device.type == "cuda", **paging)
+    except CacheTooSmall as e:
+        raise GenerationError(f"evaluate: {e} (the GPU memory free at the start, less 6 GiB); free the GPU of other "
+                              "processes or lower eval.max_new_tokens") from e
     except ValueError as e:
         raise GenerationError(f"evaluate: eval.batching is 'continuous', but {e}; set eval.batching: padded") from e
 

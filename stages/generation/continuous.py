@@ -92,6 +92,10 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
 
 
+class CacheTooSmall(ValueError):
+    """The GPU memory left for the KV cache cannot hold one response at full length."""
+
+
 class BlockCache:
     """The KV cache in blocks of `block` tokens, per layer [blocks, block, kv_heads, head_dim], handed to
     responses a block at a time as they grow, so the responses in flight follow their actual lengths, not the
@@ -105,7 +109,7 @@ class BlockCache:
         self.per_slot = -(-length // block)  # blocks a slot may hold
         self.blocks = tokens // block + 1
         if self.blocks - 1 < self.per_slot:
-            raise ValueError(f"a KV cache of {tokens} tokens cannot hold one response of {length} tokens")
+            raise CacheTooSmall(f"a KV cache of {tokens} tokens cannot hold one response of {length} tokens")
         shape = (self.blocks, block, *token_kv_shape(config))
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]

@@ -239,7 +239,7 @@ def test_responses_in_flight_follow_their_lengths_not_the_budget(model):
 
 
 def test_a_cache_that_cannot_hold_one_response_is_refused(model):
-    with pytest.raises(ValueError, match="a KV cache of 32 tokens cannot hold one response of 40 tokens"):
+    with pytest.raises(continuous.CacheTooSmall, match="a KV cache of 32 tokens cannot hold one response of 40 tokens"):
         continuous.ContinuousBatcher(model, slots=4, length=40, eos=0, temperature=0.0, top_p=1.0, block=8,
                                      cache_tokens=32)
 
@@ -317,3 +317,12 @@ def test_a_decode_step_that_does_not_compile_is_run_eagerly_and_said(model, monk
         fallen_back, engine = run_engine(model, COMPILE_PROMPTS[:6], COMPILE_BUDGETS[:6], compile=True)
     assert not engine.stats.compiled and fallen_back == eager
     assert "decoding without torch.compile, which failed here (RuntimeError: no C compiler here)" in caplog.text
+
+
+def test_a_gpu_too_full_for_one_response_is_one_line_naming_what_to_do(model, tokenizer, monkeypatch):
+    monkeypatch.setattr(generation, "cache_tokens", lambda model: 8)  # as a GPU shared with another process
+    config = eval_config(temperature=0.0, max_new_tokens=24, batch_size=4, batching="continuous")
+    expected = (r"^evaluate: a KV cache of 8 tokens cannot hold one response of \d+ tokens \(the GPU memory free at "
+                r"the start, less 6 GiB\); free the GPU of other processes or lower eval\.max_new_tokens$")
+    with pytest.raises(generation.GenerationError, match=expected):
+        generation.generate(model, tokenizer, PROMPTS[:2], config, seed=0)
