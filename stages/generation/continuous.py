@@ -103,10 +103,12 @@ class BlockCache:
     slots land nowhere that matters. A prefill passes it to the model as past_key_values: transformers'
     attention layers call update()."""
 
-    def __init__(self, config, slots: int, length: int, block: int, tokens: int, dtype: torch.dtype,
+    def __init__(self, config, slots: int, length: int, block: int, tokens: int | None, dtype: torch.dtype,
                  device: torch.device):
+        """tokens: the cache's size; None: every slot at full length."""
         self.block = block
-        self.per_slot = -(-length // block)  # blocks a slot may hold
+        self.per_slot = self.blocks_for(length)  # blocks a slot may hold
+        tokens = slots * self.per_slot * block if tokens is None else tokens
         self.blocks = tokens // block + 1
         if self.blocks - 1 < self.per_slot:
             raise CacheTooSmall(f"a KV cache of {tokens} tokens cannot hold one response of {length} tokens")
@@ -304,8 +306,7 @@ class ContinuousBatcher:
         self.layers = self.decoder.layers[:config.num_hidden_layers]
         self.slots, self.length, self.eos = slots, length, eos
         block = min(block, length)
-        self.cache = BlockCache(config, slots, length, block, cache_tokens or slots * -(-length // block) * block,
-                                model.dtype, self.device)
+        self.cache = BlockCache(config, slots, length, block, cache_tokens, model.dtype, self.device)
         self.sample = sampler(temperature, top_p)
         self.flash = flash_decode_available(self.device, model.dtype)
         # each slot's next input token: the token a decode step just drew, read back by run()
@@ -448,7 +449,7 @@ class ContinuousBatcher:
         admissions = itertools.count()
         size = self.slots
         refill_at = max(1, self.slots // 16)  # free slots worth a prefill while prompts wait
-        taken = in_flight = 0
+        taken = in_flight = 0  # tokens taken; responses in flight, summed over decode steps
 
         def take(slot: int, token: int) -> None:
             nonlocal taken
@@ -483,7 +484,7 @@ class ContinuousBatcher:
             if not waiting:  # the tail: decode with the smallest graph that holds every response left
                 size = self._shrink(size)
             self._grow(size, waiting, admitted)
-            in_flight += sum(index is not None for index in self.owner[:size])
+            in_flight += len(admitted)
             self.stats.in_flight_max = max(self.stats.in_flight_max, len(admitted))
             self._step(size)
             for slot, token in enumerate(self.tokens[:size].tolist()):

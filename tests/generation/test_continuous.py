@@ -238,10 +238,12 @@ def test_responses_in_flight_follow_their_lengths_not_the_budget(model):
     assert [len(done[i]) for i in range(8)] == [4] * 8
 
 
-def test_a_cache_that_cannot_hold_one_response_is_refused(model):
-    with pytest.raises(continuous.CacheTooSmall, match="a KV cache of 32 tokens cannot hold one response of 40 tokens"):
+@pytest.mark.parametrize("tokens", [32, 0])  # 0: a GPU with nothing free, never the default of full slots
+def test_a_cache_that_cannot_hold_one_response_is_refused(model, tokens):
+    with pytest.raises(continuous.CacheTooSmall,
+                       match=f"a KV cache of {tokens} tokens cannot hold one response of 40 tokens"):
         continuous.ContinuousBatcher(model, slots=4, length=40, eos=0, temperature=0.0, top_p=1.0, block=8,
-                                     cache_tokens=32)
+                                     cache_tokens=tokens)
 
 
 def test_progress_reports_the_tokens_generated_so_far_while_responses_run(model):
