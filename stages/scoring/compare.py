@@ -107,9 +107,10 @@ def comparison(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str], seed: i
     result = {"a": names[0], "b": names[1], "notes": notes,
               "bootstrap": {"resamples": RESAMPLES, "confidence": CONFIDENCE, "seed": seed}}
     for model in (FINETUNED, BASE):
-        deltas = verdict.paired_deltas(paired(a, b, model), seed=seed, resamples=RESAMPLES, confidence=CONFIDENCE)
+        rows = paired(a, b, model)
+        deltas = verdict.paired_deltas(rows, seed=seed, resamples=RESAMPLES, confidence=CONFIDENCE)
         result[model] = {"verdict": verdict.verdict_rows(deltas),
-                         "problems": paired(a, b, model).groupby("set")["problem_id"].nunique().to_dict(),
+                         "problems": rows.groupby("set")["problem_id"].nunique().to_dict(),
                          "measures": deltas.to_dict("records")}
     return result
 

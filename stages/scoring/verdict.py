@@ -273,6 +273,14 @@ def _places(rows: list[dict]) -> int:
     return places
 
 
+def _shown(base: float, finetuned: float, decimals: int) -> tuple[str, str, str]:
+    """base, fine-tuned and their delta as shown: the delta is the difference of the shown values, so it never
+    disagrees with them (23.45 and 7.51 at 0 decimals: 23, 8, -15)."""
+    base, finetuned = (value if math.isnan(value) else round(value, decimals) for value in (base, finetuned))
+    delta = finetuned - base if math.isnan(finetuned - base) else round(finetuned - base, decimals) + 0.0
+    return _number(base, decimals), _number(finetuned, decimals), _number(delta, decimals)
+
+
 def verdict_markdown(rows: list[dict], labels: tuple[str, str] = ("base", "fine-tuned")) -> str:
     """The verdict rows as a Markdown table, one precision per measure; a delta is shown as the difference of
     the shown values, so it never disagrees with them. labels: the two columns' names."""
@@ -281,10 +289,10 @@ def verdict_markdown(rows: list[dict], labels: tuple[str, str] = ("base", "fine-
              "verdict |", "|---|---|---|---:|---:|---|---:|---|"]
     for r in rows:
         n = places[r["measure"]]
-        base, finetuned = (round(r[k], n) if not math.isnan(r[k]) else math.nan for k in ("base", "finetuned"))
-        delta = f"{_number(round(finetuned - base, n) + 0.0, n)} [{_number(r['low'], n)}, {_number(r['high'], n)}]"
-        lines.append(f"| {r['set']} | {r['claim']} | {r['measure']} | {_number(base, n)} | {_number(finetuned, n)} | "
-                     f"{delta} | {_number(r.get('detectable', math.nan), n)} | {r['verdict']} |")
+        base, finetuned, delta = _shown(r["base"], r["finetuned"], n)
+        lines.append(f"| {r['set']} | {r['claim']} | {r['measure']} | {base} | {finetuned} | {delta} "
+                     f"[{_number(r['low'], n)}, {_number(r['high'], n)}] | {_number(r.get('detectable', math.nan), n)} "
+                     f"| {r['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -347,15 +355,13 @@ def budget_markdown(budget: list[dict]) -> str:
     lines = [f"| budget (tokens) | base accuracy | fine-tuned accuracy | delta [{CONFIDENCE:.0%} interval] |",
              "|---:|---:|---:|---|"]
     for row in budget:
-        base, finetuned = round(row[BASE], 3), round(row[FINETUNED], 3)
-        lines.append(f"| {row['budget']} | {base:.3f} | {finetuned:.3f} | {round(finetuned - base, 3) + 0.0:.3f} "
-                     f"[{row['low']:.3f}, {row['high']:.3f}] |")
+        base, finetuned, delta = _shown(row[BASE], row[FINETUNED], 3)
+        lines.append(f"| {row['budget']} | {base} | {finetuned} | {delta} [{_number(row['low'], 3)}, "
+                     f"{_number(row['high'], 3)}] |")
     return "\n".join(lines) + "\n"
 
 
 FEW_PROBLEMS = 100  # below this a set's intervals are too wide to show a few points of accuracy
-
-
 BUDGET_WARNING = 0.10  # above this share of responses cut at the budget, the budget decides the outcome
 FINISHED_GAP = 0.10  # finished shares this far apart: the models are compared on different kinds of response
 
