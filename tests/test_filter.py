@@ -1,4 +1,6 @@
+import copy
 import os
+import pickle
 import subprocess
 import sys
 from collections import Counter
@@ -59,8 +61,14 @@ def test_an_example_of_exactly_max_tokens_fits_and_one_token_more_does_not(token
     prompt, completion = encode_pairs(tokenizer, [example_texts(tokenizer, *example, directive=DIRECTIVE)])
     exact = len(prompt[0]) + len(completion[0])
     count = screening.TokenCounter(tokenizer, DIRECTIVE)
-    assert count(*([part] for part in example), exact - 1) == [exact]
-    assert count(*([part] for part in example), exact)[0] <= exact
+    assert count.tokenizer is None  # a worker gets the template and the Rust tokenizer, not transformers
+    trimming = copy.copy(tokenizer)  # a template that rewrites the user turn: each prompt rendered by it
+    trimming.chat_template = tokenizer.chat_template.replace("message['content']", "message['content'] | trim")
+    rendering = screening.TokenCounter(trimming, DIRECTIVE)
+    assert rendering.template is None
+    for counter in (pickle.loads(pickle.dumps(count)), rendering):
+        assert counter(*([part] for part in example), exact - 1) == [exact]
+        assert counter(*([part] for part in example), exact)[0] <= exact
 
 
 def test_length_check_can_be_switched_off(messy_source, tmp_path, filter_params):

@@ -6,6 +6,8 @@ part is never rendered through it: the template renders the prompt, and the comp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
@@ -27,6 +29,36 @@ def prompt_text(tokenizer, problem: str, *, directive: str) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": user_turn(problem, directive)}], tokenize=False, add_generation_prompt=True
     )
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """prompt_text without rendering the chat template per problem: the template rendered once around a
+    marker, the user turn put in its place. Plain strings, so it travels to worker processes without
+    transformers (whose import costs seconds)."""
+    head: str
+    tail: str
+    directive: str
+    MARKER = "\x00problem\x00"
+    # Problems that a template which trims, escapes or otherwise rewrites the user turn renders differently
+    PROBES = ("What is 1 + 1?", "  spaced\n\n problem \t", "", "{{ raw }} {% if %} <|x|> \\boxed{}")
+
+    @classmethod
+    def of(cls, tokenizer, directive: str) -> PromptTemplate | None:
+        """The template of this tokenizer's prompts, or None if its chat template does not place the user
+        turn verbatim (then prompt_text must render each problem) or has none."""
+        if not getattr(tokenizer, "chat_template", None):
+            return None
+        rendered = prompt_text(tokenizer, cls.MARKER, directive="")
+        if rendered.count(cls.MARKER) != 1:
+            return None
+        template = cls(*rendered.split(cls.MARKER), directive)
+        if any(template(p) != prompt_text(tokenizer, p, directive=directive) for p in cls.PROBES):
+            return None
+        return template
+
+    def __call__(self, problem: str) -> str:
+        return self.head + user_turn(problem, self.directive) + self.tail
 
 
 def completion_text(prompt: str, reasoning: str, answer: str, eos_token: str) -> str:

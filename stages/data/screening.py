@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages.core import params
-from stages.core.prompts import example_texts
+from stages.core.prompts import PromptTemplate, completion_text, prompt_text
 from stages.data.contamination import ContaminationIndex
 from stages.data.magpie import split_response
 from stages.scoring.overthinking import per_1k, second_guess_counts
@@ -62,7 +62,10 @@ class TokenCounter:
     """
 
     def __init__(self, tokenizer, directive: str):
-        self.tokenizer, self.directive = tokenizer, directive  # the prompt as training renders it
+        self.directive, self.eos_token = directive, tokenizer.eos_token  # the prompt as training renders it
+        self.template = PromptTemplate.of(tokenizer, directive)
+        # Kept only where the template cannot stand in: workers then need no transformers (seconds to import).
+        self.tokenizer = None if self.template else tokenizer
         self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no per-token Python objects
         self.by_chunks = splits_at_spaces(self.backend)
         self.chunk_tokens: dict[str, int] = {}  # chunk -> tokens of " " + chunk
@@ -104,8 +107,11 @@ class TokenCounter:
     def __call__(self, instructions, reasonings, answers, max_tokens: int, also: Sequence[str] = ()) -> list[int]:
         """Token count of each whole example, then of each text in `also`, encoded on its own in the same pass
         as the completions: texts made of their words (their reasonings) add little (bench/filter_speed.py)."""
-        pairs = [example_texts(self.tokenizer, *row, directive=self.directive)
-                 for row in zip(instructions, reasonings, answers, strict=True)]
+        prompts = [self.template(problem) if self.template else prompt_text(self.tokenizer, problem,
+                                                                             directive=self.directive)
+                   for problem in instructions]
+        pairs = [(prompt, completion_text(prompt, reasoning, answer, self.eos_token))
+                 for prompt, reasoning, answer in zip(prompts, reasonings, answers, strict=True)]
         counts = [len(prompt.encode()) + len(completion.encode()) for prompt, completion in pairs]
         long = [i for i, n in enumerate(counts) if n > max_tokens]
         prompts = self._encode([pairs[i][0] for i in long])

@@ -1,4 +1,8 @@
-from stages.core.prompts import encode_pairs, example_texts, prompt_text, user_turn
+import copy
+
+import pytest
+
+from stages.core.prompts import PromptTemplate, encode_pairs, example_texts, prompt_text, user_turn
 from tests.conftest import DIRECTIVE
 
 MODEL_CARD_DIRECTIVE = r"Please reason step by step, and put your final answer within \boxed{}."
@@ -39,3 +43,22 @@ def test_completion_encodes_the_end_of_sequence_as_its_special_token(tokenizer):
     assert completion[0].ids[-1] == tokenizer.eos_token_id
     assert prompt[0].ids[0] == tokenizer.bos_token_id
     assert tokenizer.convert_tokens_to_ids("<think>") in prompt[0].ids
+
+
+PROBLEMS = ["What is 2+2?", "  Find $x$ if\n\n$x^2 = 4$.  ", "", "{{ x }} {% raw %} <｜User｜> \\boxed{}", "ünï ☃"]
+
+
+@pytest.mark.parametrize("directive", [MODEL_CARD_DIRECTIVE, ""])
+def test_the_prompt_template_renders_what_the_chat_template_renders(tokenizer, directive):
+    template = PromptTemplate.of(tokenizer, directive)
+    assert template is not None
+    for problem in PROBLEMS:
+        assert template(problem) == prompt_text(tokenizer, problem, directive=directive)
+
+
+def test_a_chat_template_that_rewrites_the_user_turn_has_no_prompt_template(tokenizer):
+    trimming = copy.copy(tokenizer)
+    trimming.chat_template = tokenizer.chat_template.replace("message['content']", "message['content'] | trim")
+    assert "| trim" in trimming.chat_template
+    assert prompt_text(trimming, "  x  ", directive="") != prompt_text(tokenizer, "  x  ", directive="")
+    assert PromptTemplate.of(trimming, DIRECTIVE) is None
