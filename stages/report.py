@@ -149,12 +149,39 @@ def markers_figure(deltas: pd.DataFrame, set_names: list[str]):
     return figure
 
 
+def training_figure(curves: Path) -> dict:
+    """training.png: train and validation loss and the learning rate per optimizer step, from dvclive's TSVs
+    (train's metrics/train/plots/metrics); none when training left no loss curve there. Static, so
+    `dvc plots show` loads nothing from the network."""
+    panels = {"loss": {"train": curves / "loss.tsv", "validation": curves / "eval" / "loss.tsv"},
+              "learning_rate": {"learning rate": curves / "learning_rate.tsv"}}
+    if not panels["loss"]["train"].is_file():
+        log.info("no training curves in %s: training.png not drawn", curves)
+        return {}
+    figure, axes = _figure(2)
+    for ax, (measure, files) in zip(axes, panels.items(), strict=True):
+        for label, file in files.items():
+            if file.is_file():
+                table = pd.read_csv(file, sep="\t")
+                ax.plot(table["step"], table[measure], marker="o" if len(table) < 30 else None, label=label)
+        ax.set(title=measure.replace("_", " "), xlabel="optimizer step")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return {"training.png": figure}
+
+
 def figures(samples: pd.DataFrame, deltas: pd.DataFrame, curve: pd.DataFrame, max_new_tokens: int) -> dict:
     """File name -> PNG bytes."""
     set_names = sorted(samples["set"].unique())
     made = {"accuracy_by_budget.png": accuracy_by_budget_figure(curve, set_names),
             "response_tokens.png": response_tokens_figure(samples, set_names, max_new_tokens),
             "second_guesses_per_1k.png": markers_figure(deltas, set_names)}
+    return png_bytes(made)
+
+
+def png_bytes(made: dict) -> dict:
+    """File name -> PNG bytes of each figure."""
     images = {}
     for name, figure in made.items():
         buffer = io.BytesIO()
@@ -164,8 +191,8 @@ def figures(samples: pd.DataFrame, deltas: pd.DataFrame, curve: pd.DataFrame, ma
 
 
 def domain_figures(domains: pd.DataFrame) -> dict:
-    """accuracy_by_domain.png: each group's accuracy delta with its interval, a panel per set and grouping;
-    none when no set has groups."""
+    """accuracy_by_domain.png (bytes): each group's accuracy delta with its interval, a panel per set and
+    grouping; none when no set has groups."""
     accuracy = domains[domains["measure"] == "accuracy"]
     panels = list(accuracy.groupby(["set", "by"], sort=True))
     if not panels:
@@ -178,9 +205,7 @@ def domain_figures(domains: pd.DataFrame) -> dict:
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(y, rows["group"])
         ax.set(title=f"{set_name} by {by}", xlabel=f"accuracy delta ({CONFIDENCE:.0%} interval)")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, **PNG)
-    return {"accuracy_by_domain.png": buffer.getvalue()}
+    return png_bytes({"accuracy_by_domain.png": figure})
 
 
 def verdict_page(report: dict, figure_names: list[str], figures_dir: str) -> str:
@@ -222,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="out: the headline metrics, <set>/<measure>.json (dvc metrics)")
     parser.add_argument("--budget", type=Path, default=Path("metrics/eval_budget"),
                         help="out: accuracy at every budget, <set>.tsv (dvc plots)")
+    parser.add_argument("--training", type=Path, default=Path("metrics/train/plots/metrics"),
+                        help="in: train's per-step loss and learning rate (dvclive TSVs), for figures/training.png")
     parser.add_argument("--reports", type=Path, default=Path("reports"),
                         help="out: details.json, verdict.md and figures/")
     args = parser.parse_args(argv)
@@ -234,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     domains = verdict.domain_deltas(samples, seed=seed, resamples=RESAMPLES, confidence=CONFIDENCE)
     budget = verdict.budget_deltas(samples, max_new_tokens, seed=seed, resamples=RESAMPLES, confidence=CONFIDENCE)
     report = details(samples, deltas, budget, max_new_tokens, seed) | {"domains": domains.to_dict("records")}
-    images = figures(samples, deltas, curve, max_new_tokens) | domain_figures(domains)
+    images = (figures(samples, deltas, curve, max_new_tokens) | domain_figures(domains)
+              | png_bytes(training_figure(args.training)))
 
     with atomic_dir(args.metrics) as tmp:
         for set_name, files in headline(deltas).items():

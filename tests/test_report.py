@@ -3,6 +3,7 @@ details, the verdict page and byte-identical figures on a re-run."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,11 @@ def make_project(project: Path, samples: pd.DataFrame) -> Path:
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (project / "data" / "eval").mkdir(parents=True)
     samples.to_parquet(project / "data" / "eval" / "samples.parquet", index=False)
+    curves = project / "metrics" / "train" / "plots" / "metrics"  # dvclive's per-step TSVs
+    (curves / "eval").mkdir(parents=True)
+    (curves / "loss.tsv").write_text("step\tloss\n1\t2.5\n2\t2.1\n3\t1.9\n4\t1.8\n")
+    (curves / "eval" / "loss.tsv").write_text("step\tloss\n2\t2.2\n4\t2.0\n")
+    (curves / "learning_rate.tsv").write_text("step\tlearning_rate\n1\t0.0\n2\t0.0002\n3\t0.0001\n4\t0.0\n")
     return project
 
 
@@ -162,7 +168,7 @@ def test_verdict_page_has_each_sets_table_and_shows_every_figure(reported):
             f" {set_name} ", " more concise ", " response_tokens_mean "]
     figures = sorted((reported / "reports" / "figures").iterdir())
     assert [f.name for f in figures] == ["accuracy_by_budget.png", "accuracy_by_domain.png", "response_tokens.png",
-                                         "second_guesses_per_1k.png"]
+                                         "second_guesses_per_1k.png", "training.png"]
     for figure in figures:
         assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
         assert f"](figures/{figure.name})" in page
@@ -211,11 +217,13 @@ def test_dvc_shows_the_headline_one_row_per_set_and_measure_and_renders_the_plot
     assert sorted(line.split("|")[1].strip() for line in table[2:] if line) == sorted(
         f"metrics/eval/{s}/{name}.json" for s in SETS for name in report.HEADLINE)
     assert max(map(len, table)) <= 100  # fits a screen
-    plots = json.loads(dvc("plots", "show", "--json", "metrics/eval_budget", "reports/figures"))
+    plots = json.loads(dvc("plots", "show", "--json"))
     assert not plots.get("errors"), plots.get("errors")
-    assert {f"metrics/eval_budget/{s}.tsv" for s in SETS} | {
-        f"reports/figures/{name}" for name in ("accuracy_by_budget.png", "response_tokens.png",
-                                               "second_guesses_per_1k.png")} <= set(plots["data"])
+    assert {f"reports/figures/{name}" for name in ("accuracy_by_budget.png", "response_tokens.png",
+                                                   "second_guesses_per_1k.png", "training.png")} <= set(plots["data"])
+    dvc("plots", "show", "-o", "page")  # the HTML a user opens: it must work offline
+    page = (project / "page" / "index.html").read_text()
+    assert "<img" in page and not re.search(r"(https?:)?//[a-z]", page), re.findall(r"(?:https?:)?//\S+", page)
 
 
 def test_dvc_yaml_wires_report_and_release_after_evaluate():
@@ -232,4 +240,5 @@ def test_dvc_yaml_wires_report_and_release_after_evaluate():
                 "stages/core/cli.py"} <= deps
         assert all((ROOT / d).is_file() for d in deps if d.endswith(".py"))
     plot_ids = {next(iter(p)) if isinstance(p, dict) else p for p in pipeline["plots"]}
-    assert {"metrics/eval_budget", "reports/figures"} <= plot_ids and "Base vs fine-tuned" not in plot_ids
+    assert plot_ids == {"reports/figures"}  # PNGs only: a Vega plot's page would load its libraries from a CDN
+    assert "metrics/train/plots/metrics" in stages["report"]["deps"]

@@ -53,5 +53,6 @@ def run(main, argv: list[str] | None = None, kept: str = RESTARTS, check_params:
         sys.exit(2)
     except (KeyboardInterrupt, Stopped) as e:
         signum = signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT
+        sys.stderr.write("\n")  # off the progress bar's line, which a stop interrupts
         log.error("%s: stopped by %s; kept %s", stage, signal.Signals(signum).name, kept)
         sys.exit(128 + signum)  # the shell's code for a process ended by that signal, which DVC reports as such

@@ -19,24 +19,30 @@ sys.argv = ["stages/sleeper.py"]
 from stages.core import cli
 
 def main(argv):
+    from dvclive import Live  # as train logs: its git objects once printed a trace each at a stop's shutdown
+
+    Live("live", save_dvc_exp=False).log_metric("loss", 1.0)
     logging.getLogger("stages.sleeper").info("started")
     time.sleep(60)
 
-cli.run(main, kept="the test's checkpoint; `dvc repro` resumes")
+cli.run(main, kept="the test's checkpoint; `dvc repro` resumes", check_params=False)
 """
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_is_one_line_naming_what_was_kept_with_the_signals_exit_code(signum):
+def test_a_stop_is_one_line_naming_what_was_kept_with_the_signals_exit_code(signum, tmp_path):
+    for command in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
+                                     "-m", "start"]):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True)
     # SIGINT as a terminal gives it, even where this test runs in a background job (which ignores SIGINT, and
     # a Python started ignoring it never raises KeyboardInterrupt)
-    process = subprocess.Popen([sys.executable, "-c", SLEEPER], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen([sys.executable, "-c", SLEEPER], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                                env=os.environ | {"PYTHONPATH": str(ROOT)},
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     while not any("started" in line for line in lines):
         lines.append(process.stderr.readline())
-        assert process.poll() is None, "".join(lines)
+        assert process.poll() is None and lines[-1], "".join(lines)
     process.send_signal(signum)
     rest = process.stderr.read()
     assert process.wait(timeout=30) == 128 + signum
