@@ -40,10 +40,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
-    # Longest first, so that the pytest-xdist workers (handed one test at a time: --maxschedchunk 1) end
-    # together: the test whose fixture builds the shared reproduced pipeline, the smoke run (it needs none,
-    # so the other worker does not wait on the build), the longest dvc test, the other dvc runs, the rest.
-    first = ("test_repro_builds_splits", "test_smoke_command", "test_experiments_run_alone")
+    # Longest first, so that the pytest-xdist workers end together. xdist starts each worker with two
+    # consecutive tests, then hands out one at a time as each finishes (--maxschedchunk 1). So pairs: the
+    # test whose fixture builds the shared reproduced pipeline, then a long test that needs it (no wait: the
+    # same worker built it); the smoke run (needs none) and one that needs it by the time the smoke run ends;
+    # a long training test and another that needs it; then the other dvc runs, the rest.
+    first = ("test_repro_builds_splits", "test_an_experiment_runs", "test_smoke_command", "test_a_queued_experiment",
+             "test_two_process_ddp", "test_changing_a_train_param")
 
     def rank(item: pytest.Item) -> int:
         named = [k for k, name in enumerate(first) if item.name.startswith(name)]
@@ -53,8 +56,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """-n auto (in addopts): a worker per core, at most 4; none for the GPU run, whose tests share one GPU."""
-    return 0 if gpu_run(config) else min(4, len(os.sched_getaffinity(0)))
+    """-n auto (in addopts): a worker per core plus one, at most 4 (tests wait on the processes they start, on
+    dvc and on the shared build: the extra worker fills those gaps); none for the GPU run, whose tests share
+    one GPU."""
+    return 0 if gpu_run(config) else min(4, len(os.sched_getaffinity(0)) + 1)
 
 
 @pytest.fixture(scope="session")

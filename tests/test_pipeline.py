@@ -129,11 +129,20 @@ def test_changing_a_train_param_reruns_only_train_and_identical_training_keeps_e
     # val split (stratify.val_fraction: 0) trained without validation: tests/test_stratify.py, tests/test_train.py.
 
 
-def test_experiments_run_alone_and_queued_and_show_as_a_table(reproduced, tmp_path):
+def experiment_params(project: Path) -> set[tuple]:
+    """(train.lora.r, eval.max_new_tokens) of every experiment that `dvc exp show --json` lists."""
+    runs = set()
+    for commit in json.loads(dvc(project, "exp", "show", "--json").stdout):
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                values = rev["data"]["params"]["params.yaml"]["data"]
+                runs.add((values["train"]["lora"]["r"], values["eval"]["max_new_tokens"]))
+    return runs
+
+
+def test_a_queued_experiment_runs_in_a_background_worker_and_shows(reproduced, tmp_path):
     project = copy_of(reproduced, tmp_path / "project")
-    single = dvc(project, "exp", "run", "-n", "rank16", "-S", "train.lora.r=16")
-    assert ran_stages(single.stdout) - {"report"} == {"train", "evaluate", "release"}
-    dvc(project, "exp", "run", "--queue", "-S", "train.lora.r=4")
+    dvc(project, "exp", "run", "--queue", "-S", "eval.max_new_tokens=6")  # evaluation only: no training
     dvc(project, "queue", "start")
     try:
         deadline = time.time() + 300
@@ -145,13 +154,14 @@ def test_experiments_run_alone_and_queued_and_show_as_a_table(reproduced, tmp_pa
     finally:
         dvc(project, "queue", "stop", check=False)  # no worker outlives the test
     assert status.count("Success") == 1, status
-    rows = json.loads(dvc(project, "exp", "show", "--json").stdout)
-    ranks = set()
-    for commit in rows:
-        for exp in commit.get("experiments") or []:
-            for rev in exp.get("revs", []):
-                ranks.add(rev["data"]["params"]["params.yaml"]["data"]["train"]["lora"]["r"])
-    assert {16, 4} <= ranks
+    assert (8, 6) in experiment_params(project)
+
+
+def test_an_experiment_runs_shows_as_a_table_and_compares_with_the_commit(reproduced, tmp_path):
+    project = copy_of(reproduced, tmp_path / "project")
+    single = dvc(project, "exp", "run", "-n", "rank16", "-S", "train.lora.r=16")
+    assert ran_stages(single.stdout) - {"report"} == {"train", "evaluate", "release"}
+    assert (16, 8) in experiment_params(project)
     table = dvc(project, "exp", "show", "--only-changed", "--md").stdout
     assert "train.lora.r" in table and "rank16" in table
     # two runs compared, paired, from their samples read through DVC: the committed baseline and an experiment
