@@ -66,9 +66,9 @@ def test_an_example_of_exactly_max_tokens_fits_and_one_token_more_does_not(token
     trimming.chat_template = tokenizer.chat_template.replace("message['content']", "message['content'] | trim")
     rendering = screening.TokenCounter(trimming, DIRECTIVE)
     assert rendering.template is None
+    reasoning = len(tokenizer.backend_tokenizer.encode(example[1], add_special_tokens=False))
     for counter in (pickle.loads(pickle.dumps(count)), rendering):
-        assert counter(*([part] for part in example), exact - 1) == [exact]
-        assert counter(*([part] for part in example), exact)[0] <= exact
+        assert counter(*([part] for part in example)) == ([exact], [reasoning])
 
 
 def test_length_check_can_be_switched_off(messy_source, tmp_path, filter_params):
@@ -207,6 +207,43 @@ def test_chunked_token_counts_equal_full_encodings(split_tokenizer, monkeypatch)
         assert count.count(texts) == full
         sizes.append(len(count.chunk_tokens))
     assert sizes[0] < sizes[1] and sizes[2] < sizes[1]  # reused and grown, then restarted when full
+
+
+# A generation prompt that does not end in <think>: the completion then opens with it (the other case: R1's)
+OPENING_TEMPLATE = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+
+
+@pytest.mark.parametrize("template", ["r1", "opening"])
+def test_examples_counted_from_their_reasonings_equal_full_encodings(split_tokenizer, template):
+    """A completion's count comes from its reasoning's chunks with the end chunks exchanged: for reasonings
+    of one chunk and of many, with irregular spaces, and answers of one chunk and of many, it equals the
+    full encoding of prompt and completion."""
+    import random
+
+    from stages.core.prompts import completion_text, prompt_text
+
+    if template == "opening":
+        split_tokenizer.chat_template = OPENING_TEMPLATE
+    rng = random.Random(1)
+    reasonings = ["x", "so.\n\nThen", *(spaced_text(rng, rng.randint(2, 60)) for _ in range(12)),
+                  *(spaced_text(rng, rng.randint(20, 60), gap) for gap in GAPS)]
+    answers = [rng.choice(["42", "The answer is $\\boxed{7}$.", "so  x\n= 3", "\u4e2d\u6587 ok"]) for _ in reasonings]
+    problems = [f"Problem {i}: what is {i} + {i}?" for i in range(len(reasonings))]
+    count = screening.TokenCounter(split_tokenizer, "Reason.")
+    assert count.by_chunks and (count.template is not None)
+    backend = split_tokenizer.backend_tokenizer
+
+    def tokens(text: str) -> int:
+        return len(backend.encode(text, add_special_tokens=False))
+
+    expected_examples, expected_reasonings = [], []
+    for problem, reasoning, answer in zip(problems, reasonings, answers, strict=True):
+        prompt = prompt_text(split_tokenizer, problem, directive="Reason.")
+        assert prompt.endswith("<think>\n") == (template == "r1")
+        expected_examples.append(tokens(prompt) + tokens(completion_text(prompt, reasoning, answer,
+                                                                         split_tokenizer.eos_token)))
+        expected_reasonings.append(tokens(reasoning))
+    assert count(problems, reasonings, answers) == (expected_examples, expected_reasonings)
 
 
 def test_a_tokenizer_whose_tokens_span_spaces_is_counted_on_whole_texts():

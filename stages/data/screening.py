@@ -10,7 +10,7 @@ import multiprocessing
 import os
 import re
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -50,16 +50,20 @@ def splits_at_spaces(backend) -> bool:
 
 
 class TokenCounter:
-    """Exact token counts of whole training examples (prompt + completion), as training will see them.
+    """Exact token counts of whole training examples (prompt + completion), as training will see them,
+    and of their reasonings alone (for the second-guess rate).
 
-    An example of at most max_tokens bytes fits for sure (a byte-level token covers at least one byte):
-    it is not tokenized and its byte count stands in. A longer completion is cut at SPACE_CUT into
-    chunks of about a word, and each distinct chunk is tokenized once: reasoning text repeats its
-    words, so this costs a fraction of encoding every text in full (bench/filter_speed.py). Texts whose
-    every space is a cut are split and looked up in Arrow; the rest are split with SPACE_CUT. A
-    tokenizer for which the cut would change the tokens (see splits_at_spaces) gets every text
-    encoded in full.
+    A reasoning is cut at SPACE_CUT into chunks of about a word, and each distinct chunk is tokenized
+    once: reasoning text repeats its words, so this costs a fraction of encoding every text in full
+    (bench/filter_speed.py). Texts whose every space is a cut are split and looked up in Arrow; the rest
+    are split with SPACE_CUT. A completion is its reasoning with the opener joined to the first chunk
+    and the think close, answer and end of sequence to the last (the joins hold no space, so they make or
+    remove no cut): its count is the reasoning's with those end chunks exchanged, and its middle is never
+    counted twice. A tokenizer for which the cut would change the tokens (see splits_at_spaces) gets every
+    text encoded in full.
     """
+
+    MARKS = ("\x00reasoning\x00", "\x00answer\x00")
 
     def __init__(self, tokenizer, directive: str):
         self.directive, self.eos_token = directive, tokenizer.eos_token  # the prompt as training renders it
@@ -73,8 +77,9 @@ class TokenCounter:
     def _encode(self, texts: list[str]) -> list[int]:
         return [len(e) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
-    def _count_chunked(self, chunked: pa.ListArray) -> np.ndarray:
-        """Token counts of texts given as lists of chunks: the first as it is, each later one after a space."""
+    def _count_chunked(self, chunked: pa.ListArray, spaced_first: np.ndarray | None = None) -> np.ndarray:
+        """Token counts of texts given as lists of chunks: the first as it is (after a space where spaced_first),
+        each later one after a space."""
         flat = chunked.flatten()
         encoded = pc.dictionary_encode(flat)
         distinct = encoded.dictionary.to_pylist()
@@ -84,41 +89,77 @@ class TokenCounter:
             new = distinct
         self.chunk_tokens.update(zip(new, self._encode([" " + chunk for chunk in new]), strict=True))
         tokens = np.array([self.chunk_tokens[chunk] for chunk in distinct], dtype=np.int64)[encoded.indices.to_numpy()]
-        starts = np.concatenate([[0], np.cumsum(pc.list_value_length(chunked))[:-1]]).astype(np.int64)
-        tokens[starts] = self._encode(flat.take(starts).to_pylist())
+        starts = np.asarray(chunked.offsets)[:-1].astype(np.int64) - chunked.offsets[0].as_py()
+        bare = starts if spaced_first is None else starts[~spaced_first]
+        if len(bare):
+            tokens[bare] = self._encode(flat.take(bare).to_pylist())
         return np.add.reduceat(tokens, starts)
+
+    def _chunked(self, texts: list[str]) -> tuple[np.ndarray, pa.ListArray]:
+        """(order, chunk lists): each text cut at SPACE_CUT, those of only lone spaces first (split in Arrow),
+        then the rest (split with the regex); order[k] is the index in texts of list k."""
+        array = pa.array(texts, pa.large_string())
+        irregular = pc.match_substring_regex(array, IRREGULAR_SPACE).to_numpy(zero_copy_only=False)
+        regular, others = np.flatnonzero(~irregular), np.flatnonzero(irregular)
+        lists = [pc.split_pattern(array.take(regular), " ").cast(pa.list_(pa.large_string())),
+                 pa.array([SPACE_CUT.split(texts[i]) for i in others], pa.list_(pa.large_string()))]
+        return np.concatenate([regular, others]), pa.concat_arrays(lists)
 
     def count(self, texts: list[str]) -> list[int]:
         """Token count of each text, encoded on its own."""
-        if not self.by_chunks or not texts:
-            return self._encode(texts)
-        array = pa.array(texts, pa.large_string())
-        irregular = pc.match_substring_regex(array, IRREGULAR_SPACE).to_numpy(zero_copy_only=False)
-        counts = np.zeros(len(texts), dtype=np.int64)
-        regular = np.flatnonzero(~irregular)
-        if len(regular):
-            counts[regular] = self._count_chunked(pc.split_pattern(array.take(regular), " "))
-        others = np.flatnonzero(irregular)
-        if len(others):
-            chunked = pa.array([SPACE_CUT.split(texts[i]) for i in others], pa.list_(pa.large_string()))
-            counts[others] = self._count_chunked(chunked)
-        return counts.tolist()
+        return self._count_with_ends(texts)[0].tolist()
 
-    def __call__(self, instructions, reasonings, answers, max_tokens: int, also: Sequence[str] = ()) -> list[int]:
-        """Token count of each whole example, then of each text in `also`, encoded on its own in the same pass
-        as the completions: texts made of their words (their reasonings) add little (bench/filter_speed.py)."""
+    def _count_with_ends(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+        """Token counts of texts, with each text's number of chunks and its first and last chunks."""
+        if not self.by_chunks or not texts:
+            return np.array(self._encode(texts), dtype=np.int64), np.ones(len(texts), np.int64), [], []
+        order, chunked = self._chunked(texts)
+        counts, lengths = np.zeros(len(texts), np.int64), np.zeros(len(texts), np.int64)
+        counts[order] = self._count_chunked(chunked)
+        lengths[order] = pc.list_value_length(chunked).to_numpy()
+        flat, offsets = chunked.flatten(), np.asarray(chunked.offsets).astype(np.int64)
+        firsts, lasts = [None] * len(texts), [None] * len(texts)
+        for i, first, last in zip(order.tolist(), flat.take(offsets[:-1]).to_pylist(),
+                                  flat.take(offsets[1:] - 1).to_pylist(), strict=True):
+            firsts[i], lasts[i] = first, last
+        return counts, lengths, firsts, lasts
+
+    def __call__(self, instructions, reasonings, answers) -> tuple[list[int], list[int]]:
+        """Token counts of each whole example (prompt + completion) and of each reasoning alone."""
+        if not instructions:
+            return [], []
         prompts = [self.template(problem) if self.template else prompt_text(self.tokenizer, problem,
                                                                              directive=self.directive)
                    for problem in instructions]
-        pairs = [(prompt, completion_text(prompt, reasoning, answer, self.eos_token))
-                 for prompt, reasoning, answer in zip(prompts, reasonings, answers, strict=True)]
-        counts = [len(prompt.encode()) + len(completion.encode()) for prompt, completion in pairs]
-        long = [i for i, n in enumerate(counts) if n > max_tokens]
-        prompts = self._encode([pairs[i][0] for i in long])
-        completions = self.count([pairs[i][1] for i in long] + list(also))
-        for i, prompt_tokens, completion_tokens in zip(long, prompts, completions[:len(long)], strict=True):
-            counts[i] = prompt_tokens + completion_tokens
-        return counts + completions[len(long):]
+        prompt_tokens = np.array(self._encode(prompts), dtype=np.int64)
+        if not self.by_chunks:
+            completions = [completion_text(prompt, reasoning, answer, self.eos_token)
+                           for prompt, reasoning, answer in zip(prompts, reasonings, answers, strict=True)]
+            return (prompt_tokens + self._encode(completions)).tolist(), self._encode(list(reasonings))
+        reasoning_tokens, lengths, firsts, lasts = self._count_with_ends(list(reasonings))
+        # The chunks of each completion that differ from its reasoning's: the first (with the opener) and,
+        # from the last chunk of the reasoning on, the think close, the answer's chunks and the end.
+        tails, openers = [], []
+        for prompt, first, last, length, answer in zip(prompts, firsts, lasts, lengths.tolist(), answers,
+                                                       strict=True):
+            opener, rest = completion_text(prompt, *self.MARKS, self.eos_token).split(self.MARKS[0])
+            between, end = rest.split(self.MARKS[1])
+            chunks = SPACE_CUT.split(answer)
+            chunks[0] = (last if length > 1 else opener + first) + between + chunks[0]
+            chunks[-1] += end
+            tails.append(chunks)
+            openers.append(opener)
+        several = lengths > 1
+        tail_tokens = self._count_chunked(pa.array(tails, pa.list_(pa.large_string())), spaced_first=several)
+        completion_tokens = tail_tokens.copy()
+        rows = np.flatnonzero(several)
+        if len(rows):  # the reasoning's count, its last chunk's replaced by the tail, its first by the opener's
+            completion_tokens[rows] += reasoning_tokens[rows] - self._encode([" " + lasts[i] for i in rows])
+            opened = [i for i in rows if openers[i]]
+            if opened:
+                completion_tokens[opened] += (np.array(self._encode([openers[i] + firsts[i] for i in opened]))
+                                              - self._encode([firsts[i] for i in opened]))
+        return (prompt_tokens + completion_tokens).tolist(), reasoning_tokens.tolist()
 
 
 @dataclass
@@ -152,12 +193,12 @@ def screen_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, 
         difficulties.append(difficulty)
 
     # Reasoning tokens, for the second-guess rate, are counted exactly with the base model's tokenizer, as evaluation
-    # counts them, in the length check's pass: they share its chunks, which costs less than a pass of their own.
-    n_tokens = count_tokens(instructions, reasonings, answers, max_tokens, also=reasonings) if count_tokens else None
-    fits = [i for i in range(len(ids)) if n_tokens is None or n_tokens[i] <= max_tokens]
+    # counts them, in the length check's pass: the completions are counted from them.
+    example_tokens, reasoning_tokens = count_tokens(instructions, reasonings, answers) if count_tokens else (None, None)
+    fits = [i for i in range(len(ids)) if example_tokens is None or example_tokens[i] <= max_tokens]
     dropped["too_long"] += len(ids) - len(fits)
-    rates = None if n_tokens is None else per_1k(second_guess_counts([reasonings[i] for i in fits]),
-                                                 [n_tokens[len(ids) + i] for i in fits])
+    rates = None if reasoning_tokens is None else per_1k(second_guess_counts([reasonings[i] for i in fits]),
+                                                         [reasoning_tokens[i] for i in fits])
     threshold = config.max_second_guesses_per_1k
     keep = [k for k in range(len(fits)) if threshold is None or rates[k] <= threshold]
     dropped["too_many_second_guesses"] += len(fits) - len(keep)
