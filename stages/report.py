@@ -150,7 +150,7 @@ def markers_figure(deltas: pd.DataFrame, set_names: list[str]):
 
 
 def training_figure(curves: Path) -> dict:
-    """training.png: train and validation loss and the learning rate per optimizer step, from dvclive's TSVs
+    """training.png (bytes): train and validation loss and the learning rate per optimizer step, from dvclive's TSVs
     (train's metrics/train/plots/metrics); none when training left no loss curve there. Static, so
     `dvc plots show` loads nothing from the network."""
     panels = {"loss": {"train": curves / "loss.tsv", "validation": curves / "eval" / "loss.tsv"},
@@ -168,7 +168,7 @@ def training_figure(curves: Path) -> dict:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
         ax.grid(alpha=0.3)
         ax.legend()
-    return {"training.png": figure}
+    return png_bytes({"training.png": figure})
 
 
 def figures(samples: pd.DataFrame, deltas: pd.DataFrame, curve: pd.DataFrame, max_new_tokens: int) -> dict:
@@ -261,8 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     domains = verdict.domain_deltas(samples, seed=seed, resamples=RESAMPLES, confidence=CONFIDENCE)
     budget = verdict.budget_deltas(samples, max_new_tokens, seed=seed, resamples=RESAMPLES, confidence=CONFIDENCE)
     report = details(samples, deltas, budget, max_new_tokens, seed) | {"domains": domains.to_dict("records")}
-    images = (figures(samples, deltas, curve, max_new_tokens) | domain_figures(domains)
-              | png_bytes(training_figure(args.training)))
+    images = figures(samples, deltas, curve, max_new_tokens) | domain_figures(domains) | training_figure(args.training)
 
     with atomic_dir(args.metrics) as tmp:
         for set_name, files in headline(deltas).items():
