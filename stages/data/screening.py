@@ -117,7 +117,8 @@ class TokenCounter:
         counts, lengths = np.zeros(len(texts), np.int64), np.zeros(len(texts), np.int64)
         counts[order] = self._count_chunked(chunked)
         lengths[order] = pc.list_value_length(chunked).to_numpy()
-        flat, offsets = chunked.flatten(), np.asarray(chunked.offsets).astype(np.int64)
+        # offsets relative to the flattened chunks (flatten() drops what precedes a sliced array's first list)
+        flat, offsets = chunked.flatten(), np.asarray(chunked.offsets).astype(np.int64) - chunked.offsets[0].as_py()
         firsts, lasts = [None] * len(texts), [None] * len(texts)
         for i, first, last in zip(order.tolist(), flat.take(offsets[:-1]).to_pylist(),
                                   flat.take(offsets[1:] - 1).to_pylist(), strict=True):
