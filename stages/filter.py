@@ -6,10 +6,8 @@ second-guess markers per 1,000 reasoning tokens and share of boxed answers.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +20,16 @@ from stages.core import cli, params
 from stages.core.artifacts import atomic_file, write_json
 from stages.core.base_model import load_tokenizer
 from stages.data.contamination import ContaminationIndex
-from stages.data.magpie import TEXT_COLUMNS, check_schema, instruction_key
-from stages.data.screening import Screened, TokenCounter, screened_batches, worker_count
+from stages.data.magpie import check_schema, instruction_key
+from stages.data.screening import (
+    OUTPUT_SCHEMA,
+    FilterError,
+    Screened,
+    TokenCounter,
+    parts,
+    screened_parts,
+    worker_count,
+)
 from stages.scoring.overthinking import BOXED
 
 log = logging.getLogger("stages.filter")  # not __name__: `python -m` runs a stage as __main__
@@ -32,33 +38,6 @@ log = logging.getLogger("stages.filter")  # not __name__: `python -m` runs a sta
 RULES = ("null_field", "task_category", "input_quality", "difficulty", "no_think_close",
          "multiple_think_close", "no_think_open", "empty_reasoning", "empty_answer", "contaminated",
          "too_long", "too_many_second_guesses", "duplicate_instruction")
-OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("reasoning", pa.string()),
-                           ("answer", pa.string()), ("difficulty", pa.string())])
-BATCH_ROWS = 2048
-
-
-class FilterError(cli.StageError):
-    """The input cannot be filtered as asked."""
-
-
-def _drop(table: pa.Table, keep, rule: str, dropped: Counter) -> pa.Table:
-    kept = table.filter(keep)
-    dropped[rule] += table.num_rows - kept.num_rows
-    return kept
-
-
-def arrow_rules(table: pa.Table, config: params.FilterParams, dropped: Counter) -> pa.Table:
-    """The rules Arrow applies to whole columns at once (complete rows, category, quality, difficulty): cheap,
-    and most rows go here, so they run where the rows are read and only the rest travel to a worker."""
-    columns = (config.id_column, *TEXT_COLUMNS)
-    complete = functools.reduce(pc.and_, [pc.is_valid(table[c]) for c in columns])
-    blank = pc.equal(pc.utf8_trim_whitespace(pc.cast(table["instruction"], pa.string())), "")
-    table = _drop(table, pc.and_(complete, pc.invert(pc.fill_null(blank, True))), "null_field", dropped)
-    for rule, allowed in (("task_category", config.task_categories),
-                          ("input_quality", config.input_qualities),
-                          ("difficulty", config.difficulties)):
-        table = _drop(table, pc.is_in(pc.cast(table[rule], pa.string()), pa.array(allowed)), rule, dropped)
-    return table
 
 
 def keep_first(screened: Screened, config: params.FilterParams, seen: set[bytes], dropped: Counter,
@@ -67,7 +46,7 @@ def keep_first(screened: Screened, config: params.FilterParams, seen: set[bytes]
     its first response under the threshold); `seen` carries instruction keys across batches."""
     dropped.update(screened.dropped)
     keep = []
-    for i, instruction in enumerate(screened.columns[1]):
+    for i, instruction in enumerate(screened.kept["instruction"].to_pylist()):
         key = instruction_key(instruction)
         if config.deduplicate and key in seen:
             dropped["duplicate_instruction"] += 1
@@ -76,7 +55,7 @@ def keep_first(screened: Screened, config: params.FilterParams, seen: set[bytes]
         keep.append(i)
     if screened.rates is not None:
         kept_rates.extend(screened.rates[i] for i in keep)
-    return pa.table([[column[i] for i in keep] for column in screened.columns], schema=OUTPUT_SCHEMA)
+    return screened.kept.take(pa.array(keep, pa.int64()))
 
 
 def raw_files(raw: Path) -> list[Path]:
@@ -96,19 +75,6 @@ def _open(file: Path, id_column: str) -> pq.ParquetFile:
                           "re-run the fetch stage (dvc repro -f fetch) or remove the file") from e
     check_schema(parquet.schema_arrow, id_column, str(file))
     return parquet
-
-
-def read_batches(parquets: list[tuple[Path, pq.ParquetFile]], id_column: str) -> Iterator[pa.Table]:
-    """Stream the needed columns of every file in small batches, so memory stays flat."""
-    total = sum(p.metadata.num_rows for _, p in parquets)
-    with tqdm(total=total, unit="rows", desc="filter", mininterval=2) as progress:
-        for file, parquet in parquets:
-            try:
-                for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[id_column, *TEXT_COLUMNS]):
-                    progress.update(batch.num_rows)
-                    yield pa.Table.from_batches([batch])
-            except (pa.ArrowInvalid, OSError) as e:
-                raise FilterError(f"filter: {file} is corrupt ({e}); re-run the fetch stage") from e
 
 
 def funnel_metrics(rows_in: int, dropped: Counter, difficulty_counts: Counter, second_guess_rates: list[float] | None,
@@ -136,18 +102,14 @@ def filter_files(files: list[Path], out: Path, config: params.FilterParams, max_
     if total == 0:
         raise FilterError(f"filter: the {len(files)} Parquet file(s) read ({files[0]}, ...) hold no rows; check "
                           "data.source in params.yaml and run the fetch stage again (dvc repro fetch)")
-    processes = min(processes, -(-total // BATCH_ROWS))  # a worker costs a start: none without a batch for it
-    log.info("%d rows in %d file(s), screened in %d process(es)", total, len(files), processes)
-    batches = read_batches(parquets, config.id_column)
-    with atomic_file(out) as tmp, pq.ParquetWriter(tmp, OUTPUT_SCHEMA) as writer:
-        def passed_arrow_rules() -> Iterator[pa.Table]:
-            nonlocal rows_in
-            for batch in batches:
-                rows_in += batch.num_rows
-                yield arrow_rules(batch, config, dropped)
-
-        for screened in screened_batches(passed_arrow_rules(), processes, config, max_tokens, count_tokens,
-                                         contamination):
+    todo = [part for file, parquet in parquets for part in parts(file, parquet)]
+    processes = min(processes, len(todo))  # a worker costs a start: none without a part for it
+    log.info("%d rows in %d file(s), %d part(s) screened in %d process(es)", total, len(files), len(todo), processes)
+    with (atomic_file(out) as tmp, pq.ParquetWriter(tmp, OUTPUT_SCHEMA) as writer,
+          tqdm(total=total, unit="rows", desc="filter", mininterval=2) as progress):
+        for screened in screened_parts(todo, processes, config, max_tokens, count_tokens, contamination):
+            progress.update(screened.rows_in)
+            rows_in += screened.rows_in
             kept = keep_first(screened, config, seen, dropped, rates)
             difficulty_counts.update(kept["difficulty"].to_pylist())
             boxed += pc.sum(pc.match_substring_regex(kept["answer"], BOXED.pattern)).as_py() or 0

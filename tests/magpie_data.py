@@ -109,12 +109,12 @@ def table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def write_shards(directory: Path, rows: list[dict], shards: int = 2) -> list[Path]:
+def write_shards(directory: Path, rows: list[dict], shards: int = 2, row_group_size: int | None = None) -> list[Path]:
     """Write rows as `train-0000K-of-0000N.parquet` shards, like the hub dataset."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(shards):
         path = directory / f"train-{k:05d}-of-{shards:05d}.parquet"
-        pq.write_table(table(rows[k::shards]), path)
+        pq.write_table(table(rows[k::shards]), path, row_group_size=row_group_size)
         paths.append(path)
     return paths

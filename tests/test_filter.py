@@ -172,7 +172,8 @@ def split_tokenizer(request, tmp_path):
     return tiny_model.build_tokenizer(tmp_path, qwen_split=request.param == "qwen2_split", corpus=corpus)
 
 
-WORDS = ["wait", "let", "me", "check", "12", "+", "30", "=", "42", "so", "x", "the", "sum,", "hmm.", "actually",
+WORDS = ["wait", "let", "me", "check", "12", "+", "30", "=", "42", "2024", "x_{17}=0.25", "(3)", "1,000",
+         "so", "x", "the", "sum,", "hmm.", "actually",
          "it's", "'s", "'ll", "$\\frac{1}{2}$", "\\boxed{7}", "caf\u00e9", "e\u0301t\u00e9", "\u0301", "(a+b)^2",
          "x\u00a0=\u00a01", "3\u20092", "...", "?!", "\u4e2d\u6587", "so.\n\nThen", "line\nbreak"]
 # Every way a space can fail to be a lone space between two non-space characters.
@@ -207,6 +208,17 @@ def test_chunked_token_counts_equal_full_encodings(split_tokenizer, monkeypatch)
         assert count.count(texts) == full
         sizes.append(len(count.chunk_tokens))
     assert sizes[0] < sizes[1] and sizes[2] < sizes[1]  # reused and grown, then restarted when full
+
+
+def test_digits_are_looked_up_as_zeros_only_where_the_tokenizer_makes_each_digit_a_piece(split_tokenizer, request):
+    """Qwen2's pre-tokenizer splits every digit off (so 17 and 42 count alike and share a chunk); GPT-2's keeps
+    runs of digits together, whose tokens depend on the digits."""
+    qwen = request.node.callspec.params["split_tokenizer"] == "qwen2_split"
+    count = screening.TokenCounter(split_tokenizer, "")
+    assert count.digits_apart == qwen
+    texts = ["x = 2024 and 17 + 42 = 59, so 3.14159 or 1,000,000", "a_{12} = 99 and a_{13} = 100"]
+    full = [len(e) for e in split_tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    assert count.count(texts) == full
 
 
 # A generation prompt that does not end in <think>: the completion then opens with it (the other case: R1's)
@@ -333,8 +345,11 @@ def test_without_a_tokenizer_there_is_no_rate_and_no_threshold(messy_source, tmp
 
 def test_worker_processes_write_the_bytes_and_the_funnel_of_one_process(messy_source, tmp_path, filter_params,
                                                                       tokenizer, monkeypatch):
-    source, cases = messy_source
-    monkeypatch.setattr(filter_stage, "BATCH_ROWS", 8)  # many batches, with duplicates across them
+    _, cases = messy_source
+    source = tmp_path / "row-groups-of-4"  # many parts, with duplicates across them
+    magpie_data.write_shards(source, [row for row, _ in cases], shards=2, row_group_size=4)
+    monkeypatch.setattr(screening, "PART_ROWS", 7)  # parts of two row groups (parts are made in this process)
+    monkeypatch.setattr(screening, "BATCH_ROWS", 3)  # read 3 rows at a time here; spawned workers read 2,048
     counter = screening.TokenCounter(tokenizer, DIRECTIVE)
     results = []
     for processes in (1, 3):
@@ -367,11 +382,11 @@ def test_the_stage_run_as_main_by_runpy_screens_in_worker_processes(tmp_path, ti
     raw["model"].update(name=str(tiny_model_dir), max_seq_length=MAX_TOKENS)
     raw["filter"].update(workers=2, decontaminate=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    magpie_data.write_shards(tmp_path / "raw", magpie_data.clean_rows(filter_stage.BATCH_ROWS + 10), shards=1)
+    magpie_data.write_shards(tmp_path / "raw", magpie_data.clean_rows(30), shards=2)  # a part each
     runner = ("import runpy, sys; sys.argv = ['filter', '--raw', 'raw']; "
               "runpy.run_module('stages.filter', run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", runner], cwd=tmp_path, capture_output=True,
                             text=True, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "screened in 2 process(es)" in result.stderr
-    assert pq.read_metadata(tmp_path / "data" / "filtered.parquet").num_rows == filter_stage.BATCH_ROWS + 10
+    assert pq.read_metadata(tmp_path / "data" / "filtered.parquet").num_rows == 30

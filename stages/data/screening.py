@@ -1,11 +1,13 @@
-"""The row-by-row rules of the filter stage and the exact token counts they need, for one batch at a time:
-think tags, decontamination, the length check, the second-guess threshold. Batches are independent, so
-screened_batches runs them in worker processes (filter.workers); this module, not the stage run as __main__,
-holds what the workers are given, so spawned processes can import it.
+"""The filter stage's work on one part of the input at a time: read it, apply the rules (Arrow's on whole
+columns, then think tags, decontamination, the length check, the second-guess threshold) and count the exact
+tokens they need. Parts are independent, so screened_parts runs them in worker processes (filter.workers),
+each reading its own rows; this module, not the stage run as __main__, holds what the workers are given, so
+spawned processes can import it.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import re
@@ -13,15 +15,18 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from stages.core import params
+from stages.core import cli, params
 from stages.core.prompts import PromptTemplate, completion_text, prompt_text
 from stages.data.contamination import ContaminationIndex
-from stages.data.magpie import split_response
+from stages.data.magpie import TEXT_COLUMNS, split_response
 from stages.scoring.overthinking import per_1k, second_guess_counts
 
 # Cuts before a single space between two non-space characters: regex pre-tokenizers (GPT-2's, Qwen's)
@@ -31,13 +36,16 @@ SPACE_CUT = re.compile(r"(?<=\S) (?=\S)")
 # whitespace as Unicode and Python's str.isspace define it.
 WHITESPACE = r"[\t-\r\x{1c}-\x{20}\x{85}\p{Z}]"
 IRREGULAR_SPACE = rf"(?:^|{WHITESPACE}) | (?:{WHITESPACE}|$)"
+BATCH_ROWS = 2048  # rows decoded at a time: memory stays flat
+PART_ROWS = 8192  # rows of whole row groups that a worker reads and screens as one part
 CHUNK_CACHE_SIZE = 4_000_000  # distinct chunks remembered (~400 MB); the cache restarts when full
+JOINED_CHUNKS = 4096  # new chunks encoded together as one text
 
 
-def splits_at_spaces(backend) -> bool:
+def splits_at_spaces(backend, extra_probes: list[str] = ()) -> bool:
     """Whether this tokenizer encodes text cut at SPACE_CUT as the concatenation of the parts'
     encodings, the cut space leading the second part (true of GPT-2's and Qwen's pre-tokenizers)."""
-    probes = ["The answer is 42, so x = 3.5. Wait, let me re-check the sum of the terms: 12 + 30 = 42!",
+    probes = [*extra_probes, "The answer is 42, so x = 3.5. Wait, let me re-check the sum of the terms: 12 + 30 = 42!",
               "so $\\frac{1}{2}$ and \\boxed{7}\n\nHmm... actually (a+b)^2 = a^2 + 2ab + b^2 holds, it 's 'true'.",
               "  two  spaces, a tab\t here,\n an indent and\u00a0non-breaking space; caf\u00e9 \u0301 accents "]
     for probe in probes:
@@ -47,6 +55,31 @@ def splits_at_spaces(backend) -> bool:
         if [i for e in backend.encode_batch(pieces, add_special_tokens=False) for i in e.ids] != whole:
             return False
     return True
+
+
+DIGIT_PROBE = " x1 22a3, 456 $7$ 8.9 (10)^{23} \\frac{4}{5} 2024-12-06 v1.0 a_{12}=0.25"
+
+
+def digits_apart(backend) -> bool:
+    """Whether this tokenizer makes every ASCII digit a piece of its own (Qwen2's pre-tokenizer does; GPT-2's
+    and Llama 3's, which keep runs of digits, do not). Then a digit is one token whichever it is, and a text's
+    count does not change when its digits are written as 0."""
+    if backend.pre_tokenizer is None:
+        return False
+    pieces = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(DIGIT_PROBE)]
+    if any(len(piece) > 1 and any(c.isascii() and c.isdigit() for c in piece) for piece in pieces):
+        return False
+    zeros = DIGIT_PROBE.translate(str.maketrans("123456789", "000000000"))
+    return len(backend.encode(DIGIT_PROBE, add_special_tokens=False)) == len(backend.encode(zeros,
+                                                                                            add_special_tokens=False))
+
+
+def digits_as_zero(strings: pa.LargeStringArray) -> pa.LargeStringArray:
+    """The strings with every ASCII digit written as 0 (single bytes in UTF-8, never inside another character)."""
+    validity, offsets, data = strings.buffers()
+    text = np.frombuffer(data, np.uint8).copy() if data is not None else np.zeros(0, np.uint8)
+    text[(text >= ord("1")) & (text <= ord("9"))] = ord("0")
+    return pa.LargeStringArray.from_buffers(len(strings), offsets, pa.py_buffer(text), validity, offset=strings.offset)
 
 
 class TokenCounter:
@@ -71,24 +104,43 @@ class TokenCounter:
         # Kept only where the template cannot stand in: workers then need no transformers (seconds to import).
         self.tokenizer = None if self.template else tokenizer
         self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no per-token Python objects
-        self.by_chunks = splits_at_spaces(self.backend)
+        # prompts are counted by their chunks too: special tokens of the template must not change the cuts
+        probe = self.template(PromptTemplate.PROBES[0]) if self.template else None
+        self.by_chunks = splits_at_spaces(self.backend, [probe] if probe else [])
+        # numbers are a long tail of distinct chunks: where digits are pieces of their own, 17 and 42 are one chunk
+        self.digits_apart = self.by_chunks and digits_apart(self.backend)
         self.chunk_tokens: dict[str, int] = {}  # chunk -> tokens of " " + chunk
 
     def _encode(self, texts: list[str]) -> list[int]:
         return [len(e) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
+    def _encode_spaced(self, chunks: list[str]) -> list[int]:
+        """Tokens of " " + chunk, for each chunk: JOINED_CHUNKS at a time as the words of one pre-tokenized
+        text (the tokenizer normalizes and splits each word on its own, as it would the word alone), counted by
+        each token's word. One encoding per thousands of chunks: the per-text overhead dominates a word."""
+        counts = []
+        groups = [[" " + chunk for chunk in chunks[k:k + JOINED_CHUNKS]] for k in range(0, len(chunks), JOINED_CHUNKS)]
+        for group, encoding in zip(groups, self.backend.encode_batch(groups, is_pretokenized=True,
+                                                                     add_special_tokens=False), strict=True):
+            counts.extend(np.bincount(np.array(encoding.word_ids, np.int64), minlength=len(group)).tolist())
+        return counts
+
     def _count_chunked(self, chunked: pa.ListArray, spaced_first: np.ndarray | None = None) -> np.ndarray:
         """Token counts of texts given as lists of chunks: the first as it is (after a space where spaced_first),
         each later one after a space."""
         flat = chunked.flatten()
+        if self.digits_apart:
+            flat = digits_as_zero(flat)
         encoded = pc.dictionary_encode(flat)
         distinct = encoded.dictionary.to_pylist()
-        new = [chunk for chunk in distinct if chunk not in self.chunk_tokens]
-        if len(self.chunk_tokens) + len(new) > CHUNK_CACHE_SIZE:
+        known = np.array(list(map(self.chunk_tokens.get, distinct, repeat(-1))), dtype=np.int64)  # one C-level pass
+        missing = np.flatnonzero(known < 0)
+        if len(self.chunk_tokens) + len(missing) > CHUNK_CACHE_SIZE:
             self.chunk_tokens.clear()
-            new = distinct
-        self.chunk_tokens.update(zip(new, self._encode([" " + chunk for chunk in new]), strict=True))
-        tokens = np.array([self.chunk_tokens[chunk] for chunk in distinct], dtype=np.int64)[encoded.indices.to_numpy()]
+        new = [distinct[i] for i in missing]
+        known[missing] = counts = self._encode_spaced(new)
+        self.chunk_tokens.update(zip(new, counts, strict=True))
+        tokens = known[encoded.indices.to_numpy()]
         starts = np.asarray(chunked.offsets)[:-1].astype(np.int64) - chunked.offsets[0].as_py()
         bare = starts if spaced_first is None else starts[~spaced_first]
         if len(bare):
@@ -132,11 +184,12 @@ class TokenCounter:
         prompts = [self.template(problem) if self.template else prompt_text(self.tokenizer, problem,
                                                                              directive=self.directive)
                    for problem in instructions]
-        prompt_tokens = np.array(self._encode(prompts), dtype=np.int64)
         if not self.by_chunks:
+            prompt_tokens = np.array(self._encode(prompts), dtype=np.int64)
             completions = [completion_text(prompt, reasoning, answer, self.eos_token)
                            for prompt, reasoning, answer in zip(prompts, reasonings, answers, strict=True)]
             return (prompt_tokens + self._encode(completions)).tolist(), self._encode(list(reasonings))
+        prompt_tokens = self._count_with_ends(prompts)[0]
         reasoning_tokens, lengths, firsts, lasts = self._count_with_ends(list(reasonings))
         # The chunks of each completion that differ from its reasoning's: the first (with the opener) and,
         # from the last chunk of the reasoning on, the think close, the answer's chunks and the end.
@@ -163,19 +216,88 @@ class TokenCounter:
         return (prompt_tokens + completion_tokens).tolist(), reasoning_tokens.tolist()
 
 
+class FilterError(cli.StageError):
+    """The input cannot be filtered as asked."""
+
+
+def arrow_rules(table: pa.Table, config: params.FilterParams, dropped: Counter) -> pa.Table:
+    """The rules Arrow applies to whole columns at once (complete rows, category, quality, difficulty): cheap,
+    and most rows go here. Each rule narrows a mask and the table is filtered once: the long texts are copied
+    once, not once a rule."""
+    columns = (config.id_column, *TEXT_COLUMNS)
+    complete = functools.reduce(pc.and_, [pc.is_valid(table[c]) for c in columns])
+    blank = pc.equal(pc.utf8_trim_whitespace(pc.cast(table["instruction"], pa.string())), "")
+    keep = pc.and_(complete, pc.invert(pc.fill_null(blank, True)))
+    passing = pc.sum(keep).as_py() or 0
+    dropped["null_field"] += table.num_rows - passing
+    for rule, allowed in (("task_category", config.task_categories),
+                          ("input_quality", config.input_qualities),
+                          ("difficulty", config.difficulties)):
+        keep = pc.and_(keep, pc.fill_null(pc.is_in(pc.cast(table[rule], pa.string()), pa.array(allowed)), False))
+        before, passing = passing, pc.sum(keep).as_py() or 0
+        dropped[rule] += before - passing
+    return table.filter(keep)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Whole row groups of one Parquet file, read and screened together by one process."""
+    file: Path
+    row_groups: tuple[int, ...]
+    rows: int
+
+
+def parts(file: Path, parquet: pq.ParquetFile, rows: int = 0) -> list[Part]:
+    """The file's row groups in order, gathered into parts of at least `rows` rows (PART_ROWS by default;
+    the last may hold fewer)."""
+    rows = rows or PART_ROWS
+    found, groups, count = [], [], 0
+    for group in range(parquet.metadata.num_row_groups):
+        groups.append(group)
+        count += parquet.metadata.row_group(group).num_rows
+        if count >= rows:
+            found.append(Part(file, tuple(groups), count))
+            groups, count = [], 0
+    if groups:
+        found.append(Part(file, tuple(groups), count))
+    return found
+
+
+OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("reasoning", pa.string()),
+                           ("answer", pa.string()), ("difficulty", pa.string())])
+
+
 @dataclass
 class Screened:
-    """The rows of one batch that passed every rule but deduplication, and what the row-by-row rules dropped."""
+    """The rows of one part that passed every rule but deduplication, and what the rules dropped."""
+    rows_in: int
     dropped: Counter
-    columns: tuple[list, ...]  # ids, instructions, reasonings, answers, difficulties
+    kept: pa.Table  # OUTPUT_SCHEMA: Arrow, so it travels from a worker as buffers, not as Python strings
     rates: list[float] | None  # each row's second-guess markers per 1k reasoning tokens (None: no tokenizer)
 
 
-def screen_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, count_tokens: TokenCounter | None,
-                 contamination: ContaminationIndex | None = None) -> Screened:
-    """Apply the row-by-row rules (all but deduplication) to rows that passed arrow_rules: they depend on no
-    other batch, so batches are screened in any order, by any process."""
-    dropped, id_column = Counter(), config.id_column
+def read_part(part: Part, config: params.FilterParams, dropped: Counter) -> pa.Table:
+    """The part's rows that pass the Arrow rules, decoded BATCH_ROWS at a time."""
+    passed = []
+    try:
+        batches = pq.ParquetFile(part.file).iter_batches(batch_size=BATCH_ROWS, row_groups=list(part.row_groups),
+                                                         columns=[config.id_column, *TEXT_COLUMNS])
+        for batch in batches:
+            passed.append(arrow_rules(pa.Table.from_batches([batch]), config, dropped))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FilterError(f"filter: {part.file} is corrupt ({e}); re-run the fetch stage") from e
+    return pa.concat_tables(passed) if passed else None
+
+
+def screen_part(part: Part, config: params.FilterParams, max_tokens: int, count_tokens: TokenCounter | None,
+                contamination: ContaminationIndex | None = None) -> Screened:
+    """Read a part and apply every rule but deduplication: they depend on no other part, so parts are
+    screened in any order, by any process."""
+    dropped = Counter()
+    table = read_part(part, config, dropped)
+    if table is None or table.num_rows == 0:
+        return Screened(part.rows, dropped, OUTPUT_SCHEMA.empty_table(), None if count_tokens is None else [])
+    id_column = config.id_column
     ids, instructions, reasonings, answers, difficulties = [], [], [], [], []
     for row_id, instruction, response, difficulty in zip(
             pc.cast(table[id_column], pa.string()).to_pylist(), table["instruction"].to_pylist(),
@@ -203,9 +325,9 @@ def screen_batch(table: pa.Table, config: params.FilterParams, max_tokens: int, 
     threshold = config.max_second_guesses_per_1k
     keep = [k for k in range(len(fits)) if threshold is None or rates[k] <= threshold]
     dropped["too_many_second_guesses"] += len(fits) - len(keep)
-    return Screened(dropped, tuple([column[fits[k]] for k in keep] for column in
-                                            (ids, instructions, reasonings, answers, difficulties)),
-                    None if rates is None else [float(rates[k]) for k in keep])
+    kept = pa.table([[column[fits[k]] for k in keep] for column in (ids, instructions, reasonings, answers,
+                                                                     difficulties)], schema=OUTPUT_SCHEMA)
+    return Screened(part.rows, dropped, kept, None if rates is None else [float(rates[k]) for k in keep])
 
 
 def worker_count(workers: int | str) -> int:
@@ -213,7 +335,7 @@ def worker_count(workers: int | str) -> int:
     return len(os.sched_getaffinity(0)) if workers == "auto" else workers
 
 
-_WORKER: dict = {}  # a screening process's arguments to screen_batch, set once as it starts
+_WORKER: dict = {}  # a screening process's arguments to screen_part, set once as it starts
 
 
 def _start_worker(*args) -> None:
@@ -221,21 +343,22 @@ def _start_worker(*args) -> None:
     _WORKER["args"] = args
 
 
-def _screen_in_worker(table: pa.Table) -> Screened:
-    return screen_batch(table, *_WORKER["args"])
+def _screen_in_worker(part: Part) -> Screened:
+    return screen_part(part, *_WORKER["args"])
 
 
-def screened_batches(batches: Iterator[pa.Table], processes: int, *args) -> Iterator[Screened]:
-    """screen_batch(batch, *args) of every batch, in order: in this process, or by `processes` worker processes
-    with at most two batches each in flight, so memory stays flat however large the input."""
+def screened_parts(todo: list[Part], processes: int, *args) -> Iterator[Screened]:
+    """screen_part(part, *args) of every part, in order: in this process, or by `processes` worker processes
+    (each reads its own parts) with at most two parts each in flight, so memory stays flat however large the
+    input."""
     if processes == 1:
-        yield from (screen_batch(batch, *args) for batch in batches)
+        yield from (screen_part(part, *args) for part in todo)
         return
     context = multiprocessing.get_context("spawn")  # no fork: the tokenizer's and Arrow's threads do not survive it
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker, initargs=args) as pool:
         pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.submit(_screen_in_worker, batch))
+        for part in todo:
+            pending.append(pool.submit(_screen_in_worker, part))
             if len(pending) >= 2 * processes:
                 yield pending.popleft().result()
         while pending:
