@@ -13,13 +13,14 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
+
+from tests.dvc_stages import stage_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,8 +64,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         make_project(workdir, str(Path(args.model_dir).resolve()), args.limit, args.max_new_tokens, batch_size)
-        evaluate_seconds = timed([sys.executable, "-m", "stages.evaluate"], workdir)
-        report_seconds = timed([sys.executable, "-m", "stages.report"], workdir)
+        evaluate_seconds = timed(stage_command("evaluate"), workdir)
+        report_seconds = timed(stage_command("report"), workdir)
         generated = pq.read_table(workdir / "data" / "eval" / "samples.parquet",
                                   columns=["response_tokens"])["response_tokens"].to_pylist()
     print(json.dumps({

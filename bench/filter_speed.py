@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from tests import eval_data, magpie_data, tiny_model
+from tests.dvc_stages import stage_args
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ("we add the two numbers then divide by three so x equals wait let me double check that the sum "
@@ -128,12 +129,12 @@ def main() -> None:
     for workers in [int(w) for w in args.workers.split(",")]:
         config["filter"]["workers"] = workers
         (args.workdir / "params.yaml").write_text(yaml.safe_dump(config))
-        runs[workers] = run_stage(args.workdir, "stages.filter", "--raw", str(raw), "--eval-sets", str(eval_sets))
+        runs[workers] = run_stage(args.workdir, "stages.filter", *stage_args("filter", raw=raw, eval_sets=eval_sets))
         outputs.add(tuple(hashlib.sha256((args.workdir / name).read_bytes()).hexdigest()
                           for name in ("data/filtered.parquet", "metrics/data.json")))
     if len(outputs) != 1:
         raise SystemExit(f"filter outputs differ between worker counts {sorted(runs)}")
-    stratify_run = run_stage(args.workdir, "stages.stratify")
+    stratify_run = run_stage(args.workdir, "stages.stratify", *stage_args("stratify"))
     funnel = json.loads((args.workdir / "metrics" / "data.json").read_text())
     result = {"rows_in": funnel["rows_in"], "rows_out": funnel["rows_out"], "parquet_gib": round(gib, 2),
               "tokenizer": args.tokenizer, "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(),

@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+
+from tests.dvc_stages import stage_command
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "find x if two x plus three equals seven wait so the answer is boxed".split()
@@ -69,7 +70,7 @@ def run(model_dir: str, gpus: int, steps: int, backend: str, rows: int, max_seq_
     watcher = threading.Thread(target=watch_gpus, args=(samples, stop), daemon=True)
     watcher.start()
     started = time.perf_counter()
-    process = subprocess.run([sys.executable, "-m", "stages.train"], cwd=project, capture_output=True, text=True,
+    process = subprocess.run(stage_command("train"), cwd=project, capture_output=True, text=True,
                              env=os.environ | {"PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"})
     seconds = time.perf_counter() - started
     stop.set()

@@ -156,16 +156,16 @@ def generate_here(phases: list[eval_workers.Phase], model_params: params.ModelPa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--sets", type=Path, default=Path("data/eval/sets"),
+    parser.add_argument("--sets", type=Path, required=True,
                         help="in: fetch_eval's evaluation sets, <set>.parquet")
-    parser.add_argument("--test-split", type=Path, default=Path("data/splits/test.parquet"),
+    parser.add_argument("--test-split", type=Path, required=True,
                         help="in: stratify's held-out split (the heldout set)")
-    parser.add_argument("--adapter", type=Path, default=Path("models/adapter"), help="in: train's LoRA adapter")
-    parser.add_argument("--generations", type=Path, default=Path("data/eval/generations"),
+    parser.add_argument("--adapter", type=Path, required=True, help="in: train's LoRA adapter")
+    parser.add_argument("--generations", type=Path, required=True,
                         help="in/out: the generation cache, one file per (model, set) and fingerprint")
-    parser.add_argument("--samples", type=Path, default=Path("data/eval/samples.parquet"),
+    parser.add_argument("--samples", type=Path, required=True,
                         help="out: every graded generation of both models")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/eval_sets.json"),
+    parser.add_argument("--metrics", type=Path, required=True,
                         help="out: per-set counts (problems, samples, generations)")
     args = parser.parse_args(argv)
 

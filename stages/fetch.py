@@ -20,7 +20,7 @@ log = logging.getLogger("stages.fetch")  # not __name__: `python -m` runs a stag
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("data/raw"), help="out: the dataset's Parquet shards")
+    parser.add_argument("--out", type=Path, required=True, help="out: the dataset's Parquet shards")
     args = parser.parse_args(argv)
 
     config = params.load("data")

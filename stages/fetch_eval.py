@@ -32,7 +32,7 @@ def fetch_set(name: str, config: params.EvalSetParams, workdir: Path) -> list[Pa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("data/eval/sets"),
+    parser.add_argument("--out", type=Path, required=True,
                         help="out: one <set>.parquet per eval_data set")
     args = parser.parse_args(argv)
 

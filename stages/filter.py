@@ -135,13 +135,13 @@ def contamination_index(eval_sets: Path, ngram: int) -> ContaminationIndex:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--raw", type=Path, default=Path("data/raw"),
+    parser.add_argument("--raw", type=Path, required=True,
                         help="in: fetch's Parquet shards (a file or a folder)")
-    parser.add_argument("--eval-sets", type=Path, default=Path("data/eval/sets"),
+    parser.add_argument("--eval-sets", type=Path, required=True,
                         help="in: fetch_eval's sets, for decontamination")
-    parser.add_argument("--out", type=Path, default=Path("data/filtered.parquet"),
+    parser.add_argument("--out", type=Path, required=True,
                         help="out: the kept rows (id, instruction, reasoning, answer, difficulty)")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/data.json"),
+    parser.add_argument("--metrics", type=Path, required=True,
                         help="out: the funnel (rows in, dropped by rule, rows out) and the kept rows' measures")
     args = parser.parse_args(argv)
 

@@ -267,18 +267,18 @@ def assemble(adapter: Path, out: Path, card, model: params.ModelParams) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--adapter", type=Path, default=Path("models/adapter"), help="in: train's LoRA adapter")
-    parser.add_argument("--details", type=Path, default=Path("reports/details.json"),
+    parser.add_argument("--adapter", type=Path, required=True, help="in: train's LoRA adapter")
+    parser.add_argument("--details", type=Path, required=True,
                         help="in: report's details.json (verdict and budget tables)")
-    parser.add_argument("--data-metrics", type=Path, default=Path("metrics/data.json"),
+    parser.add_argument("--data-metrics", type=Path, required=True,
                         help="in: filter's funnel, for the card")
-    parser.add_argument("--splits-metrics", type=Path, default=Path("metrics/splits.json"),
+    parser.add_argument("--splits-metrics", type=Path, required=True,
                         help="in: stratify's split sizes, for the card")
-    parser.add_argument("--train-metrics", type=Path, default=Path("metrics/train.json"),
+    parser.add_argument("--train-metrics", type=Path, required=True,
                         help="in: train's metrics, for the card")
-    parser.add_argument("--train-run", type=Path, default=Path("reports/train_run.json"),
+    parser.add_argument("--train-run", type=Path, required=True,
                         help="in: train's wall time, speed and memory, for the card")
-    parser.add_argument("--out", type=Path, default=Path("release"),
+    parser.add_argument("--out", type=Path, required=True,
                         help="out: the adapter files and the model card (README.md), ready to upload")
     args = parser.parse_args(argv)
 

@@ -241,15 +241,15 @@ def verdict_page(report: dict, figure_names: list[str], figures_dir: str) -> str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--samples", type=Path, default=Path("data/eval/samples.parquet"),
+    parser.add_argument("--samples", type=Path, required=True,
                         help="in: evaluate's graded generations")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/eval"),
+    parser.add_argument("--metrics", type=Path, required=True,
                         help="out: the headline metrics, <set>/<measure>.json (dvc metrics)")
-    parser.add_argument("--budget", type=Path, default=Path("metrics/eval_budget"),
+    parser.add_argument("--budget", type=Path, required=True,
                         help="out: accuracy at every budget, <set>.tsv (dvc plots)")
-    parser.add_argument("--training", type=Path, default=Path("metrics/train/plots/metrics"),
+    parser.add_argument("--training", type=Path, required=True,
                         help="in: train's per-step loss and learning rate (dvclive TSVs), for figures/training.png")
-    parser.add_argument("--reports", type=Path, default=Path("reports"),
+    parser.add_argument("--reports", type=Path, required=True,
                         help="out: details.json, verdict.md and figures/")
     args = parser.parse_args(argv)
 

@@ -68,10 +68,10 @@ def stratify(table: pa.Table, config: params.StratifyParams, seed: int) -> dict[
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--filtered", type=Path, default=Path("data/filtered.parquet"), help="in: filter's kept rows")
-    parser.add_argument("--out", type=Path, default=Path("data/splits"),
+    parser.add_argument("--filtered", type=Path, required=True, help="in: filter's kept rows")
+    parser.add_argument("--out", type=Path, required=True,
                         help="out: train.parquet, val.parquet, test.parquet")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/splits.json"),
+    parser.add_argument("--metrics", type=Path, required=True,
                         help="out: rows per split and difficulty")
     args = parser.parse_args(argv)
 

@@ -58,19 +58,19 @@ def relaunch_distributed(num_gpus: int, argv: list[str]) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--splits", type=Path, default=Path("data/splits"),
+    parser.add_argument("--splits", type=Path, required=True,
                         help="in: stratify's train.parquet and val.parquet")
-    parser.add_argument("--adapter", type=Path, default=Path("models/adapter"),
+    parser.add_argument("--adapter", type=Path, required=True,
                         help="out: the LoRA adapter (the best checkpoint's weights) and tokenizer")
-    parser.add_argument("--merged", type=Path, default=Path("models/merged"),
+    parser.add_argument("--merged", type=Path, required=True,
                         help="out: the base model with the adapter merged in (train.merge_16bit)")
-    parser.add_argument("--checkpoints", type=Path, default=Path("models/checkpoints"),
+    parser.add_argument("--checkpoints", type=Path, required=True,
                         help="in/out: checkpoints a stopped run resumes from")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/train.json"),
+    parser.add_argument("--metrics", type=Path, required=True,
                         help="out: losses, steps, batch geometry (dvc metrics)")
-    parser.add_argument("--live", type=Path, default=Path("metrics/train"),
+    parser.add_argument("--live", type=Path, required=True,
                         help="out: dvclive's loss and learning-rate curves (dvc plots)")
-    parser.add_argument("--run-stats", type=Path, default=Path("reports/train_run.json"),
+    parser.add_argument("--run-stats", type=Path, required=True,
                         help="out: speed, wall time and memory of the run (not a metric: they vary run to run)")
     return parser.parse_args(argv)
 

@@ -9,11 +9,12 @@ import contextlib
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from tests.dvc_stages import stage_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +84,6 @@ def run_stage(module: str, cwd: Path, endpoint: str, **env: str) -> tuple[int, s
                if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     environ |= {"HF_ENDPOINT": endpoint, "HF_HOME": str(cwd / "hf-home"), "PYTHONPATH": str(ROOT), **env}
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", module], cwd=cwd, env=environ, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(stage_command(module.removeprefix("stages.")), cwd=cwd, env=environ,
+                            capture_output=True, text=True, timeout=60)
     return result.returncode, result.stdout + result.stderr, time.perf_counter() - started

@@ -22,6 +22,7 @@ from stages.generation import batched as generation
 from stages.scoring import overthinking
 from tests import eval_data, magpie_data, tiny_model
 from tests.conftest import ROOT, set_params, splits_table
+from tests.dvc_stages import stage_args
 
 WORKERS_LOG = evaluate.eval_workers.log.name  # the workers' log lines, as they name their logger
 
@@ -71,7 +72,7 @@ def generate_calls(monkeypatch) -> list[list[str]]:
 
 
 def test_evaluate_writes_every_graded_generation_of_both_models_on_every_set(project):
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     counts = json.loads((project / "metrics" / "eval_sets.json").read_text())
     assert counts == {"problems": {"heldout": 2, "gsm8k": 2, "math500": 2},
                       "samples_per_problem": {"heldout": 2, "gsm8k": 2, "math500": 3}, "heldout_without_gold": 0}
@@ -91,7 +92,7 @@ def test_evaluate_writes_every_graded_generation_of_both_models_on_every_set(pro
 
 
 def test_the_adapter_changes_what_the_model_generates(project):
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     samples = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
     base = samples[samples["model"] == "base"]["response"].tolist()
     tuned = samples[samples["model"] == "finetuned"]["response"].tolist()
@@ -114,7 +115,7 @@ def change_golds(project: Path) -> None:
 
 def test_a_change_of_grading_alone_regenerates_nothing_but_updates_the_samples(project, generate_calls,
                                                                               monkeypatch):
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     assert len(generate_calls) == 2  # one call per model, every set's prompts
     before = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
     words = re.findall(r"\b[A-Za-z]+\b", " ".join(before["response"]))
@@ -123,7 +124,7 @@ def test_a_change_of_grading_alone_regenerates_nothing_but_updates_the_samples(p
     set_params(project, "eval", loop_repeats=4)
     monkeypatch.setattr(overthinking, "SECOND_GUESS_REGEX", rf"\b{marker}\b")  # markers are code, not params
     generate_calls.clear()
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     assert generate_calls == []
     after = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
     assert after["response"].tolist() == before["response"].tolist()
@@ -135,7 +136,7 @@ def test_a_change_of_grading_alone_regenerates_nothing_but_updates_the_samples(p
 
 
 def test_a_change_of_prompt_rendering_regenerates(project, generate_calls, monkeypatch):
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     generate_calls.clear()
 
     def with_system_prompt(tokenizer, instruction: str, directive: str) -> str:
@@ -144,7 +145,7 @@ def test_a_change_of_prompt_rendering_regenerates(project, generate_calls, monke
                                              tokenize=False, add_generation_prompt=True)
 
     monkeypatch.setattr("stages.core.prompts.prompt_text", with_system_prompt)
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     assert len(generate_calls) == 2  # one call per model, every set's prompts
     assert all("Reason step by step." in prompt for call in generate_calls for prompt in call)
     assert len(list((project / "data" / "eval" / "generations").glob("*.parquet"))) == 6
@@ -158,27 +159,27 @@ def test_the_generation_code_in_the_cache_key_is_every_module_of_the_generation_
 
 def test_a_change_of_generation_code_regenerates(project, generate_calls, monkeypatch, tmp_path):
     edited = "continuous.py"
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     generate_calls.clear()
     code = list(evaluate.GENERATION_CODE)
     at = [path.name for path in code].index(edited)
     code[at] = Path(shutil.copy(code[at], tmp_path / edited))
     code[at].write_text(code[at].read_text() + "\n# any edit, even one that changes no output, regenerates\n")
     monkeypatch.setattr(evaluate, "GENERATION_CODE", tuple(code))
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     assert len(generate_calls) == 2  # one call per model, every set's prompts
 
 
 @pytest.mark.parametrize("change", [{"max_new_tokens": 6}, {"batching": "padded"}])
 def test_a_second_run_reuses_generations_unless_sampling_changes(project, caplog, change):
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     with caplog.at_level(logging.INFO, logger="stages"):
-        evaluate.main([])
+        evaluate.main(stage_args("evaluate"))
     assert sum("reusing" in r.message for r in caplog.records) == 6
     set_params(project, "eval", **change)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="stages"):
-        evaluate.main([])
+        evaluate.main(stage_args("evaluate"))
     assert not any("reusing" in r.message for r in caplog.records)
     assert len(list((project / "data" / "eval" / "generations").glob("*.parquet"))) == 6  # stale ones removed
 
@@ -223,7 +224,7 @@ def test_one_process_loads_the_model_once_and_merges_the_adapter_into_it_for_the
         return outputs
 
     monkeypatch.setattr(generation, "generate", spy)
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     (base_model, *_), (tuned_model, tokenizer, prompt_texts, config, seed, keys, outputs) = calls
     assert tuned_model is base_model  # one model: loaded once, the adapter merged into it
     model_params = params.load("model", project / "params.yaml")
@@ -232,7 +233,7 @@ def test_one_process_loads_the_model_once_and_merges_the_adapter_into_it_for_the
 
 
 def test_every_sample_row_counts_reasoning_and_answer_within_the_response(project):
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     samples = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
     assert (samples["reasoning_tokens"] + samples["answer_tokens"] <= samples["response_tokens"]).all()
     # the random model may end at once (response = the end token alone): nothing to count then
@@ -300,7 +301,7 @@ def test_a_think_close_of_several_tokens_splits_the_ids_where_the_text_splits(tm
 def test_a_missing_adapter_is_a_clear_error_and_writes_nothing(project):
     (project / "models" / "adapter").unlink()
     with pytest.raises(AdapterError, match="no LoRA adapter"):
-        evaluate.main([])
+        evaluate.main(stage_args("evaluate"))
     assert not (project / "metrics").exists()
 
 
@@ -311,20 +312,20 @@ def test_an_adapter_of_another_base_model_is_refused(project, tmp_path):
     (project / "models" / "adapter").unlink()
     (project / "models" / "adapter").symlink_to(other)
     with pytest.raises(AdapterError, match="trained on 'someone/other-model'"):
-        evaluate.main([])
+        evaluate.main(stage_args("evaluate"))
 
 
 def test_max_new_tokens_beyond_the_context_is_refused(project):
     set_params(project, "eval", max_new_tokens=5000)
     with pytest.raises(generation.GenerationError, match="exceeds the model's context of 4096"):
-        evaluate.main([])
+        evaluate.main(stage_args("evaluate"))
     assert not (project / "data" / "eval" / "samples.parquet").exists()
 
 
 def test_an_unknown_eval_set_is_named(project):
     set_params(project, "eval", sets=["heldout", "aime"])
     with pytest.raises(evaluate.cli.StageError, match="'aime'"):
-        evaluate.main([])
+        evaluate.main(stage_args("evaluate"))
 
 
 def test_grouped_attention_matches_transformers_sdpa_on_padded_batches(tiny_model_dir, tokenizer):
@@ -356,11 +357,11 @@ def test_batch_size_on_cpu_is_at_most_16():
 
 
 def test_a_change_of_model_directive_regenerates_with_the_new_prompts(project, generate_calls):
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     assert all(prompt.count("\\boxed{}") == 1 for call in generate_calls for prompt in call)  # the default
     generate_calls.clear()
     set_params(project, "model", directive="Answer with one number.")
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     assert len(generate_calls) == 2  # one call per model, every set's prompts
     assert all("\nAnswer with one number.<｜Assistant｜>" in prompt for call in generate_calls for prompt in call)
     assert len(list((project / "data" / "eval" / "generations").glob("*.parquet"))) == 6  # stale ones removed
@@ -389,7 +390,7 @@ def test_each_sample_row_measures_how_the_response_reasons(tokenizer):
 def test_two_workers_start_once_for_both_models_merge_the_adapter_in_place_and_give_one_processs_samples(
         project, monkeypatch, capfd):
     set_params(project, "eval", num_gpus=1)  # the model card's sampling
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     alone = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
     generations = project / "data" / "eval" / "generations"
     files_alone = {f.name for f in generations.iterdir()}
@@ -402,7 +403,7 @@ def test_two_workers_start_once_for_both_models_merge_the_adapter_in_place_and_g
     monkeypatch.setattr(subprocess, "Popen", counted)
     set_params(project, "eval", num_gpus=2)  # on CPU: two CPU processes, each with every other prompt
     capfd.readouterr()
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     assert starts == ["0", "1"]  # one set of workers for the base and the fine-tuned model
     log = capfd.readouterr().err
     # each worker answered its share of every set, one call per model
@@ -454,7 +455,7 @@ def test_a_failing_worker_is_one_line_and_keeps_only_the_sets_every_worker_finis
     monkeypatch.setenv("FAIL_GENERATION", "finetuned/heldout + finetuned/gsm8k [worker 1]")
     set_params(project, "eval", sets=["heldout", "gsm8k"], samples=1, num_gpus=2)
     with pytest.raises(evaluate.eval_workers.WorkerError) as error:
-        evaluate.main([])
+        evaluate.main(stage_args("evaluate"))
     assert re.fullmatch(r"evaluate: generation worker 1 of 2 \(CPU\) failed with exit code 3; its log above says "
                         r"why [^\n]*", str(error.value))
     generations = project / "data" / "eval" / "generations"
@@ -464,7 +465,7 @@ def test_a_failing_worker_is_one_line_and_keeps_only_the_sets_every_worker_finis
     monkeypatch.delenv("FAIL_GENERATION")
     set_params(project, "eval", sets=["heldout"])  # what the failed run finished is reused
     with caplog.at_level(logging.INFO, logger="stages"):
-        evaluate.main([])
+        evaluate.main(stage_args("evaluate"))
     assert [r.message.split(":")[0] for r in caplog.records if "reusing" in r.message] == ["base / heldout"]
     assert len(pd.read_parquet(project / "data" / "eval" / "samples.parquet")) == 2 * 2
 
@@ -498,7 +499,7 @@ def test_a_worker_failing_in_the_finetuned_phase_waits_for_the_base_shares_of_th
     try:
         with caplog.at_level(logging.INFO, logger="stages"), \
                 pytest.raises(evaluate.eval_workers.WorkerError, match="generation worker 1 of 2"):
-            evaluate.main([])
+            evaluate.main(stage_args("evaluate"))
     finally:
         logging.getLogger("stages").removeHandler(waits)
     assert ("generation worker 1 failed; waiting for worker(s) 0 to write their shares of base/heldout, base/gsm8k "

@@ -11,6 +11,7 @@ import torch
 from stages import evaluate
 from tests import random_model
 from tests.conftest import set_params
+from tests.dvc_stages import stage_args
 from tests.test_evaluate import make_adapter, project  # noqa: F401  (project: the CPU tests' fixture)
 
 pytestmark = [
@@ -31,7 +32,7 @@ def tiny_adapter(tiny_model_dir, tmp_path_factory):
 
 def test_evaluate_runs_end_to_end_on_the_gpu_with_a_static_cache(project):  # noqa: F811
     set_params(project, "eval", limit=8, max_new_tokens=32, batch_size=8, static_cache=True)
-    evaluate.main([])
+    evaluate.main(stage_args("evaluate"))
     samples = pd.read_parquet(project / "data" / "eval" / "samples.parquet")
     finetuned_gsm8k = samples[(samples["model"] == "finetuned") & (samples["set"] == "gsm8k")]
     assert len(finetuned_gsm8k) == 6  # 3 problems x 2 samples

@@ -17,6 +17,7 @@ from stages.data import screening
 from stages.data.magpie import SchemaError, split_response
 from tests import magpie_data, tiny_model
 from tests.conftest import DIRECTIVE, ROOT
+from tests.dvc_stages import stage_args
 
 MAX_TOKENS = 1024  # the tiny tokenizer spends ~4 tokens per word: the clean rows fit, the long one does not
 
@@ -382,8 +383,8 @@ def test_the_stage_run_as_main_by_runpy_screens_in_worker_processes(tmp_path, ti
     raw["model"].update(name=str(tiny_model_dir), max_seq_length=MAX_TOKENS)
     raw["filter"].update(workers=2, decontaminate=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    magpie_data.write_shards(tmp_path / "raw", magpie_data.clean_rows(30), shards=2)  # a part each
-    runner = ("import runpy, sys; sys.argv = ['filter', '--raw', 'raw']; "
+    magpie_data.write_shards(tmp_path / "data" / "raw", magpie_data.clean_rows(30), shards=2)  # a part each
+    runner = (f"import runpy, sys; sys.argv = ['filter', *{stage_args('filter')!r}]; "
               "runpy.run_module('stages.filter', run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", runner], cwd=tmp_path, capture_output=True,
                             text=True, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=300)

@@ -14,6 +14,7 @@ from stages import release, report
 from stages.core.base_model import AdapterError
 from stages.scoring import verdict
 from tests import test_report, tiny_model
+from tests.dvc_stages import stage_args
 
 BASE_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 PEFT_TEMPLATE = "# Model Card for Model ID\n\n<!-- Provide a quick summary of what the model is/does. -->\n"
@@ -54,8 +55,8 @@ def released(tmp_path_factory) -> Path:
     project = make_project(tmp_path_factory.mktemp("release"))
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.chdir(project)
-        report.main([])
-        release.main([])  # the defaults are dvc.yaml's paths
+        report.main(stage_args("report"))
+        release.main(stage_args("release"))
     return project
 
 
@@ -127,8 +128,8 @@ def test_local_model_and_data_stay_out_of_the_hub_metadata(tmp_path, monkeypatch
     (project / "models" / "adapter" / "adapter_config.json").write_text(
         json.dumps(config | {"base_model_name_or_path": str(local_model)}))
     monkeypatch.chdir(project)
-    report.main([])
-    release.main([])
+    report.main(stage_args("report"))
+    release.main(stage_args("release"))
     data = card_of(project).data.to_dict()
     assert "base_model" not in data
     assert data["datasets"] == [raw["eval_data"]["gsm8k"]["source"], raw["eval_data"]["math500"]["source"]]
@@ -142,11 +143,11 @@ def test_a_missing_adapter_or_report_is_named(tmp_path, monkeypatch):
     project = make_project(tmp_path)
     monkeypatch.chdir(project)
     with pytest.raises(release.ReleaseError, match=re.escape("reports/details.json not found; run the report stage")):
-        release.main([])
-    report.main([])
+        release.main(stage_args("release"))
+    report.main(stage_args("report"))
     (project / "models" / "adapter" / "adapter_config.json").unlink()
     with pytest.raises(AdapterError, match="no LoRA adapter at models/adapter"):
-        release.main([])
+        release.main(stage_args("release"))
     assert not (project / "release").exists()
 
 
@@ -157,8 +158,8 @@ def test_a_measure_without_a_value_reads_null_in_details_and_n_a_on_the_card(tmp
     samples.loc[samples["model"] == "finetuned", "outcome_efficiency"] = 0.0
     samples.to_parquet(project / "data" / "eval" / "samples.parquet", index=False)
     monkeypatch.chdir(project)
-    report.main([])
-    release.main([])
+    report.main(stage_args("report"))
+    release.main(stage_args("release"))
     details = json.loads((project / "reports" / "details.json").read_text())
     assert details["sets"]["gsm8k"]["measures"]["tokens_per_correct"]["finetuned"] is None
     row = next(line for line in card_of(project).text.splitlines()

@@ -17,6 +17,7 @@ import yaml
 from stages import report
 from stages.scoring import verdict
 from tests.conftest import ROOT
+from tests.dvc_stages import stage_args, stage_command
 
 SETS = ("gsm8k", "math500")
 MAX_NEW_TOKENS = 4096
@@ -87,7 +88,7 @@ def make_project(project: Path, samples: pd.DataFrame) -> Path:
 
 def run_report(project: Path, monkeypatch) -> None:
     monkeypatch.chdir(project)
-    report.main([])  # the defaults are dvc.yaml's paths
+    report.main(stage_args("report"))
 
 
 def outputs(project: Path) -> dict[str, bytes]:
@@ -177,7 +178,7 @@ def test_verdict_page_has_each_sets_table_and_shows_every_figure(reported):
 
 def test_an_identical_rerun_in_a_new_process_writes_identical_bytes(reported, tmp_path):
     project = make_project(tmp_path / "again", pd.read_parquet(reported / "data" / "eval" / "samples.parquet"))
-    subprocess.run([sys.executable, "-m", "stages.report"], cwd=project, check=True, capture_output=True)
+    subprocess.run(stage_command("report"), cwd=project, check=True, capture_output=True)
     assert outputs(project) == outputs(reported)
 
 

@@ -21,6 +21,7 @@ from stages.training import data as train_data
 from stages.training import model as train_model
 from tests import magpie_data
 from tests.conftest import DIRECTIVE, ROOT, copy_project, set_params, splits_table, train_project, write_splits
+from tests.dvc_stages import stage_args, stage_command
 
 
 def logged(project: Path, name: str) -> list[float]:
@@ -40,7 +41,7 @@ def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
 def test_loss_goes_down_on_a_small_repeated_data_set(project):
     write_splits(project, [magpie_data.row(1)] * 16, [magpie_data.row(1)] * 2)
     set_params(project, "train", learning_rate=5.0e-2, max_steps=30, eval_every_steps=10)
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     losses = logged(project, "loss")
     assert losses[-1] < 0.1 * losses[0]
     metrics = train_metrics(project)
@@ -63,7 +64,7 @@ def overfit_one_example(project: Path) -> None:
 
 def test_early_stopping_stops_a_run_whose_val_loss_rises(project):
     overfit_one_example(project)
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     metrics = train_metrics(project)
     assert metrics["stopped_early"]
     assert metrics["steps"] < metrics["max_steps"]
@@ -91,7 +92,7 @@ def killed_run(project: Path, monkeypatch) -> None:
     set_params(project, "train", max_steps=4, eval_every_steps=2)
     revive = kill_after_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        train_stage.main([])
+        train_stage.main(stage_args("train"))
     revive()
 
 
@@ -102,19 +103,19 @@ def logged_steps(project: Path, name: str) -> list[int]:
 
 def test_a_killed_run_resumes_from_its_last_checkpoint_and_continues_its_curves(project, monkeypatch):
     set_params(project, "train", max_steps=6, eval_every_steps=2)
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     uninterrupted = train_metrics(project)
     shutil.rmtree(project / "models")  # metrics/train stays: it is a persistent output, as DVC keeps it
 
     revive = kill_after_step(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        train_stage.main([])
+        train_stage.main(stage_args("train"))
     assert not (project / "models" / "adapter").exists()
     assert (project / "models" / "checkpoints" / "checkpoint-2").is_dir()
     assert logged_steps(project, "loss") == [1, 2, 3]
 
     revive()
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     resumed = train_metrics(project)
     assert resumed["resumed_from_step"] == 2
     assert resumed["steps"] == 6
@@ -129,8 +130,8 @@ def test_the_training_curves_are_a_persistent_output():
 
 def test_a_finished_run_is_never_resumed(project):
     set_params(project, "train", max_steps=2)
-    train_stage.main([])
-    train_stage.main([])  # e.g. dvc repro -f, or a change DVC sees that the fingerprint would not
+    train_stage.main(stage_args("train"))
+    train_stage.main(stage_args("train"))  # e.g. dvc repro -f, or a change DVC sees that the fingerprint would not
     assert train_metrics(project)["resumed_from_step"] == 0
 
 
@@ -142,7 +143,7 @@ def test_a_code_change_discards_the_checkpoints_of_a_killed_run(project, monkeyp
     killed_run(project, monkeypatch)
     prompts = code / "stages" / "core" / "prompts.py"
     prompts.write_text(prompts.read_text() + "\n# a changed line of the stage's code\n")
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     assert train_metrics(project)["resumed_from_step"] == 0
 
 
@@ -163,16 +164,16 @@ def test_the_train_modules_leave_transformers_unimported_for_unsloth_to_patch_fi
 
 def test_early_stopping_patience_survives_a_resume(project, monkeypatch):
     overfit_one_example(project)
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     uninterrupted = train_metrics(project)
     assert uninterrupted["stopped_early"]
     shutil.rmtree(project / "models")
 
     revive = kill_after_step(monkeypatch, uninterrupted["best_step"] + 1)  # one evaluation without improvement
     with pytest.raises(KeyboardInterrupt):
-        train_stage.main([])
+        train_stage.main(stage_args("train"))
     revive()
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     resumed = train_metrics(project)
     assert resumed["resumed_from_step"] == uninterrupted["best_step"] + 1
     assert resumed["steps"] == uninterrupted["steps"]  # stops where the uninterrupted run stopped
@@ -197,10 +198,10 @@ def test_a_run_that_cannot_start_keeps_the_checkpoints_of_a_killed_run(project, 
     original = yaml.safe_load((project / "params.yaml").read_text())
     set_params(project, section, **change)
     with pytest.raises(cli.StageError, match=error):
-        train_stage.main([])
+        train_stage.main(stage_args("train"))
     assert sorted(p.relative_to(checkpoints) for p in checkpoints.rglob("*")) == before
     (project / "params.yaml").write_text(yaml.safe_dump(original, sort_keys=False))
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     assert train_metrics(project)["resumed_from_step"] == 2
 
 
@@ -227,7 +228,7 @@ def test_each_ddp_process_loads_the_model_onto_its_own_gpu(monkeypatch, tiny_mod
 def test_without_a_validation_split_the_last_step_is_the_result(project):
     write_splits(project, magpie_data.clean_rows(24), [])  # stratify.val_fraction: 0
     set_params(project, "train", max_steps=4, eval_every_steps=2, early_stopping_patience=2)
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     metrics = train_metrics(project)
     assert metrics["validated"] is False and metrics["best_step"] is None
     assert metrics["steps"] == 4 and not metrics["stopped_early"]
@@ -237,7 +238,7 @@ def test_without_a_validation_split_the_last_step_is_the_result(project):
 def train_in_new_process(project: Path, hash_seed: str) -> dict[str, str]:
     """Run the train stage as `dvc repro` does, in a process of its own; the sha256 of each adapter file."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    subprocess.run([sys.executable, "-m", "stages.train"], cwd=project, check=True, capture_output=True,
+    subprocess.run(stage_command("train"), cwd=project, check=True, capture_output=True,
                    env=os.environ | {"PYTHONHASHSEED": hash_seed, "PYTHONPATH": path})
     adapter = project / "models" / "adapter"
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(adapter.iterdir())}
@@ -253,9 +254,9 @@ def test_identical_training_gives_byte_identical_adapter_files(project):
 
 def test_changed_params_discard_old_checkpoints(project):
     set_params(project, "train", max_steps=2)
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     set_params(project, "train", max_steps=4, learning_rate=2.0e-3)
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     assert train_metrics(project)["resumed_from_step"] == 0
 
 
@@ -264,7 +265,7 @@ def test_saved_adapter_reloads_and_changes_the_models_outputs(project, tiny_mode
     from transformers import AutoModelForCausalLM
 
     set_params(project, "train", learning_rate=1.0e-2, max_steps=4)
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     adapter = project / "models" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "tokenizer.json").is_file()
     inputs = torch.tensor([[0, 2, 30, 31, 32, 3, 4]])
@@ -281,7 +282,7 @@ def test_merged_export_matches_the_adapted_model(project, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     set_params(project, "train", learning_rate=1.0e-2, max_steps=2, merge_16bit=True)
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     merged = AutoModelForCausalLM.from_pretrained(project / "models" / "merged")
     assert merged.dtype == torch.bfloat16
     assert not any("lora" in name for name, _ in merged.named_parameters())
@@ -345,14 +346,14 @@ def test_micro_batch_must_divide_the_sequences_per_step():
 def test_an_empty_train_split_is_a_clear_error_and_leaves_no_adapter(project):
     write_splits(project, [], [magpie_data.row(1)])
     with pytest.raises(cli.StageError, match=r"train\.parquet has no rows"):
-        train_stage.main([])
+        train_stage.main(stage_args("train"))
     assert not (project / "models" / "adapter").exists()
 
 
 def test_a_sequence_length_above_the_models_limit_is_refused(project):
     set_params(project, "model", max_seq_length=8192)
     with pytest.raises(train_choices.TrainError, match="above the base model's limit of 4096"):
-        train_stage.main([])
+        train_stage.main(stage_args("train"))
 
 
 def test_an_unknown_target_module_is_named(project):
@@ -360,7 +361,7 @@ def test_an_unknown_target_module_is_named(project):
     raw["train"]["lora"]["target_modules"] = ["q_proj", "qkv_proj"]
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.raises(train_choices.TrainError, match=r"\['qkv_proj'\] not found.*q_proj"):
-        train_stage.main([])
+        train_stage.main(stage_args("train"))
     assert not (project / "models" / "adapter").exists()
 
 
@@ -375,7 +376,7 @@ def test_ddp_neither_searches_unused_parameters_nor_broadcasts_the_unchanging_bu
 @pytest.mark.slow
 def test_two_process_ddp_keeps_sequences_per_step_and_saves_one_adapter(project, capfd):
     set_params(project, "train", num_gpus=2, max_steps=4, sequences_per_step=8)
-    train_stage.main([])  # relaunches itself under torchrun: 2 processes, gloo on CPU
+    train_stage.main(stage_args("train"))  # relaunches itself under torchrun: 2 processes, gloo on CPU
     log = capfd.readouterr().err
     assert log.count("micro-batch 2 x accumulation 2 x 2 process(es)") == 2  # one line per rank
     assert log.count("adapter -> models/adapter") == 1  # rank 0 alone saves
@@ -384,11 +385,11 @@ def test_two_process_ddp_keeps_sequences_per_step_and_saves_one_adapter(project,
     assert metrics["epochs_run"] == pytest.approx(4 * 8 / 24, abs=1e-3)  # 8 sequences a step, 24 rows
     assert (project / "models" / "adapter" / "adapter_model.safetensors").is_file()
     set_params(project, "train", num_gpus=2, max_steps=6, sequences_per_step=8)  # stale checkpoints: cleared once
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     metrics_two = train_metrics(project)
     assert metrics_two["steps"] == 6 and metrics_two["resumed_from_step"] == 0
     set_params(project, "train", num_gpus=1, max_steps=6, sequences_per_step=8)  # the same sequences each step
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     assert train_metrics(project)["tokens_seen"] == metrics_two["tokens_seen"]  # both ranks' tokens, summed
 
 
@@ -396,7 +397,7 @@ def test_two_process_ddp_keeps_sequences_per_step_and_saves_one_adapter(project,
 def test_unsloth_backend_without_a_gpu_says_so(project):
     set_params(project, "train", backend="unsloth")
     with pytest.raises(train_choices.TrainError, match="needs a CUDA GPU"):
-        train_stage.main([])
+        train_stage.main(stage_args("train"))
 
 
 def test_training_prompt_tokens_are_exactly_what_evaluation_feeds_the_model(tokenizer):
@@ -414,10 +415,10 @@ def test_the_same_seed_gives_the_same_adapter(project):
     from safetensors.torch import load_file
 
     set_params(project, "train", max_steps=3)
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     first = load_file(project / "models" / "adapter" / "adapter_model.safetensors")
     shutil.rmtree(project / "models")  # a fresh run, not a resumed one
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     second = load_file(project / "models" / "adapter" / "adapter_model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -437,7 +438,7 @@ def test_the_train_stage_ends_every_prompt_with_the_model_directive(project, mon
 
     monkeypatch.setattr(train_data, "tokenize", tokenize)
     with pytest.raises(Tokenized):
-        train_stage.main([])
+        train_stage.main(stage_args("train"))
     assert len(prompts) == 24 and all(p.endswith("\nAnswer with one number.<｜Assistant｜><think>\n") for p in prompts)
 
 
@@ -461,7 +462,7 @@ def test_auto_gradient_checkpointing_turns_off_only_when_a_micro_batch_fits(memo
 
 def test_explicit_gradient_checkpointing_is_kept_and_recorded(project):
     set_params(project, "train", max_steps=2, gradient_checkpointing=False)
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     metrics = train_metrics(project)
     assert metrics["gradient_checkpointing"] is False and metrics["micro_batch_size"] == 2
 
@@ -527,7 +528,7 @@ def test_each_logging_step_is_one_plain_line_not_a_dict_of_quoted_numbers(projec
     assert step_line({"loss": 0.61234, "grad_norm": 0.34, "learning_rate": 2e-4, "epoch": 0.5, "total_flos": 1.0},
                      50, 3566) == "step 50/3566: loss 0.6123, grad_norm 0.34, learning_rate 0.0002, epoch 0.5"
     set_params(project, "train", max_steps=2, eval_every_steps=1)
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
     out, err = capfd.readouterr()
     err = out + err  # tqdm writes to stdout
     assert re.search(r"step 1/2: loss [\d.]+, grad_norm [\d.]+, learning_rate", err), err[-2000:]

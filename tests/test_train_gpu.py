@@ -11,6 +11,7 @@ import torch
 from stages import train as train_stage
 from tests import magpie_data, random_model
 from tests.conftest import train_project, write_splits
+from tests.dvc_stages import stage_args
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,7 +28,7 @@ def test_unsloth_trains_in_4bit_and_its_adapter_loads_back(model_dir, tmp_path, 
     project = train_project(tmp_path, model_dir, monkeypatch, max_seq_length=4096, backend="auto",
                             sequences_per_step=16, max_steps=4, eval_every_steps=2)
     write_splits(project, magpie_data.clean_rows(64), magpie_data.clean_rows(8, start=900))
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
 
     metrics = json.loads((project / "metrics" / "train.json").read_text())
     assert metrics["steps"] == 4
@@ -54,7 +55,7 @@ def test_unsloth_merged_16bit_export_loads_without_peft_and_equals_base_plus_ada
                             sequences_per_step=16, max_steps=3, eval_every_steps=3, merge_16bit=True,
                             learning_rate=2.0e-2)  # a large step, so the adapter visibly changes the model
     write_splits(project, magpie_data.clean_rows(32), magpie_data.clean_rows(8, start=900))
-    train_stage.main([])
+    train_stage.main(stage_args("train"))
 
     merged_dir = project / "models" / "merged"
     assert list(merged_dir.glob("*.safetensors")) and not list(merged_dir.glob("*.bin"))

@@ -16,6 +16,7 @@ from stages import train as train_stage
 from stages.core import params
 from stages.training import choices as train_choices
 from tests.conftest import ROOT, train_project
+from tests.dvc_stages import stage_args
 
 SEQUENCES_PER_STEP = 8
 
@@ -33,7 +34,7 @@ def launch_nodes(project: Path, nodes: int = 2, timeout_seconds: int = 300) -> l
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc-per-node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=train-{port}",
-               "--rdzv-conf=join_timeout=120", "-m", "stages.train"]
+               "--rdzv-conf=join_timeout=120", "-m", "stages.train", *stage_args("train")]
     logs = [project / f"node-{node}.log" for node in range(nodes)]
     launched = []
     for log in logs:
@@ -63,7 +64,8 @@ def under_users_torchrun(monkeypatch, processes: int) -> None:
 @pytest.mark.slow
 def test_two_nodes_keep_sequences_per_step_and_write_one_adapter(tmp_path, tiny_model_dir, monkeypatch):
     project = train_project(tmp_path, tiny_model_dir, monkeypatch, epochs=1, sequences_per_step=SEQUENCES_PER_STEP)
-    train_stage.main([])  # one process: the steps to match, and finished checkpoints that rank 0 must clear
+    # one process: the steps to match, and finished checkpoints that rank 0 must clear
+    train_stage.main(stage_args("train"))
     alone = train_metrics(project)
 
     nodes = launch_nodes(project)
@@ -102,7 +104,7 @@ def test_a_world_size_that_does_not_divide_sequences_per_step_is_refused_before_
     project = train_project(tmp_path, tiny_model_dir, monkeypatch, sequences_per_step=SEQUENCES_PER_STEP)
     under_users_torchrun(monkeypatch, 3)
     with pytest.raises(train_choices.TrainError, match=r"sequences_per_step=8 must be divisible by the 3 training"):
-        train_stage.main([])
+        train_stage.main(stage_args("train"))
     assert not (project / "models").exists()
 
 
@@ -112,7 +114,7 @@ def test_nvlink_multicast_stays_off_under_the_users_torchrun(tmp_path, tiny_mode
     for name in train_stage.NO_NVLINK_MULTICAST:
         monkeypatch.setenv(name, "")
     with pytest.raises(train_choices.TrainError):
-        train_stage.main([])
+        train_stage.main(stage_args("train"))
     assert all(os.environ[name] == value for name, value in train_stage.NO_NVLINK_MULTICAST.items())
 
 

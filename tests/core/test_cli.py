@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.dvc_stages import stage_command
 
 SLEEPER = """
 import logging, sys, time
@@ -52,7 +53,7 @@ def test_a_stop_is_one_line_naming_what_was_kept_with_the_signals_exit_code(sign
 
 
 def run_stage(project, stage: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=project, capture_output=True, text=True,
+    return subprocess.run(stage_command(stage), cwd=project, capture_output=True, text=True,
                           env=os.environ | {"PYTHONPATH": str(ROOT), **env}, timeout=120)
 
 
