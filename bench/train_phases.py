@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.dvc_stages import stage_args
+
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = ("on_step_begin", "on_substep_end", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end")
 
@@ -104,7 +106,7 @@ def worker(out: Path, no_allreduce: bool) -> None:
 
         train_order.BalancedTrainer.training_step = unsynced
     clock = phase_clock()
-    train.main([], extra_callbacks=(clock,))
+    train.main(stage_args("train"), extra_callbacks=(clock,))
     rank = os.environ.get("RANK", "0")
     out.with_name(f"{out.stem}-rank{rank}.json").write_text(json.dumps(clock.marks))
 

@@ -3,13 +3,14 @@
 from bench import train_phases
 from stages import train as train_stage
 from tests.conftest import train_project
+from tests.dvc_stages import stage_args
 
 
 def test_the_phase_clock_times_every_micro_batch_and_the_phases_add_up_to_the_step(tmp_path, tiny_model_dir,
                                                                                    monkeypatch):
     train_project(tmp_path, tiny_model_dir, monkeypatch, max_steps=5, eval_every_steps=10)  # 4 a step, 2 x 2
     clock = train_phases.phase_clock()
-    train_stage.main([], extra_callbacks=(clock,))
+    train_stage.main(stage_args("train"), extra_callbacks=(clock,))
     summary = train_phases.summarize(clock.marks, skip=1)
     assert summary["steps"] == 3  # steps 2-4: each needs the next one's begin; the first is skipped
     assert len(summary["micro_batch_ms"]) == 2  # sequences_per_step 4 / micro-batch 2 on CPU
