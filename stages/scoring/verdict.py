@@ -305,6 +305,12 @@ def budgets(max_new_tokens: int) -> list[int]:
     return found + [max_new_tokens]
 
 
+def correct_within(samples: pd.DataFrame, budget: int) -> np.ndarray:
+    """Whether each response counts as correct at `budget` tokens: correct, and at most that long (budget_curve
+    says why). The one rule behind the budget curve and its deltas."""
+    return samples["correct"].to_numpy(dtype=bool) & (samples["response_tokens"].to_numpy() <= budget)
+
+
 def budget_curve(samples: pd.DataFrame, max_new_tokens: int) -> pd.DataFrame:
     """Accuracy (and the share of responses that ended) at every budget up to max_new_tokens, per model and set.
 
@@ -321,13 +327,12 @@ def budget_curve(samples: pd.DataFrame, max_new_tokens: int) -> pd.DataFrame:
         raise VerdictError(f"verdict: a response has {longest} tokens, more than max_new_tokens {max_new_tokens}; "
                            "pass the eval.max_new_tokens the samples were generated with")
     tokens = samples["response_tokens"].to_numpy()
-    correct = samples["correct"].to_numpy(dtype=bool)
     ended = ~samples["hit_max_tokens"].to_numpy(dtype=bool)
     records = []
     for budget in budgets(max_new_tokens):
-        within = tokens <= budget
         at_budget = pd.DataFrame({"model": samples["model"], "set": samples["set"],
-                                  "accuracy": correct & within, "ended_share": ended & within})
+                                  "accuracy": correct_within(samples, budget),
+                                  "ended_share": ended & (tokens <= budget)})
         curve = at_budget.groupby(["model", "set"], sort=True).agg(
             accuracy=("accuracy", "mean"), ended_share=("ended_share", "mean"), responses=("accuracy", "size"))
         records.append(curve.reset_index().assign(budget=budget))
@@ -343,7 +348,7 @@ def budget_deltas(samples: pd.DataFrame, max_new_tokens: int, seed: int = 0, res
     _check_columns(samples, ["correct", "response_tokens"])
     frames = []
     for budget in budgets(max_new_tokens):
-        within = samples.assign(correct=samples["correct"].astype(bool) & (samples["response_tokens"] <= budget))
+        within = samples.assign(correct=correct_within(samples, budget))
         deltas = paired_deltas(within, (MEASURE_BY_NAME["accuracy"],), seed, resamples, confidence)
         frames.append(deltas.assign(budget=budget)[["set", "budget", "base", "finetuned", "delta", "low", "high"]])
     return pd.concat(frames, ignore_index=True).sort_values(["set", "budget"], ignore_index=True)
