@@ -33,5 +33,5 @@ class ContaminationIndex:
         tokens = words(instruction)
         if tuple(tokens) in self.exact:
             return True
-        n = self.ngram
-        return any(tuple(tokens[i:i + n]) in self.ngrams for i in range(len(tokens) - n + 1))
+        # the instruction's n-grams, made in C: the tuples of n staggered runs of its words
+        return not self.ngrams.isdisjoint(zip(*(tokens[i:] for i in range(self.ngram))))

@@ -85,3 +85,6 @@ def test_contamination_catches_normalized_copies_and_long_shared_ngrams():
     assert index.contains("Here is a variant: natalia sold clips to 48 of her friends in April, and then she "
                           "sold half as many clips in June. How many?")
     assert not index.contains("Natalia sold clips to her friends. How many clips were sold in total?")
+    words = " ".join(eval_data.GSM8K[0][0].split()[:13])
+    assert index.contains(f"Before anything else: {words}")  # the instruction's last n-gram counts
+    assert index.contains(words) and not index.contains(words.rsplit(" ", 1)[0])  # n words, then n - 1
