@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +92,12 @@ def funnel_metrics(rows_in: int, dropped: Counter, difficulty_counts: Counter, s
 
 
 def filter_files(files: list[Path], out: Path, config: params.FilterParams, max_tokens: int,
-                 count_tokens: TokenCounter | None, contamination: ContaminationIndex | None = None,
+                 load_counter: Callable[[], TokenCounter | None], contamination: ContaminationIndex | None = None,
                  processes: int = 1) -> dict:
-    """Stream `files` through the rules into `out` (atomically), batches screened by `processes` processes;
-    return the funnel metrics. The output does not depend on the number of processes."""
-    dropped, difficulty_counts, seen, rows_in, rates, boxed = Counter(), Counter(), set(), 0, [], 0
-    assert count_tokens is not None or config.max_second_guesses_per_1k is None, "params require check_length"
+    """Stream `files` through the rules into `out` (atomically), parts screened by `processes` processes;
+    return the funnel metrics. load_counter gives the token counter (None: no length check), called once the
+    workers have started. The output does not depend on the number of processes."""
+    dropped, difficulty_counts, seen, rows_in, rates, boxed, counted = Counter(), Counter(), set(), 0, [], 0, False
     parquets = [(file, _open(file, config.id_column)) for file in files]
     total = sum(p.metadata.num_rows for _, p in parquets)
     if total == 0:
@@ -107,15 +108,16 @@ def filter_files(files: list[Path], out: Path, config: params.FilterParams, max_
     log.info("%d rows in %d file(s), %d part(s) screened in %d process(es)", total, len(files), len(todo), processes)
     with (atomic_file(out) as tmp, pq.ParquetWriter(tmp, OUTPUT_SCHEMA) as writer,
           tqdm(total=total, unit="rows", desc="filter", mininterval=2) as progress):
-        for screened in screened_parts(todo, processes, config, max_tokens, count_tokens, contamination):
+        for screened in screened_parts(todo, processes, load_counter, config, max_tokens, contamination):
             progress.update(screened.rows_in)
             rows_in += screened.rows_in
+            counted = screened.rates is not None
             kept = keep_first(screened, config, seen, dropped, rates)
             difficulty_counts.update(kept["difficulty"].to_pylist())
             boxed += pc.sum(pc.match_substring_regex(kept["answer"], BOXED.pattern)).as_py() or 0
             if kept.num_rows:
                 writer.write_table(kept)
-        funnel = funnel_metrics(rows_in, dropped, difficulty_counts, rates if count_tokens else None, boxed)
+        funnel = funnel_metrics(rows_in, dropped, difficulty_counts, rates if counted else None, boxed)
         if funnel["rows_out"] == 0:
             raise FilterError("filter: no row passed the filter; funnel: "
                               + ", ".join(f"{k}={v}" for k, v in funnel["dropped"].items() if v)
@@ -147,11 +149,13 @@ def main(argv: list[str] | None = None) -> None:
 
     config = params.load("filter")
     model = params.load("model")
-    count_tokens = TokenCounter(load_tokenizer(model), model.directive) if config.check_length else None
     contamination = contamination_index(args.eval_sets, config.contamination_ngram) if config.decontaminate else None
-    processes = worker_count(config.workers)
-    funnel = filter_files(raw_files(args.raw), args.out, config, model.max_seq_length, count_tokens, contamination,
-                          processes)
+
+    def load_counter() -> TokenCounter | None:  # seconds (transformers): the workers start reading meanwhile
+        return TokenCounter(load_tokenizer(model), model.directive) if config.check_length else None
+
+    funnel = filter_files(raw_files(args.raw), args.out, config, model.max_seq_length, load_counter, contamination,
+                          worker_count(config.workers))
     write_json(args.metrics, funnel)
     log.info("kept %d of %d rows -> %s", funnel["rows_out"], funnel["rows_in"], args.out)
 

@@ -24,7 +24,7 @@ MAX_TOKENS = 1024  # the tiny tokenizer spends ~4 tokens per word: the clean row
 
 def run_filter(source: Path, out: Path, config, tokenizer, max_tokens=MAX_TOKENS) -> dict:
     counter = screening.TokenCounter(tokenizer, DIRECTIVE) if tokenizer is not None else None
-    return filter_stage.filter_files(filter_stage.raw_files(source), out, config, max_tokens, counter)
+    return filter_stage.filter_files(filter_stage.raw_files(source), out, config, max_tokens, lambda: counter)
 
 
 def test_each_messy_row_is_dropped_by_its_rule_and_counted(messy_source, tmp_path, filter_params, tokenizer):
@@ -156,7 +156,7 @@ def test_rows_matching_an_evaluation_problem_are_counted_as_contaminated(tmp_pat
     index = ContaminationIndex([rows[1]["instruction"], rows[3]["instruction"]], filter_params.contamination_ngram)
     pq.write_table(magpie_data.table(rows), tmp_path / "raw.parquet")
     funnel = filter_stage.filter_files([tmp_path / "raw.parquet"], tmp_path / "f.parquet", filter_params, 4096,
-                                       None, index)
+                                       lambda: None, index)
     assert funnel["dropped"]["contaminated"] == 2 and funnel["rows_out"] == 3
 
 
@@ -355,13 +355,41 @@ def test_worker_processes_write_the_bytes_and_the_funnel_of_one_process(messy_so
     results = []
     for processes in (1, 3):
         out = tmp_path / f"filtered-{processes}.parquet"
-        funnel = filter_stage.filter_files(filter_stage.raw_files(source), out, filter_params, MAX_TOKENS, counter,
-                                           processes=processes)
+        funnel = filter_stage.filter_files(filter_stage.raw_files(source), out, filter_params, MAX_TOKENS,
+                                           lambda: counter, processes=processes)
         results.append((out.read_bytes(), funnel))
     assert results[0] == results[1]
     funnel = results[0][1]
     assert funnel["rows_in"] == len(cases) > 8 * 3 and funnel["dropped"]["duplicate_instruction"] > 0
     assert funnel["second_guesses_per_1k"]["p99"] > 0  # each kept row's rate, in order
+
+
+def test_a_tokenizer_that_fails_to_load_while_workers_read_stops_them_and_writes_nothing(messy_source, tmp_path,
+                                                                                      filter_params):
+    """The workers start before the tokenizer loads (it takes seconds): when loading fails, the error is the
+    stage's, the workers waiting for a counter stop instead of waiting for ever, and no output is written."""
+    import queue
+    import threading
+
+    from stages.core.base_model import ModelLoadError
+
+    def fail() -> None:
+        raise ModelLoadError("could not load the tokenizer of model.name='x'")
+
+    source, _ = messy_source
+    out, raised = tmp_path / "filtered.parquet", queue.Queue()
+
+    def run() -> None:
+        try:
+            filter_stage.filter_files(filter_stage.raw_files(source), out, filter_params, MAX_TOKENS, fail,
+                                      processes=2)
+        except BaseException as e:
+            raised.put(e)
+
+    threading.Thread(target=run, daemon=True).start()  # daemon: a hang fails the test instead of stalling pytest
+    error = raised.get(timeout=120)
+    assert isinstance(error, ModelLoadError) and "model.name='x'" in str(error)
+    assert not out.exists() and list(tmp_path.glob("*.parquet*")) == []
 
 
 def test_auto_workers_are_the_cores_this_process_may_use():
@@ -372,7 +400,8 @@ def test_auto_workers_are_the_cores_this_process_may_use():
 def test_an_empty_source_is_named_with_what_to_do_not_as_a_funnel(tmp_path, filter_params):
     pq.write_table(magpie_data.table([]), tmp_path / "empty.parquet")
     with pytest.raises(filter_stage.FilterError, match=r"hold no rows; check data\.source .*\(dvc repro fetch\)"):
-        filter_stage.filter_files([tmp_path / "empty.parquet"], tmp_path / "f.parquet", filter_params, 4096, None)
+        filter_stage.filter_files([tmp_path / "empty.parquet"], tmp_path / "f.parquet", filter_params, 4096,
+                                  lambda: None)
     assert not (tmp_path / "f.parquet").exists()
 
 

@@ -34,4 +34,4 @@ class ContaminationIndex:
         if tuple(tokens) in self.exact:
             return True
         # the instruction's n-grams, made in C: the tuples of n staggered runs of its words
-        return not self.ngrams.isdisjoint(zip(*(tokens[i:] for i in range(self.ngram))))
+        return not self.ngrams.isdisjoint(zip(*(tokens[i:] for i in range(self.ngram)), strict=False))

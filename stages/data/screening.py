@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import re
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
@@ -289,18 +289,24 @@ def read_part(part: Part, config: params.FilterParams, dropped: Counter) -> pa.T
     return pa.concat_tables(passed) if passed else None
 
 
-def screen_part(part: Part, config: params.FilterParams, max_tokens: int, count_tokens: TokenCounter | None,
-                contamination: ContaminationIndex | None = None) -> Screened:
-    """Read a part and apply every rule but deduplication: they depend on no other part, so parts are
-    screened in any order, by any process."""
+@dataclass
+class Parsed:
+    """A part's rows that passed every rule before the length check, their texts split, and the drops so far."""
+    rows_in: int
+    dropped: Counter
+    columns: tuple[list, ...]  # ids, instructions, reasonings, answers, difficulties
+
+
+def parse_part(part: Part, config: params.FilterParams, contamination: ContaminationIndex | None) -> Parsed:
+    """Read a part and apply the rules that need no tokenizer: Arrow's, the think tags, decontamination."""
     dropped = Counter()
     table = read_part(part, config, dropped)
-    if table is None or table.num_rows == 0:
-        return Screened(part.rows, dropped, OUTPUT_SCHEMA.empty_table(), None if count_tokens is None else [])
-    id_column = config.id_column
-    ids, instructions, reasonings, answers, difficulties = [], [], [], [], []
+    columns = ([], [], [], [], [])
+    if table is None:
+        return Parsed(part.rows, dropped, columns)
+    ids, instructions, reasonings, answers, difficulties = columns
     for row_id, instruction, response, difficulty in zip(
-            pc.cast(table[id_column], pa.string()).to_pylist(), table["instruction"].to_pylist(),
+            pc.cast(table[config.id_column], pa.string()).to_pylist(), table["instruction"].to_pylist(),
             table["response"].to_pylist(), pc.cast(table["difficulty"], pa.string()).to_pylist(), strict=True):
         parsed = split_response(response, config.require_think_open)
         if isinstance(parsed, str):
@@ -314,7 +320,13 @@ def screen_part(part: Part, config: params.FilterParams, max_tokens: int, count_
         reasonings.append(parsed[0])
         answers.append(parsed[1])
         difficulties.append(difficulty)
+    return Parsed(part.rows, dropped, columns)
 
+
+def count_part(parsed: Parsed, config: params.FilterParams, max_tokens: int,
+               count_tokens: TokenCounter | None) -> Screened:
+    """The length check and the second-guess threshold on a parsed part."""
+    dropped, (ids, instructions, reasonings, answers, difficulties) = parsed.dropped, parsed.columns
     # Reasoning tokens, for the second-guess rate, are counted exactly with the base model's tokenizer, as evaluation
     # counts them, in the length check's pass: the completions are counted from them.
     example_tokens, reasoning_tokens = count_tokens(instructions, reasonings, answers) if count_tokens else (None, None)
@@ -327,7 +339,14 @@ def screen_part(part: Part, config: params.FilterParams, max_tokens: int, count_
     dropped["too_many_second_guesses"] += len(fits) - len(keep)
     kept = pa.table([[column[fits[k]] for k in keep] for column in (ids, instructions, reasonings, answers,
                                                                      difficulties)], schema=OUTPUT_SCHEMA)
-    return Screened(part.rows, dropped, kept, None if rates is None else [float(rates[k]) for k in keep])
+    return Screened(parsed.rows_in, dropped, kept, None if rates is None else [float(rates[k]) for k in keep])
+
+
+def screen_part(part: Part, config: params.FilterParams, max_tokens: int, count_tokens: TokenCounter | None,
+                contamination: ContaminationIndex | None = None) -> Screened:
+    """Read a part and apply every rule but deduplication: they depend on no other part, so parts are
+    screened in any order, by any process."""
+    return count_part(parse_part(part, config, contamination), config, max_tokens, count_tokens)
 
 
 def worker_count(workers: int | str) -> int:
@@ -335,31 +354,58 @@ def worker_count(workers: int | str) -> int:
     return len(os.sched_getaffinity(0)) if workers == "auto" else workers
 
 
-_WORKER: dict = {}  # a screening process's arguments to screen_part, set once as it starts
+_WORKER: dict = {}  # a screening process's arguments, set once as it starts, and its token counter
 
 
-def _start_worker(*args) -> None:
+def _start_worker(counters, *args) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism: no thread pool in each
-    _WORKER["args"] = args
+    _WORKER.update(counters=counters, args=args)
+
+
+def _counter() -> TokenCounter | None:
+    """This worker's token counter: the main process sends one to each worker once it has loaded the tokenizer
+    (or the error that stopped it), and a worker takes it when it first needs it."""
+    if "counter" not in _WORKER:
+        _WORKER["counter"] = _WORKER["counters"].get()
+    if isinstance(_WORKER["counter"], BaseException):
+        raise _WORKER["counter"]
+    return _WORKER["counter"]
 
 
 def _screen_in_worker(part: Part) -> Screened:
-    return screen_part(part, *_WORKER["args"])
+    config, max_tokens, contamination = _WORKER["args"]
+    parsed = parse_part(part, config, contamination)  # needs no tokenizer: runs while the main process loads it
+    return count_part(parsed, config, max_tokens, _counter())
 
 
-def screened_parts(todo: list[Part], processes: int, *args) -> Iterator[Screened]:
-    """screen_part(part, *args) of every part, in order: in this process, or by `processes` worker processes
-    (each reads its own parts) with at most two parts each in flight, so memory stays flat however large the
-    input."""
+def screened_parts(todo: list[Part], processes: int, load_counter: Callable[[], TokenCounter | None],
+                   config: params.FilterParams, max_tokens: int,
+                   contamination: ContaminationIndex | None = None) -> Iterator[Screened]:
+    """screen_part of every part, in order: in this process, or by `processes` worker processes (each reads
+    its own parts) with at most two parts each in flight, so memory stays flat however large the input.
+    load_counter gives the token counter (None: no length check); loading the tokenizer takes seconds, so
+    the workers start first and read their first parts meanwhile."""
     if processes == 1:
-        yield from (screen_part(part, *args) for part in todo)
+        count_tokens = load_counter()
+        yield from (screen_part(part, config, max_tokens, count_tokens, contamination) for part in todo)
         return
     context = multiprocessing.get_context("spawn")  # no fork: the tokenizer's and Arrow's threads do not survive it
-    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker, initargs=args) as pool:
-        pending: deque = deque()
-        for part in todo:
+    counters = context.Queue()
+    counters.cancel_join_thread()  # a copy no worker took (it had no part) must not hold up this process's exit
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                             initargs=(counters, config, max_tokens, contamination)) as pool:
+        pending = deque(pool.submit(_screen_in_worker, part) for part in todo[:2 * processes])
+        try:
+            count_tokens = load_counter()
+        except BaseException as e:
+            for _ in range(processes):  # workers waiting for a counter get the error instead, and stop
+                counters.put(FilterError(f"filter: stopped, as the main process failed: {e}"))
+            pool.shutdown(cancel_futures=True)
+            raise
+        for _ in range(processes):
+            counters.put(count_tokens)
+        for part in todo[2 * processes:]:
+            yield pending.popleft().result()
             pending.append(pool.submit(_screen_in_worker, part))
-            if len(pending) >= 2 * processes:
-                yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()

@@ -15,6 +15,7 @@ from stages.core import base_model, params
 from stages.core.base_model import ModelLoadError, load_tokenizer, local_model_dir
 from stages.generation import batched as generation
 from stages.training import model as train_model
+from tests import magpie_data
 from tests.conftest import ROOT
 from tests.hub_stub import closed_port_url, hub_stub, run_stage
 
@@ -51,15 +52,19 @@ def assert_one_line(message: str, *names: str) -> None:
 
 
 def test_filter_with_the_hub_unreachable_exits_2_with_one_line(tmp_path):
-    """The stage as run, against a closed port: no traceback, no retries, the model and revision named."""
+    """The stage as run, against a closed port, its workers reading meanwhile: no traceback, no retries, the
+    model and revision named, nothing written."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["filter"].update(workers=2, decontaminate=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    magpie_data.write_shards(tmp_path / "data" / "raw", magpie_data.clean_rows(8))
     code, output, seconds = run_stage("stages.filter", tmp_path, closed_port_url())
     assert code == 2 and seconds < 15, output
     errors = [line for line in output.splitlines() if " stages: " in line]
     assert len(errors) == 1 and "Traceback" not in output and "Retrying" not in output, output
     assert_one_line(errors[0], raw["model"]["name"], raw["model"]["revision"], "unreachable",
                     "Connection refused", "set model.name in params.yaml")
+    assert not (tmp_path / "data" / "filtered.parquet").exists()
 
 
 @pytest.mark.parametrize(("answer", "says"), [
