@@ -90,7 +90,8 @@ finally:
 
 
 def run_stage(workdir: Path, module: str, *args: str) -> dict:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                        "HF_HUB_OFFLINE": "1"}  # the path kept: packages carried to a machine come through it
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", RUN_STAGE, module, *args], cwd=workdir, env=env,
                             capture_output=True, text=True)
