@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import re
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
@@ -42,7 +42,7 @@ CHUNK_CACHE_SIZE = 4_000_000  # distinct chunks remembered (~400 MB); the cache 
 JOINED_CHUNKS = 4096  # new chunks encoded together as one text
 
 
-def splits_at_spaces(backend, extra_probes: list[str] = ()) -> bool:
+def splits_at_spaces(backend, extra_probes: Sequence[str] = ()) -> bool:
     """Whether this tokenizer encodes text cut at SPACE_CUT as the concatenation of the parts'
     encodings, the cut space leading the second part (true of GPT-2's and Qwen's pre-tokenizers)."""
     probes = [*extra_probes, "The answer is 42, so x = 3.5. Wait, let me re-check the sum of the terms: 12 + 30 = 42!",
@@ -247,15 +247,13 @@ class Part:
     rows: int
 
 
-def parts(file: Path, parquet: pq.ParquetFile, rows: int = 0) -> list[Part]:
-    """The file's row groups in order, gathered into parts of at least `rows` rows (PART_ROWS by default;
-    the last may hold fewer)."""
-    rows = rows or PART_ROWS
+def parts(file: Path, parquet: pq.ParquetFile) -> list[Part]:
+    """The file's row groups in order, gathered into parts of at least PART_ROWS rows (the last may hold fewer)."""
     found, groups, count = [], [], 0
     for group in range(parquet.metadata.num_row_groups):
         groups.append(group)
         count += parquet.metadata.row_group(group).num_rows
-        if count >= rows:
+        if count >= PART_ROWS:
             found.append(Part(file, tuple(groups), count))
             groups, count = [], 0
     if groups:
