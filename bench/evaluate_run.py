@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from tests.dvc_stages import stage_command
+from tests.dvc_stages import project_pythonpath, stage_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def make_project(workdir: Path, model_dir: str, limit: int, max_new_tokens: int,
 
 def timed(command: list[str], cwd: Path) -> float:
     started = time.perf_counter()
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    path = project_pythonpath()
     subprocess.run(command, cwd=cwd, check=True, env=os.environ | {"PYTHONPATH": path})
     return time.perf_counter() - started
 

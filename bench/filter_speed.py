@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from tests import eval_data, magpie_data, tiny_model
-from tests.dvc_stages import stage_args
+from tests.dvc_stages import project_pythonpath, stage_args
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ("we add the two numbers then divide by three so x equals wait let me double check that the sum "
@@ -90,8 +90,7 @@ finally:
 
 
 def run_stage(workdir: Path, module: str, *args: str) -> dict:
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                        "HF_HUB_OFFLINE": "1"}  # the path kept: packages carried to a machine come through it
+    env = os.environ | {"PYTHONPATH": project_pythonpath(), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", RUN_STAGE, module, *args], cwd=workdir, env=env,
                             capture_output=True, text=True)

@@ -3,6 +3,7 @@ of the stages' paths (the stages take no default paths)."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -26,3 +27,9 @@ def stage_args(stage: str, **paths: str | Path) -> list[str]:
 def stage_command(stage: str, **paths: str | Path) -> list[str]:
     """dvc.yaml's command of the stage, run with this Python."""
     return [sys.executable, "-m", f"stages.{stage}", *stage_args(stage, **paths)]
+
+
+def project_pythonpath() -> str:
+    """PYTHONPATH for a process that runs the project's code: this checkout first, then the path already given
+    (packages carried to a machine come through it)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))

@@ -21,7 +21,7 @@ from stages.training import data as train_data
 from stages.training import model as train_model
 from tests import magpie_data
 from tests.conftest import DIRECTIVE, ROOT, copy_project, set_params, splits_table, train_project, write_splits
-from tests.dvc_stages import stage_args, stage_command
+from tests.dvc_stages import project_pythonpath, stage_args, stage_command
 
 
 def logged(project: Path, name: str) -> list[float]:
@@ -237,7 +237,7 @@ def test_without_a_validation_split_the_last_step_is_the_result(project):
 
 def train_in_new_process(project: Path, hash_seed: str) -> dict[str, str]:
     """Run the train stage as `dvc repro` does, in a process of its own; the sha256 of each adapter file."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    path = project_pythonpath()
     subprocess.run(stage_command("train"), cwd=project, check=True, capture_output=True,
                    env=os.environ | {"PYTHONHASHSEED": hash_seed, "PYTHONPATH": path})
     adapter = project / "models" / "adapter"

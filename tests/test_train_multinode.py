@@ -16,7 +16,7 @@ from stages import train as train_stage
 from stages.core import params
 from stages.training import choices as train_choices
 from tests.conftest import ROOT, train_project
-from tests.dvc_stages import stage_args
+from tests.dvc_stages import project_pythonpath, stage_args
 
 SEQUENCES_PER_STEP = 8
 
@@ -31,7 +31,7 @@ def launch_nodes(project: Path, nodes: int = 2, timeout_seconds: int = 300) -> l
     """Start `torchrun ... -m stages.train` once per node, all at once, as a user does on each machine;
     (exit code, log) of each."""
     port = free_port()
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = os.environ | {"PYTHONPATH": project_pythonpath()}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc-per-node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=train-{port}",
                "--rdzv-conf=join_timeout=120", "-m", "stages.train", *stage_args("train")]
@@ -146,7 +146,7 @@ def test_every_process_resumes_from_rank_0s_checkpoint_or_all_stop_in_one_line(t
                 (checkpoints / f"checkpoint-{step}").mkdir()
                 (checkpoints / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")  # complete
     env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-                        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+                        "PYTHONPATH": project_pythonpath()}
     launched = [subprocess.Popen([sys.executable, "-c", RESUME_POINT, str(tmp_path)], text=True,
                                  stdout=subprocess.PIPE, env=env | {"RANK": str(rank), "LOCAL_RANK": str(rank)})
                 for rank in (0, 1)]
