@@ -2,7 +2,7 @@
 responses of 2-20 KB, 20 shards); reports wall time and peak RSS of each stage's process.
 
     python -m bench.filter_speed [--rows 250000] [--shards 20] [--workdir /tmp/bench-filter] [--tokenizer tiny|none|DIR]
-                                 [--workers 1,2] [--out bench/results/NAME.json]
+                                 [--workers 1,2] [--out bench/results/NAME.json --commit SHA]
 
 Each count of filter.workers runs the filter in the same call (then stratify once); their outputs and funnels must
 be byte-identical, or the benchmark fails.
@@ -11,6 +11,7 @@ be byte-identical, or the benchmark fails.
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import os
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-filter"))
     parser.add_argument("--workers", default="1,2", help="filter.workers counts to run, comma-separated")
     parser.add_argument("--out", type=Path, help="also write the JSON here (bench/results/...)")
+    parser.add_argument("--commit", default="", help="the commit measured, recorded in the JSON")
     parser.add_argument("--tokenizer", default="tiny",
                         help="tiny: the tests' tokenizer; none: no length check; or a tokenizer directory "
                              "(bench/qwen_tokenizer.py builds the real Qwen2 vocabulary offline)")
@@ -136,7 +138,9 @@ def main() -> None:
         raise SystemExit(f"filter outputs differ between worker counts {sorted(runs)}")
     stratify_run = run_stage(args.workdir, "stages.stratify", *stage_args("stratify"))
     funnel = json.loads((args.workdir / "metrics" / "data.json").read_text())
-    result = {"rows_in": funnel["rows_in"], "rows_out": funnel["rows_out"], "parquet_gib": round(gib, 2),
+    result = {"date": datetime.date.today().isoformat(), "commit": args.commit,
+              "command": " ".join(["python -m bench.filter_speed", *sys.argv[1:]]),
+              "rows_in": funnel["rows_in"], "rows_out": funnel["rows_out"], "parquet_gib": round(gib, 2),
               "tokenizer": args.tokenizer, "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(),
               "filter_by_workers": {str(k): v for k, v in runs.items()}, "outputs_identical": True,
               "stratify": stratify_run,
