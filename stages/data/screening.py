@@ -274,8 +274,8 @@ class Screened:
     rates: list[float] | None  # each row's second-guess markers per 1k reasoning tokens (None: no tokenizer)
 
 
-def read_part(part: Part, config: params.FilterParams, dropped: Counter) -> pa.Table:
-    """The part's rows that pass the Arrow rules, decoded BATCH_ROWS at a time."""
+def read_part(part: Part, config: params.FilterParams, dropped: Counter) -> pa.Table | None:
+    """The part's rows that pass the Arrow rules, decoded BATCH_ROWS at a time (None: it has no rows)."""
     passed = []
     try:
         batches = pq.ParquetFile(part.file).iter_batches(batch_size=BATCH_ROWS, row_groups=list(part.row_groups),
