@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import time
@@ -204,14 +205,15 @@ def main() -> None:
 
 def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats: int = 20) -> list[dict]:
     """Milliseconds of one compiled, graph-replayed decode step (sampling as the model card says) with every
-    slot at `context` tokens, per batch size, against the step's bandwidth bound: the weights plus each
+    slot at `context` tokens, per batch size and attention kernel (FlashAttention's, as before; the stage's),
+    against the step's bandwidth bound: the weights plus each
     slot's keys and values, read once, at `bandwidth` bytes/s."""
     config = params.load("eval", ROOT / "params.yaml")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
-    for size in sizes:
+    for size, attention in itertools.product(sizes, ["flash", None]):  # the route before the Triton kernel; now
         engine = ContinuousBatcher(model, size, context + 1, eos=-1, temperature=config.temperature,
-                                   top_p=config.top_p, compile=True)
+                                   top_p=config.top_p, compile=True, attention=attention)
         with torch.inference_mode():
             engine._compile()
             engine._capture()
@@ -227,7 +229,7 @@ def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / repeats
         read = weights + size * (context + 1) * kv_bytes_per_token(model.config, model.dtype)
-        rows.append({"slots": size, "context": context, "ms": round(1e3 * seconds, 2),
+        rows.append({"slots": size, "context": context, "attention": engine.attention, "ms": round(1e3 * seconds, 2),
                      "bound_ms": round(1e3 * read / bandwidth, 2), "tokens_per_second": round(size / seconds)})
         print(json.dumps(rows[-1]), flush=True)
         del engine

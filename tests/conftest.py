@@ -1,5 +1,11 @@
 import os
 import shutil
+
+import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter (set before they are defined).
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -20,7 +20,13 @@ from tqdm import tqdm
 from stages.core import params
 from stages.core.cli import StageError
 from stages.core.prompts import THINK_CLOSE
-from stages.generation.continuous import CacheTooSmall, ContinuousBatcher, DecodeStep, kv_bytes_per_token
+from stages.generation.continuous import (
+    CacheTooSmall,
+    ContinuousBatcher,
+    DecodeStep,
+    flash_decode_available,
+    kv_bytes_per_token,
+)
 
 log = logging.getLogger(__name__)
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so compiled shapes repeat
@@ -194,7 +200,9 @@ class Request:
     pad: int
     keys: list[int]
     end_at: list[int] | None = None  # benchmarks: each response's forced end (random weights never end)
-    reserved: bool = False  # benchmarks: each slot reserves the full length (continuous batching before paging)
+    # benchmarks: the route before paging and the Triton kernel (each slot reserves the full length; attention
+    # by FlashAttention's variable-length kernel where it runs)
+    reserved: bool = False
 
 
 def sampling_keys(prompts: list[str], seed: int) -> list[int]:
@@ -259,7 +267,9 @@ def generate_continuous(model, request: Request, progress,
     encoded, order, config, end_at, eos = request.encoded, request.order, request.config, request.end_at, request.eos
     budgets = [min(config.max_new_tokens, end_at[i]) if end_at else config.max_new_tokens for i in order]
     length = max(map(len, encoded), default=0) + config.max_new_tokens
-    paging = {"block": length} if request.reserved else {"cache_tokens": cache_tokens(model)}
+    paging = {"cache_tokens": cache_tokens(model)}
+    if request.reserved:
+        paging = {"block": length, "attention": "flash" if flash_decode_available(model.device, model.dtype) else None}
     try:
         engine = ContinuousBatcher(model, request.slots, length, eos, config.temperature, config.top_p,
                                    graphs=config.static_cache,

@@ -2,7 +2,7 @@
 its own length; a slot whose response ended takes the next waiting prompt, so no step decodes padding.
 
 On a GPU each decode step is one CUDA graph replay, and attention reads each slot's cache only up to
-that slot's own length (FlashAttention's variable-length kernel in PyTorch); on a CPU the same steps
+that slot's own length (a Triton kernel: stages.generation.paged_attention); on a CPU the same steps
 run eagerly with a masked SDPA. Prompts are prefilled eagerly, a group at a time, into free slots.
 """
 
@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stages.generation import paged_attention
+from stages.generation import top_p as top_p_kernels
+
 log = logging.getLogger(__name__)
 PREFILL_TOKENS = 32_768  # prompt tokens per prefill forward: bounds its activation memory
 PROGRESS_STEPS = 64  # decode steps between progress reports
@@ -24,25 +27,34 @@ BLOCK_TOKENS = 512  # tokens of a KV-cache block: a response wastes half of one 
 SMALLEST_GRAPH = 8  # slots of the smallest decode graph; once no prompt waits, the batch shrinks to fit
 
 
+ATTENTION = ("triton", "flash", "sdpa")  # a decode step's attention kernels, fastest first
+
+
 class DecodeStep:
     """What attention needs in a decode step over the block cache; passed to the model in place of a mask,
     so transformers hands it, untouched, to the attention function (stages.generation.batched)."""
 
-    def __init__(self, positions: torch.Tensor, table: torch.Tensor, flash: bool):
+    def __init__(self, positions: torch.Tensor, table: torch.Tensor, kernel: str):
         self.positions = positions  # per slot: where this step's token is written (= tokens before it)
         self.table = table  # per slot: the cache blocks holding its tokens, in order [slots, blocks a slot may hold]
-        self.flash = flash
+        self.kernel = kernel  # one of ATTENTION
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None):
         """query [slots, heads, 1, head_dim] against the block cache [blocks, block, kv_heads, head_dim] ->
         [slots, 1, heads, head_dim], each slot's query seeing its tokens up to and including its position."""
-        slots, heads = query.shape[:2]
-        _, block, kv_heads, head_dim = keys.shape
+        slots, heads, _, head_dim = query.shape
+        _, block, kv_heads, _ = keys.shape
+        scaling = head_dim ** -0.5 if scaling is None else scaling
+        if self.kernel == "triton":  # reads only the blocks each slot holds, once for all the heads of a group
+            return paged_attention.paged_decode(query[:, :, 0], keys, values, self.table, self.positions,
+                                                scaling)[:, None]
         per_slot = self.table.shape[1]
-        # how many of each of the slot's blocks' tokens it has written (0 for the blocks it does not hold yet)
-        starts = torch.arange(per_slot, device=query.device) * block
-        used = (self.positions[:, None] + 1 - starts).clamp(0, block)
-        if self.flash:
+        if self.kernel == "flash":
+            # (The route before the Triton kernel, kept where Triton does not run: it computes a query tile of
+            # 128 rows for each sequence's 6, so on an H100 it is half bound by arithmetic.)
+            # how many of each of the slot's blocks' tokens it has written (0 for the blocks it does not hold)
+            starts = torch.arange(per_slot, device=query.device) * block
+            used = (self.positions[:, None] + 1 - starts).clamp(0, block)
             # Every (slot, block) is a sequence of FlashAttention's variable-length kernel that reads its keys
             # where the block lies in the cache (offset = block number x block size): the kernel reads only
             # the blocks a slot holds. Its query rows are the slot's query heads of one KV head (a group), so
@@ -178,17 +190,17 @@ DECODER_PARTS = ("embed_tokens", "rotary_emb", "layers", "norm")  # what a decod
 
 
 def layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-               table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, flash: bool) -> torch.Tensor:
+               table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kernel: str) -> torch.Tensor:
     """One decoder layer of a decode step: hidden [slots, 1, hidden] of the slots' last tokens, written to
     and attending over the layer's block cache (keys, values) up to each slot's position."""
-    return layer(hidden, attention_mask=DecodeStep(positions, table, flash), position_ids=positions[:, None],
+    return layer(hidden, attention_mask=DecodeStep(positions, table, kernel), position_ids=positions[:, None],
                  past_key_values=LayerBlocks(keys, values, positions, table), use_cache=True,
                  position_embeddings=(cos, sin))
 
 
 def last_step(norm, head, sample, hidden: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """A decode step's end: the final norm, the output head and the sampler: each slot's next token."""
-    return sample(head(norm(hidden[:, -1])), uniforms(keys, positions))
+    return sample(head(norm(hidden[:, -1])), sampling_hashes(keys, positions))
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -205,13 +217,17 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """One number in (0, 1) per row, a hash of the row's 63-bit key (seed, prompt, sample number) and its
-    counter (the position of the token whose logits are sampled): a response draws the same numbers
-    whatever batch, slot or GPU it runs in."""
+def sampling_hashes(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One 32-bit number per row (int64 in [0, 2^32)), a hash of the row's 63-bit key (seed, prompt, sample
+    number) and its counter (the position of the token whose logits are sampled): a response draws the same
+    numbers whatever batch, slot or GPU it runs in."""
     mixed = _mix32(_mix32((keys >> 32) & 0xFFFFFFFF) ^ (keys & 0xFFFFFFFF))
-    mixed = _mix32(mixed ^ (counters & 0xFFFFFFFF))
-    return ((mixed >> 8).float() + 0.5) / 2**24  # 24 bits: exact in float32, never 0 or 1
+    return _mix32(mixed ^ (counters & 0xFFFFFFFF))
+
+
+def uniforms(hashes: torch.Tensor) -> torch.Tensor:
+    """sampling_hashes -> numbers in (0, 1): 24 bits, exact in float32, never 0 or 1."""
+    return ((hashes >> 8).float() + 0.5) / 2**24
 
 
 @torch.library.custom_op("r1_math_lora::cumsum", mutates_args=(), schema="(Tensor x) -> Tensor")
@@ -226,15 +242,19 @@ def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def sampler(temperature: float, top_p: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Next tokens from logits [rows, vocab] and one uniform number per row: argmax for temperature 0, else
-    the model card's sampling (temperature, then top-p as transformers' TopPLogitsWarper cuts it). The logits
-    are sorted as they come (bf16 from the model: half the bytes of float, the same order), and the draw
-    inverts the kept tokens' cumulative distribution at the row's number: one number a row instead of
-    noise over the whole vocabulary, and no random state (graph safe)."""
-    def sample(logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+def sampler(temperature: float, top_p: float, kernel: bool = False) -> Callable[[torch.Tensor, torch.Tensor],
+                                                                              torch.Tensor]:
+    """Next tokens from logits [rows, vocab] and one sampling hash per row: argmax for temperature 0, else the
+    model card's sampling (temperature, then top-p as transformers' TopPLogitsWarper cuts it). kernel: bf16
+    logits on a GPU, by Triton kernels that do not sort the vocabulary (stages.generation.top_p). Else the
+    logits are sorted as they come, and the draw inverts the kept tokens' cumulative distribution at the row's
+    number (uniforms): one number a row instead of noise over the whole vocabulary, and no random state
+    (graph safe)."""
+    def sample(logits: torch.Tensor, hashes: torch.Tensor) -> torch.Tensor:
         if temperature == 0:
             return logits.argmax(-1)
+        if kernel:
+            return top_p_kernels.top_p_sample(logits, hashes, temperature, top_p)
         ascending, order = logits.sort(dim=-1)
         cumulative = cumsum((ascending.float() / temperature).softmax(-1))
         # the tokens cut (the least likely, a prefix of the ascending order) end at `floor`; 0 when none are
@@ -243,7 +263,7 @@ def sampler(temperature: float, top_p: float) -> Callable[[torch.Tensor, torch.T
             cut = cumulative <= 1 - top_p
             cut[:, -1] = False  # the most likely token always stays
             floor = torch.where(cut, cumulative, 0).amax(-1, keepdim=True)
-        target = floor + numbers[:, None] * (cumulative[:, -1:] - floor)  # inside the kept tokens' mass
+        target = floor + uniforms(hashes)[:, None] * (cumulative[:, -1:] - floor)  # inside the kept tokens' mass
         pick = torch.searchsorted(cumulative, target).clamp_(max=cumulative.shape[-1] - 1)
         return order.gather(-1, pick).squeeze(-1)
     return sample
@@ -264,6 +284,13 @@ def flash_decode_available(device: torch.device, dtype: torch.dtype) -> bool:
         log.info("FlashAttention with per-slot lengths is not available here (%s); decoding with masked SDPA",
                  str(e).splitlines()[0])
         return False
+
+
+def decode_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The fastest of ATTENTION that runs here."""
+    if paged_attention.available(device, dtype, head_dim):
+        return "triton"
+    return "flash" if flash_decode_available(device, dtype) else "sdpa"
 
 
 @dataclass
@@ -295,7 +322,8 @@ class ContinuousBatcher:
 
     def __init__(self, model, slots: int, length: int, eos: int, temperature: float, top_p: float,
                  graphs: bool = True, compile: bool = False, block: int = BLOCK_TOKENS,
-                 cache_tokens: int | None = None):
+                 cache_tokens: int | None = None, attention: str | None = None):
+        """attention: one of ATTENTION (default: the fastest that runs here)."""
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         config, self.device = model.config, model.device
         if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
@@ -307,8 +335,10 @@ class ContinuousBatcher:
         self.slots, self.length, self.eos = slots, length, eos
         block = min(block, length)
         self.cache = BlockCache(config, slots, length, block, cache_tokens, model.dtype, self.device)
-        self.sample = sampler(temperature, top_p)
-        self.flash = flash_decode_available(self.device, model.dtype)
+        self.sample = sampler(temperature, top_p, kernel=top_p_kernels.available(self.device, model.dtype))
+        self.attention = attention or decode_attention(self.device, model.dtype, token_kv_shape(config)[1])
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {self.attention!r}")
         # each slot's next input token: the token a decode step just drew, read back by run()
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -337,7 +367,7 @@ class ContinuousBatcher:
         table = self.cache.table[:len(tokens)]
         for layer, layer_keys, layer_values in zip(self.layers, self.cache.keys, self.cache.values, strict=True):
             hidden = self.layer_step(layer, *self._any_slots(hidden, cos, sin, positions, table), layer_keys,
-                                     layer_values, self.flash)
+                                     layer_values, self.attention)
         return self.last_step(self.decoder.norm, self.head, self.sample, *self._any_slots(hidden, keys, positions))
 
     def _any_slots(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -422,7 +452,7 @@ class ContinuousBatcher:
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         self.keys[rows] = torch.tensor(keys, device=self.device)
         first = self.sample(self.head(hidden[torch.arange(len(prompts), device=self.device), last]),
-                            uniforms(self.keys[rows], last))
+                            sampling_hashes(self.keys[rows], last))
         self.tokens[rows] = first
         self.positions[rows] = torch.tensor([len(p) for p in prompts], device=self.device)
         self.active[rows] = 1

@@ -1,5 +1,5 @@
 """Continuous batching on a CUDA GPU with a random-weight model of the real 1.5B shape: the same tokens as
-transformers' generate where the arithmetic allows it (fp32), and FlashAttention's decode path against the
+transformers' generate where the arithmetic allows it (fp32), and the Triton decode kernel against the
 masked SDPA one in bf16.
 
     pytest -m gpu
@@ -12,7 +12,7 @@ import torch
 
 from stages.core import params
 from stages.generation import batched as generation
-from stages.generation import continuous
+from stages.generation import continuous, paged_attention
 from tests import random_model
 from tests.generation.test_continuous import ROOT, reference_ids
 
@@ -46,19 +46,24 @@ def test_greedy_continuous_batching_returns_the_tokens_of_generate_in_fp32(model
                                         tokenizer.eos_token_id) == output
 
 
-def test_flash_decode_attention_over_scattered_blocks_matches_masked_sdpa_in_bf16(model_dir):
-    assert continuous.flash_decode_available(torch.device("cuda"), torch.bfloat16)
+@pytest.mark.parametrize("block", [512, 48])  # 48: a block's end inside a kernel's tile of keys
+@pytest.mark.parametrize("programs", [4096, 64, 1])  # a partition of one block, of 3, of all 6 (slots x 2 x 6 = 192)
+def test_the_triton_decode_kernel_over_scattered_blocks_matches_masked_sdpa_in_bf16(block, programs, monkeypatch):
+    monkeypatch.setattr(paged_attention, "PROGRAMS", programs)
     torch.manual_seed(0)
-    slots, block, per_slot, kv_heads, heads, head_dim = 16, 256, 6, 2, 12, 128
+    slots, per_slot, kv_heads, heads, head_dim = 16, 6, 2, 12, 128
+    assert paged_attention.available(torch.device("cuda"), torch.bfloat16, head_dim)
     keys, values = (torch.randn(1 + slots * per_slot, block, kv_heads, head_dim, device="cuda",
                                 dtype=torch.bfloat16) for _ in range(2))
     table = (torch.randperm(slots * per_slot, device="cuda") + 1).view(slots, per_slot)
     query = torch.randn(slots, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
     positions = torch.randint(0, block * per_slot, (slots,), device="cuda")
-    positions[:3] = torch.tensor([0, block - 1, block])  # the first token, a full block, a block's first token
-    flash = continuous.DecodeStep(positions, table, flash=True).attend(query, keys, values, head_dim ** -0.5)
-    masked = continuous.DecodeStep(positions, table, flash=False).attend(query, keys, values, head_dim ** -0.5)
-    torch.testing.assert_close(flash, masked, atol=2e-2, rtol=2e-2)
+    # the first token, a full block, a block's first token, every token of the slot's blocks
+    positions[:4] = torch.tensor([0, block - 1, block, block * per_slot - 1])
+    paged = continuous.DecodeStep(positions, table, "triton").attend(query, keys, values, head_dim ** -0.5)
+    masked = continuous.DecodeStep(positions, table, "sdpa").attend(
+        query.float(), keys.float(), values.float(), head_dim ** -0.5)
+    torch.testing.assert_close(paged.float(), masked, atol=1e-2, rtol=1e-2)
 
 
 def test_compiled_graph_steps_over_small_blocks_give_generates_tokens_in_fp32_and_pause_without_loss(model_dir):
@@ -110,3 +115,26 @@ def test_sampled_generation_with_graphs_ends_where_forced_and_repeats_with_the_s
                for o, end in zip(first, end_at, strict=True))
     assert sum(o.n_tokens == end for o, end in zip(first, end_at, strict=True)) >= len(end_at) - 2
     assert generation.generate(model, tokenizer, prompts, config, seed=3, end_at=end_at) == first
+
+
+@pytest.mark.parametrize("case", ["ties", "peaked", "flat"])
+def test_the_top_p_kernels_draw_each_token_as_often_as_the_sorted_reference_says(case):
+    """400,000 draws from one row of logits, each with its own sampling hash: per token, the count against
+    the reference's probability (top_p.kept_shares: transformers' cut by sorting, ties at the cut sharing what
+    it leaves them); no token outside the kept set is drawn. A chi-square over the kept tokens."""
+    from stages.generation import top_p
+
+    generator = torch.Generator().manual_seed(1)
+    row = {"ties": torch.tensor([5.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 0.5]),
+           "peaked": torch.randn(20_000, generator=generator) * 4,
+           "flat": torch.randn(3_000, generator=generator) * 0.5}[case]
+    draws = 400_000
+    logits = row.bfloat16().cuda()[None].expand(draws, -1).contiguous()
+    hashes = continuous.sampling_hashes(torch.arange(draws, device="cuda"), torch.full((draws,), 11, device="cuda"))
+    counts = torch.bincount(top_p.top_p_sample(logits, hashes, 0.6, 0.8), minlength=len(row)).cpu().double()
+    expected = top_p.kept_shares(logits[:1].float().cpu(), 0.6, 0.8)[0] * draws
+    kept = expected > 0
+    assert counts[~kept].sum() == 0
+    chi2 = ((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum().item()
+    dof = int(kept.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5 + 10  # ~6 standard deviations of a chi-square with dof degrees

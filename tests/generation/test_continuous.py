@@ -83,8 +83,8 @@ def test_the_sampler_keeps_transformers_top_p_set_and_draws_in_proportion():
 
     probabilities = torch.tensor([0.5, 0.3, 0.15, 0.04, 0.01])
     logits = (probabilities.log() * 0.6).expand(40_000, -1).contiguous()  # /0.6 restores the probabilities
-    numbers = continuous.uniforms(torch.arange(40_000), torch.full((40_000,), 7))  # one key per row
-    draws = continuous.sampler(temperature=0.6, top_p=0.9)(logits, numbers)
+    hashes = continuous.sampling_hashes(torch.arange(40_000), torch.full((40_000,), 7))  # one key per row
+    draws = continuous.sampler(temperature=0.6, top_p=0.9)(logits, hashes)
     kept = TopPLogitsWarper(0.9)(None, TemperatureLogitsWarper(0.6)(None, logits[:1].clone()))[0] > float("-inf")
     assert kept.tolist() == [True, True, True, False, False]
     counts = torch.bincount(draws, minlength=5).float() / len(draws)
@@ -94,17 +94,17 @@ def test_the_sampler_keeps_transformers_top_p_set_and_draws_in_proportion():
 
 def test_greedy_sampler_is_argmax():
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
-    assert continuous.sampler(temperature=0.0, top_p=0.95)(logits, torch.rand(2)).tolist() == [1, 0]
+    assert continuous.sampler(temperature=0.0, top_p=0.95)(logits, torch.arange(2)).tolist() == [1, 0]
 
 
 def test_the_sampling_numbers_are_uniform_and_change_with_key_and_position():
     keys = torch.tensor([0, 1, 2**40, 2**63 - 1]).repeat_interleave(25_000)
-    numbers = continuous.uniforms(keys, torch.arange(100_000) % 25_000)
+    numbers = continuous.uniforms(continuous.sampling_hashes(keys, torch.arange(100_000) % 25_000))
     assert 0 < numbers.min() and numbers.max() < 1
     counts = torch.histc(numbers, bins=20, min=0, max=1)
     assert ((counts - 5_000).abs() < 5_000 * 0.05).all()  # 20 bins of 5,000 +- 5% (about 7 standard deviations)
     assert numbers.unique().numel() > 99_000  # 24 bits: a few collisions among 100,000
-    neighbours = continuous.uniforms(torch.full((10_000,), 5), torch.arange(10_000))
+    neighbours = continuous.uniforms(continuous.sampling_hashes(torch.full((10_000,), 5), torch.arange(10_000)))
     assert abs(torch.corrcoef(torch.stack([neighbours[:-1], neighbours[1:]]))[0, 1]) < 0.05
 
 
@@ -190,8 +190,8 @@ def reference_varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, ma
 
 
 def test_the_flash_decode_reads_each_slots_blocks_and_weighs_them_into_attention_over_its_tokens(monkeypatch):
-    """The GPU path gives FlashAttention one sequence per (slot, block), its rows the query heads of a key
-    head, and merges the blocks by their log-sum-exps; checked against masked SDPA over the gathered blocks
+    """The fallback GPU path gives FlashAttention one sequence per (slot, block), its rows the query heads of
+    a key head, and merges the blocks by their log-sum-exps; checked against masked SDPA over the gathered blocks
     with FlashAttention's documented semantics standing in for the CUDA kernel, and both against plain
     attention over each slot's tokens."""
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", reference_varlen_attention)
@@ -201,8 +201,8 @@ def test_the_flash_decode_reads_each_slots_blocks_and_weighs_them_into_attention
     table = (torch.randperm(slots * per_slot) + 1).view(slots, per_slot)  # scattered, block 0 left out
     query = torch.randn(slots, heads, 1, head_dim)
     positions = torch.tensor([0, 3, 31, 17, 8])  # one block, one, all four, three, two (a block's first token)
-    flash = continuous.DecodeStep(positions, table, flash=True).attend(query, keys, values, head_dim ** -0.5)
-    masked = continuous.DecodeStep(positions, table, flash=False).attend(query, keys, values, head_dim ** -0.5)
+    flash = continuous.DecodeStep(positions, table, "flash").attend(query, keys, values, head_dim ** -0.5)
+    masked = continuous.DecodeStep(positions, table, "sdpa").attend(query, keys, values, head_dim ** -0.5)
     torch.testing.assert_close(flash, masked)
     # and masked SDPA itself is plain attention over each slot's first position + 1 keys, head h on kv h // 6
     for slot, position in enumerate(positions.tolist()):

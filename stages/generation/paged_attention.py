@@ -1,0 +1,140 @@
+"""Decode attention over the block cache in Triton: one query token per slot against the keys and values
+its table's blocks hold, read once for all the query heads of a KV head.
+
+Why not FlashAttention's variable-length kernel (the route before this one): it computes a query tile of
+128 rows whatever the sequence holds, and a decode step's sequence holds one token's 6 query heads of a KV
+head, so 95% of its matrix products were padding; on an H100 at 512 slots that made it half bound by
+arithmetic (2.2 TB/s of 3.35). Here a program pads the group to 16 rows (the smallest tensor-core tile).
+
+A slot's tokens are split into partitions of whole blocks, one program per (slot, KV head, partition), so
+that small batches still fill the GPU; a second kernel weighs the partitions' results by their log-sum-exps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+TILE = 64  # keys a program reads per iteration
+ROWS = 16  # a KV head's query rows, padded to the smallest tile tl.dot takes
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # on a CPU, in tests
+PROGRAMS = 4096  # partitions are as small as it takes to give the GPU about this many programs
+
+
+try:  # CUDA builds of torch bring Triton; CPU tests run these kernels in its interpreter (TRITON_INTERPRET=1)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+else:
+    @triton.jit
+    def partials(query, keys, values, table, positions, out, lse, scale_log2,
+                 q_slot, q_head, k_block, k_token, k_head, t_slot, o_slot, o_part, o_head, l_slot, l_part,
+                 BLOCK: tl.constexpr, PER_PART: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr,
+                 DIM: tl.constexpr, TILE: tl.constexpr, FLOAT_DOTS: tl.constexpr):
+        slot, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        first = part * PER_PART * BLOCK  # the partition's first token
+        count = tl.minimum(tl.load(positions + slot) + 1 - first, PER_PART * BLOCK)  # its tokens the slot holds
+        rows = tl.arange(0, ROWS)
+        dims = tl.arange(0, DIM)
+        heads = kv_head * GROUPS + rows
+        q = tl.load(query + slot * q_slot + heads[:, None] * q_head + dims[None, :], mask=rows[:, None] < GROUPS,
+                    other=0.0)
+        best = tl.full([ROWS], float("-inf"), tl.float32)
+        total = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, DIM], tl.float32)
+        offsets = tl.arange(0, TILE)
+        for start in range(0, count, TILE):
+            tokens = start + offsets  # in the partition
+            valid = tokens < count
+            blocks = tl.load(table + slot * t_slot + part * PER_PART + tokens // BLOCK, mask=valid, other=0)
+            at = (blocks.to(tl.int64)[:, None] * k_block + (tokens % BLOCK)[:, None] * k_token + kv_head * k_head
+                  + dims[None, :])
+            k = tl.load(keys + at, mask=valid[:, None], other=0.0)
+            v = tl.load(values + at, mask=valid[:, None], other=0.0)
+            if FLOAT_DOTS:  # Triton's interpreter multiplies bf16 as raw integers
+                q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k)) * scale_log2
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, 1))
+            weights = tl.exp2(scores - new_best[:, None])
+            shrink = tl.exp2(best - new_best)
+            total = total * shrink + tl.sum(weights, 1)
+            acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
+            best = new_best
+        keep = rows < GROUPS
+        if count > 0:
+            tl.store(out + slot * o_slot + part * o_part + heads[:, None] * o_head + dims[None, :],
+                     acc / total[:, None], mask=keep[:, None])
+            tl.store(lse + slot * l_slot + part * l_part + heads, best + tl.log2(total), mask=keep)
+        else:
+            tl.store(lse + slot * l_slot + part * l_part + heads, float("-inf"), mask=keep)
+
+    @triton.jit
+    def merge(out, lse, result, parts, o_slot, o_part, o_head, l_slot, l_part, r_slot, r_head,
+              PARTS: tl.constexpr, DIM: tl.constexpr):
+        slot, head = tl.program_id(0), tl.program_id(1)
+        each = tl.arange(0, PARTS)
+        used = each < parts
+        weights = tl.load(lse + slot * l_slot + each * l_part + head, mask=used, other=float("-inf"))
+        weights = tl.exp2(weights - tl.max(weights, 0))  # partition 0 always holds the slot's first token
+        used = used & (weights > 0)
+        dims = tl.arange(0, DIM)
+        partial = tl.load(out + slot * o_slot + each[:, None] * o_part + head * o_head + dims[None, :],
+                          mask=used[:, None], other=0.0)
+        merged = tl.sum(partial * weights[:, None], 0) / tl.sum(weights, 0)
+        tl.store(result + slot * r_slot + head * r_head + dims, merged.to(result.dtype.element_ty))
+
+
+def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """The Triton decode kernel runs here: a CUDA GPU, bf16 or fp16, a power-of-two head size, and Triton
+    compiles it (tried once on a small cache)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if head_dim < 16 or head_dim & (head_dim - 1) or triton is None:
+        return False
+    try:
+        keys = torch.zeros(3, 16, 1, head_dim, device=device, dtype=dtype)
+        table = torch.tensor([[1, 2]], device=device)
+        paged_decode(torch.zeros(1, 2, head_dim, device=device, dtype=dtype), keys, keys, table,
+                     torch.tensor([20], device=device), 1.0)
+        return True
+    except Exception as e:  # no Triton, or it cannot compile for this GPU: masked SDPA serves
+        log.warning("decoding with masked SDPA: the Triton decode kernel does not run here (%s: %s)",
+                    type(e).__name__, (str(e).strip().splitlines() or [""])[0])
+        return False
+
+
+@torch.library.custom_op("r1_math_lora::paged_decode", mutates_args=())
+def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
+                 positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """query [slots, heads, head_dim]; keys, values [blocks, block, kv_heads, head_dim]; table [slots, blocks
+    a slot may hold]; positions [slots]: each slot attends to its tokens 0..position -> [slots, heads,
+    head_dim]. Opaque to torch.compile: its own kernels."""
+    slots, heads, dim = query.shape
+    _, block, kv_heads, _ = keys.shape
+    per_slot = table.shape[1]
+    per_part = max(1, min(per_slot, slots * kv_heads * per_slot // PROGRAMS))  # blocks a partition holds
+    parts = -(-per_slot // per_part)
+    out = torch.empty(slots, parts, heads, dim, device=query.device, dtype=torch.float32)
+    lse = torch.empty(slots, parts, heads, device=query.device, dtype=torch.float32)
+    partials[(slots, kv_heads, parts)](
+        query, keys, values, table, positions, out, lse, scale * 1.4426950408889634,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), table.stride(0),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        BLOCK=block, PER_PART=per_part, GROUPS=heads // kv_heads,
+        ROWS=triton.next_power_of_2(max(ROWS, heads // kv_heads)), DIM=dim, TILE=TILE, FLOAT_DOTS=INTERPRETED,
+        num_warps=4, num_stages=2)
+    result = torch.empty_like(query)
+    merge[(slots, heads)](out, lse, result, parts, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
+                          lse.stride(1), result.stride(0), result.stride(1),
+                          PARTS=triton.next_power_of_2(parts), DIM=dim, num_warps=4)
+    return result
+
+
+@paged_decode.register_fake
+def _(query, keys, values, table, positions, scale):
+    return torch.empty_like(query)

@@ -1,0 +1,217 @@
+"""Top-p sampling on a GPU without sorting the vocabulary: Triton kernels that find where the kept tokens
+begin by their probability mass, then draw among them in one pass.
+
+The kept set is transformers' TopPLogitsWarper's: the tokens in ascending order of probability are cut
+while their cumulative probability stays at or below 1 - top_p. It is found as a 16-bit threshold on the
+logits' order-preserving bf16 keys, four bits a pass: each pass sums the probability below 16 candidate
+thresholds in every chunk of the vocabulary. Tokens of equal logits have equal probability; where such a
+group straddles the cut, the sort would keep an unspecified part of it (torch.sort does not order ties).
+Here each of its n tokens keeps the share (n - c) / n of its probability, c being the number the cut takes:
+the probability of each token that a sort with its ties in random order gives, and the same kept mass.
+
+The draw is an exponential race (argmax of log weight - log E, E exponential: exact sampling in proportion
+to the weights), one E per token hashed from the row's sampling number and the token id, so a token
+depends on the row's key and position only, not on the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CHUNK = 8192  # vocabulary entries a program reads (a multiple of TILE)
+TILE = 256
+THRESHOLDS = 16  # candidate thresholds a pass: 4 bits of the 16-bit key
+
+
+try:  # CUDA builds of torch bring Triton; CPU tests run these kernels in its interpreter (TRITON_INTERPRET=1)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+else:
+    @triton.jit
+    def order_key(x):
+        """bf16 -> its 16-bit key, ascending as the values are."""
+        bits = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return tl.where((bits & 0x8000) != 0, (~bits) & 0xFFFF, bits | 0x8000)
+
+    @triton.jit
+    def masses(logits, row_stride, vocab, lows, step, maxes, part_max, part_mass, part_count, scale,
+               CHUNKS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, COUNT: tl.constexpr,
+               FIRST: tl.constexpr):
+        """Per (row, chunk): the probability mass (relative to the row's max, or the chunk's own on the first
+        pass) and the count of tokens whose key is below each of COUNT thresholds low + (i + 1) * step."""
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        thresholds = tl.load(lows + row) + (tl.arange(0, COUNT) + 1) * step
+        if FIRST:
+            best = tl.max(tl.full([TILE], float("-inf"), tl.float32), 0)
+        else:
+            best = tl.load(maxes + row)
+        mass = tl.zeros([COUNT], tl.float32)
+        count = tl.zeros([COUNT], tl.int32)
+        for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), TILE):
+            index = start + tl.arange(0, TILE)
+            valid = index < vocab
+            x = tl.load(logits + row * row_stride + index, mask=valid, other=float("-inf"))
+            key = order_key(x)
+            x = x.to(tl.float32)
+            if FIRST:
+                new_best = tl.maximum(best, tl.max(x, 0))
+                mass = mass * tl.exp2((best - new_best) * scale)
+                best = new_best
+            weight = tl.where(valid, tl.exp2((x - best) * scale), 0.0)
+            below = (key[:, None] < thresholds[None, :]) & valid[:, None]
+            mass += tl.sum(tl.where(below, weight[:, None], 0.0), 0)
+            count += tl.sum(below.to(tl.int32), 0)
+        at = (row * CHUNKS + chunk) * COUNT + tl.arange(0, COUNT)
+        tl.store(part_mass + at, mass)
+        tl.store(part_count + at, count)
+        if FIRST:
+            tl.store(part_max + row * CHUNKS + chunk, best)
+
+    @triton.jit
+    def lowbias32(x):
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def draw(logits, row_stride, vocab, maxes, bounds, shares, seeds, part_score, part_index, scale,
+             CHUNKS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr):
+        """Per (row, chunk): the token that wins the exponential race among the kept tokens, and its score."""
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        best = tl.load(maxes + row)
+        bound = tl.load(bounds + row)
+        share = tl.log2(tl.load(shares + row))
+        seed = tl.load(seeds + row).to(tl.uint32)
+        top = tl.max(tl.full([TILE], float("-inf"), tl.float32), 0)
+        winner = tl.min(tl.full([TILE], 0, tl.int32), 0)
+        for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), TILE):
+            index = start + tl.arange(0, TILE)
+            valid = index < vocab
+            x = tl.load(logits + row * row_stride + index, mask=valid, other=float("-inf"))
+            key = order_key(x)
+            weight = (x.to(tl.float32) - best) * scale + tl.where(key == bound, share, 0.0)  # log2 of it
+            weight = tl.where(valid & (key >= bound), weight, float("-inf"))
+            hashed = lowbias32(seed ^ lowbias32(index.to(tl.uint32) * 0x9E3779B9 + 0x85EBCA6B))
+            # in (0, 1], exact near 0 where exponential = -log(1 - uniform) is small and decides the race
+            uniform = hashed.to(tl.float32) * (1.0 / 4294967296.0) + (0.5 / 4294967296.0)
+            # -log(1 - u): its series where 1 - u would lose u's digits (error below 2e-11 of it)
+            series = uniform * (1.0 + uniform * (0.5 + uniform * (1.0 / 3.0 + uniform * (0.25 + uniform * 0.2))))
+            exponential = tl.where(uniform < 0.01, series, -tl.log(1.0 - uniform))
+            score = weight - tl.log2(exponential)
+            tile_top = tl.max(score, 0)
+            tile_winner = tl.argmax(score, 0) + start
+            better = tile_top > top
+            winner = tl.where(better, tile_winner, winner)
+            top = tl.where(better, tile_top, top)
+        tl.store(part_score + row * CHUNKS + chunk, top)
+        tl.store(part_index + row * CHUNKS + chunk, winner)
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """The kernels run here: a CUDA GPU, a bf16 model (their keys are bf16 logits), and Triton compiles them
+    (tried once on a small vocabulary)."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or triton is None:
+        return False
+    try:
+        top_p_sample(torch.zeros(2, 300, device=device, dtype=dtype), torch.zeros(2, dtype=torch.long, device=device),
+                     0.6, 0.95)
+        return True
+    except Exception as e:  # no Triton, or it cannot compile for this GPU: the sort serves
+        log.warning("sampling by sorting the vocabulary: the Triton top-p kernels do not run here (%s: %s)",
+                    type(e).__name__, (str(e).strip().splitlines() or [""])[0])
+        return False
+
+
+def _cut(logits: torch.Tensor, scale: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: the max logit, the key of the group where the kept tokens begin, and the share of its
+    tokens' probability that group keeps."""
+    rows, vocab = logits.shape
+    chunks = -(-vocab // CHUNK)
+    device = logits.device
+    lows = torch.zeros(rows, dtype=torch.int32, device=device)
+    part_max = torch.empty(rows, chunks, dtype=torch.float32, device=device)
+    part_mass = torch.empty(rows, chunks, THRESHOLDS, dtype=torch.float32, device=device)
+    part_count = torch.empty(rows, chunks, THRESHOLDS, dtype=torch.int32, device=device)
+    maxes = torch.empty(rows, dtype=torch.float32, device=device)
+    below_mass = torch.zeros(rows, dtype=torch.float32, device=device)
+    below_count = torch.zeros(rows, dtype=torch.int32, device=device)
+    target = None
+    for step in (4096, 256, 16, 1):
+        first = target is None
+        masses[(rows, chunks)](logits, logits.stride(0), vocab, lows, step, maxes, part_max, part_mass, part_count,
+                               scale, CHUNKS=chunks, CHUNK=CHUNK, TILE=TILE, COUNT=THRESHOLDS, FIRST=first,
+                               num_warps=4)
+        if first:  # the chunks' masses were relative to their own maxima
+            maxes = part_max.amax(1)
+            mass = (part_mass * torch.exp2((part_max - maxes[:, None]) * scale)[..., None]).sum(1)
+            target = (1 - top_p) * mass[:, -1]  # the mass the cut may take; mass[:, -1] is the total
+        else:
+            mass = part_mass.sum(1)
+        count = part_count.sum(1)
+        # the first threshold whose mass below exceeds the target ends the range the cut ends in
+        at = (mass <= target[:, None]).sum(1).clamp(max=THRESHOLDS - 1)
+        before = (at - 1).clamp(min=0)[:, None]
+        below_mass = torch.where(at > 0, mass.gather(1, before)[:, 0], below_mass)
+        below_count = torch.where(at > 0, count.gather(1, before)[:, 0], below_count)
+        lows = lows + at.to(torch.int32) * step
+        group_mass, group_count = mass.gather(1, at[:, None])[:, 0], count.gather(1, at[:, None])[:, 0]
+    members = (group_count - below_count).clamp(min=1).float()
+    each = (group_mass - below_mass) / members  # one token's weight in the group
+    cut = ((target - below_mass) / each).floor().clamp(min=0).minimum(members - 1)
+    return maxes, lows, (members - cut) / members
+
+
+@torch.library.custom_op("r1_math_lora::top_p_sample", mutates_args=())
+def top_p_sample(logits: torch.Tensor, seeds: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """logits [rows, vocab] (bf16) and one 32-bit number per row -> one token per row, drawn from
+    softmax(logits / temperature) cut to top_p."""
+    rows, vocab = logits.shape
+    logits = logits.to(torch.bfloat16)
+    scale = math.log2(math.e) / temperature
+    if top_p < 1:
+        maxes, bounds, shares = _cut(logits, scale, top_p)
+    else:
+        maxes = logits.float().amax(1)
+        bounds = torch.zeros(rows, dtype=torch.int32, device=logits.device)
+        shares = torch.ones(rows, dtype=torch.float32, device=logits.device)
+    chunks = -(-vocab // CHUNK)
+    part_score = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
+    part_index = torch.empty(rows, chunks, dtype=torch.int32, device=logits.device)
+    draw[(rows, chunks)](logits, logits.stride(0), vocab, maxes, bounds, shares, seeds, part_score, part_index,
+                         scale, CHUNKS=chunks, CHUNK=CHUNK, TILE=TILE, num_warps=4)
+    return part_index.gather(1, part_score.argmax(1, keepdim=True))[:, 0].long()
+
+
+@top_p_sample.register_fake
+def _(logits, seeds, temperature, top_p):
+    return logits.new_empty(logits.shape[0], dtype=torch.long)
+
+
+def kept_shares(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The reference the kernels are tested against, by sorting (float64): each token's probability of being
+    drawn [rows, vocab], ties at the cut sharing the mass the cut leaves them."""
+    probs = (logits.double() / temperature).softmax(-1)
+    ascending, order = probs.sort(-1)
+    cumulative = ascending.cumsum(-1)
+    result = torch.zeros_like(probs)
+    for row in range(probs.shape[0]):
+        values = ascending[row]
+        kept = cumulative[row] > 1 - top_p  # transformers: cut while the cumulative stays <= 1 - top_p
+        kept[-1] = True
+        first = int(kept.nonzero()[0])
+        weights = torch.where(kept, values, 0.0)
+        group = logits[row, order[row]] == logits[row, order[row, first]]  # the tied tokens around the cut
+        if group.sum() > 1:
+            share = kept[group].double().mean()
+            weights[group] = values[group] * share
+        result[row, order[row]] = weights / weights.sum()
+    return result

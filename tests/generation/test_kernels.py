@@ -1,0 +1,67 @@
+"""The decode step's Triton kernels (stages.generation.paged_attention, stages.generation.top_p), checked in
+Triton's interpreter on a CPU (tests/conftest.py sets TRITON_INTERPRET=1 there): small cases, each kernel
+program run as NumPy. The GPU's own runs are in tests/generation/test_batched_gpu.py."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from stages.generation import continuous, paged_attention, top_p  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("programs", [4096, 8])  # partitions of one block; of two, merged by their log-sum-exps
+def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_position(programs, monkeypatch):
+    monkeypatch.setattr(paged_attention, "PROGRAMS", programs)
+    torch.manual_seed(0)
+    slots, block, per_slot, kv_heads, heads, head_dim = 5, 48, 4, 2, 12, 16  # 48: a block ends inside a tile
+    keys, values = (torch.randn(1 + slots * per_slot, block, kv_heads, head_dim, device=DEVICE).bfloat16()
+                    for _ in range(2))
+    table = (torch.randperm(slots * per_slot, device=DEVICE) + 1).view(slots, per_slot)
+    query = torch.randn(slots, heads, 1, head_dim, device=DEVICE).bfloat16()
+    positions = torch.tensor([0, 47, 48, 191, 100], device=DEVICE)  # first token, a block's last, next's first, all
+    kernel = continuous.DecodeStep(positions, table, "triton").attend(query, keys, values, head_dim ** -0.5)
+    masked = continuous.DecodeStep(positions, table, "sdpa").attend(query.float(), keys.float(), values.float(),
+                                                                    head_dim ** -0.5)
+    torch.testing.assert_close(kernel.float(), masked, atol=2e-2, rtol=2e-2)  # bf16's rounding of the output
+
+
+def cases() -> torch.Tensor:
+    """Rows of logits: a group of ties straddling the cut, distinct peaked values, and rows spanning several
+    of the kernels' chunks of the vocabulary (flat: most tokens kept; peaked: a few)."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = 2 * top_p.CHUNK + 300
+    rows = torch.full((4, vocab), -30.0)
+    rows[0, :11] = torch.tensor([5.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 0.5])
+    rows[1, -50:] = torch.randn(50, generator=generator) * 3
+    rows[2] = torch.randn(vocab, generator=generator) * 0.5
+    rows[3] = torch.randn(vocab, generator=generator) * 4
+    return rows.bfloat16()
+
+
+def test_the_top_p_cut_keeps_what_the_sort_keeps_and_splits_a_tied_group_by_its_share():
+    logits = cases()
+    temperature, p = 0.6, 0.8
+    scale = 1.4426950408889634 / temperature
+    maxes, bounds, shares = top_p._cut(logits.to(DEVICE), scale, p)
+    bits = logits.view(torch.int16).int() & 0xFFFF
+    keys = torch.where(bits & 0x8000 != 0, ~bits & 0xFFFF, bits | 0x8000)
+    bounds, shares = bounds.cpu()[:, None], shares.cpu()[:, None]
+    weights = (logits.double() / temperature).softmax(-1) * torch.where(
+        keys > bounds, 1.0, torch.where(keys == bounds, shares.double(), 0.0))
+    expected = top_p.kept_shares(logits.float(), temperature, p)
+    assert 0 < shares[0] < 1  # the tied 4.0s are cut in part
+    torch.testing.assert_close(weights / weights.sum(-1, keepdim=True), expected, atol=1e-6, rtol=1e-4)
+
+
+def test_top_p_draws_only_kept_tokens_and_a_row_draws_the_same_in_any_batch():
+    logits = torch.tensor([[5.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 0.5]]).bfloat16().expand(48, -1)
+    logits = logits.contiguous().to(DEVICE)
+    hashes = continuous.sampling_hashes(torch.arange(48), torch.full((48,), 3)).to(DEVICE)
+    drawn = top_p.top_p_sample(logits, hashes, 0.6, 0.95).cpu()
+    kept = top_p.kept_shares(logits[:1].float().cpu(), 0.6, 0.95)[0] > 0
+    assert kept[:8].all() and not kept[8:].any() and kept[drawn].all()
+    assert set(drawn.tolist()) >= {0, 1}  # each ~32%: absent from 48 draws with probability ~1e-8
+    assert torch.equal(top_p.top_p_sample(logits[5:9], hashes[5:9], 0.6, 0.95).cpu(), drawn[5:9])
