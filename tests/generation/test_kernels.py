@@ -32,7 +32,7 @@ def cases() -> torch.Tensor:
     """Rows of logits: a group of ties straddling the cut, distinct peaked values, and rows spanning several
     of the kernels' chunks of the vocabulary (flat: most tokens kept; peaked: a few)."""
     generator = torch.Generator().manual_seed(0)
-    vocab = 2 * top_p.CHUNK + 300
+    vocab = 2 * top_p.CHUNK + 300  # the last chunk partly filled
     rows = torch.full((4, vocab), -30.0)
     rows[0, :11] = torch.tensor([5.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 0.5])
     rows[1, -50:] = torch.randn(50, generator=generator) * 3
@@ -41,7 +41,8 @@ def cases() -> torch.Tensor:
     return rows.bfloat16()
 
 
-def test_the_top_p_cut_keeps_what_the_sort_keeps_and_splits_a_tied_group_by_its_share():
+def test_the_top_p_cut_keeps_what_the_sort_keeps_and_splits_a_tied_group_by_its_share(monkeypatch):
+    monkeypatch.setattr(top_p, "CHUNK", 2 * top_p.TILE)  # chunks of 512 (8,192 on a GPU): a faster interpreter
     logits = cases()
     temperature, p = 0.6, 0.8
     scale = 1.4426950408889634 / temperature
@@ -57,11 +58,11 @@ def test_the_top_p_cut_keeps_what_the_sort_keeps_and_splits_a_tied_group_by_its_
 
 
 def test_top_p_draws_only_kept_tokens_and_a_row_draws_the_same_in_any_batch():
-    logits = torch.tensor([[5.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 0.5]]).bfloat16().expand(48, -1)
+    logits = torch.tensor([[5.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 0.5]]).bfloat16().expand(24, -1)
     logits = logits.contiguous().to(DEVICE)
-    hashes = continuous.sampling_hashes(torch.arange(48), torch.full((48,), 3)).to(DEVICE)
+    hashes = continuous.sampling_hashes(torch.arange(24), torch.full((24,), 3)).to(DEVICE)
     drawn = top_p.top_p_sample(logits, hashes, 0.6, 0.95).cpu()
     kept = top_p.kept_shares(logits[:1].float().cpu(), 0.6, 0.95)[0] > 0
     assert kept[:8].all() and not kept[8:].any() and kept[drawn].all()
-    assert set(drawn.tolist()) >= {0, 1}  # each ~32%: absent from 48 draws with probability ~1e-8
+    assert set(drawn.tolist()) >= {0, 1}  # each ~32%, so in 24 draws (fixed hashes: not flaky)
     assert torch.equal(top_p.top_p_sample(logits[5:9], hashes[5:9], 0.6, 0.95).cpu(), drawn[5:9])
