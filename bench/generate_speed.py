@@ -8,8 +8,10 @@ the budget of params.yaml (eval.max_new_tokens); `uniform` runs every response t
 useful tokens/s (tokens up to and including EOS), the share of decode slots that kept a token, the
 responses in flight, the tail and peak GPU memory, per route; speedup = the last route over the first.
 Routes: `padded`, `reserved` (continuous batching with every slot's cache at full length, as before
-paging) and `continuous` (the stage's route: the paged cache). --step-sizes also times one decode step
-per batch size at --step-context tokens of context against its bandwidth bound (bytes read / --bandwidth).
+paging, and without the Triton kernels: FlashAttention, top-p by sorting) and `continuous` (the stage's
+route: the paged cache, the kernels). --step-sizes also times one decode step per batch size at
+--step-context tokens of context, with and without the kernels, against its bandwidth bound (bytes read /
+--bandwidth).
 
     python -m tests.random_model /tmp/r1
     python -m bench.generate_speed /tmp/r1 --workload r1-math500 --prompts 2048 --step-sizes 8,64,256,512
@@ -89,7 +91,8 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
                 "in_flight_max": stats["in_flight_max"], "preempted": stats["preempted"],
                 "cache_tokens": stats["cache_tokens"], "block_tokens": stats["block_tokens"],
                 "cache_gib": round(stats["cache_tokens"] * kv_bytes_per_token(model.config, model.dtype) / 2**30, 1),
-                "compiled": stats["compiled"], "compile_seconds": round(stats["compile_seconds"], 1)}
+                "compiled": stats["compiled"], "compile_seconds": round(stats["compile_seconds"], 1),
+                "attention": stats["attention"], "top_p_kernels": stats["top_p_kernels"]}
                if "tail_steps" in stats else {}),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
 
@@ -205,15 +208,15 @@ def main() -> None:
 
 def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats: int = 20) -> list[dict]:
     """Milliseconds of one compiled, graph-replayed decode step (sampling as the model card says) with every
-    slot at `context` tokens, per batch size and attention kernel (FlashAttention's, as before; the stage's),
+    slot at `context` tokens, per batch size, with and without the Triton kernels (attention, top-p),
     against the step's bandwidth bound: the weights plus each
     slot's keys and values, read once, at `bandwidth` bytes/s."""
     config = params.load("eval", ROOT / "params.yaml")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
-    for size, attention in itertools.product(sizes, ["flash", None]):  # the route before the Triton kernel; now
+    for size, kernels in itertools.product(sizes, [False, True]):  # the route before the Triton kernels; now
         engine = ContinuousBatcher(model, size, context + 1, eos=-1, temperature=config.temperature,
-                                   top_p=config.top_p, compile=True, attention=attention)
+                                   top_p=config.top_p, compile=True, kernels=kernels)
         with torch.inference_mode():
             engine._compile()
             engine._capture()
@@ -229,7 +232,8 @@ def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / repeats
         read = weights + size * (context + 1) * kv_bytes_per_token(model.config, model.dtype)
-        rows.append({"slots": size, "context": context, "attention": engine.attention, "ms": round(1e3 * seconds, 2),
+        rows.append({"slots": size, "context": context, "attention": engine.attention,
+                     "top_p_kernels": engine.stats.top_p_kernels, "ms": round(1e3 * seconds, 2),
                      "bound_ms": round(1e3 * read / bandwidth, 2), "tokens_per_second": round(size / seconds)})
         print(json.dumps(rows[-1]), flush=True)
         del engine

@@ -20,13 +20,7 @@ from tqdm import tqdm
 from stages.core import params
 from stages.core.cli import StageError
 from stages.core.prompts import THINK_CLOSE
-from stages.generation.continuous import (
-    CacheTooSmall,
-    ContinuousBatcher,
-    DecodeStep,
-    flash_decode_available,
-    kv_bytes_per_token,
-)
+from stages.generation.continuous import CacheTooSmall, ContinuousBatcher, DecodeStep, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so compiled shapes repeat
@@ -200,8 +194,8 @@ class Request:
     pad: int
     keys: list[int]
     end_at: list[int] | None = None  # benchmarks: each response's forced end (random weights never end)
-    # benchmarks: the route before paging and the Triton kernel (each slot reserves the full length; attention
-    # by FlashAttention's variable-length kernel where it runs)
+    # benchmarks: the route before paging and the Triton kernels (each slot reserves the full length;
+    # FlashAttention where it runs, top-p by sorting)
     reserved: bool = False
 
 
@@ -267,9 +261,7 @@ def generate_continuous(model, request: Request, progress,
     encoded, order, config, end_at, eos = request.encoded, request.order, request.config, request.end_at, request.eos
     budgets = [min(config.max_new_tokens, end_at[i]) if end_at else config.max_new_tokens for i in order]
     length = max(map(len, encoded), default=0) + config.max_new_tokens
-    paging = {"cache_tokens": cache_tokens(model)}
-    if request.reserved:
-        paging = {"block": length, "attention": "flash" if flash_decode_available(model.device, model.dtype) else None}
+    paging = {"block": length, "kernels": False} if request.reserved else {"cache_tokens": cache_tokens(model)}
     try:
         engine = ContinuousBatcher(model, request.slots, length, eos, config.temperature, config.top_p,
                                    graphs=config.static_cache,

@@ -286,9 +286,9 @@ def flash_decode_available(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def decode_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """The fastest of ATTENTION that runs here."""
-    if paged_attention.available(device, dtype, head_dim):
+def decode_attention(device: torch.device, dtype: torch.dtype, head_dim: int, kernels: bool = True) -> str:
+    """The fastest of ATTENTION that runs here (kernels=False: not the Triton kernel)."""
+    if kernels and paged_attention.available(device, dtype, head_dim):
         return "triton"
     return "flash" if flash_decode_available(device, dtype) else "sdpa"
 
@@ -310,6 +310,8 @@ class Stats:
     in_flight_mean: float = 0.0  # responses in the cache during a decode step, on average
     in_flight_max: int = 0
     preempted: int = 0  # responses paused for lack of free blocks (their tokens recomputed when resumed)
+    attention: str = ""  # the decode step's attention kernel (one of ATTENTION)
+    top_p_kernels: bool = False  # sampling by the Triton kernels (else by sorting)
 
 
 class ContinuousBatcher:
@@ -322,8 +324,9 @@ class ContinuousBatcher:
 
     def __init__(self, model, slots: int, length: int, eos: int, temperature: float, top_p: float,
                  graphs: bool = True, compile: bool = False, block: int = BLOCK_TOKENS,
-                 cache_tokens: int | None = None, attention: str | None = None):
-        """attention: one of ATTENTION (default: the fastest that runs here)."""
+                 cache_tokens: int | None = None, kernels: bool = True):
+        """kernels: the Triton kernels for attention and top-p where they run; False: the route before them
+        (FlashAttention where it runs, top-p by sorting), the benchmarks' baseline."""
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         config, self.device = model.config, model.device
         if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
@@ -335,10 +338,9 @@ class ContinuousBatcher:
         self.slots, self.length, self.eos = slots, length, eos
         block = min(block, length)
         self.cache = BlockCache(config, slots, length, block, cache_tokens, model.dtype, self.device)
-        self.sample = sampler(temperature, top_p, kernel=top_p_kernels.available(self.device, model.dtype))
-        self.attention = attention or decode_attention(self.device, model.dtype, token_kv_shape(config)[1])
-        if self.attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, not {self.attention!r}")
+        kernel = kernels and temperature > 0 and top_p_kernels.available(self.device, model.dtype)
+        self.sample = sampler(temperature, top_p, kernel=kernel)
+        self.attention = decode_attention(self.device, model.dtype, token_kv_shape(config)[1], kernels)
         # each slot's next input token: the token a decode step just drew, read back by run()
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -357,7 +359,8 @@ class ContinuousBatcher:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.owner: list[int | None] = [None] * slots  # the prompt (index) each slot is answering
         self.lengths = [0] * slots  # tokens in each slot's cache after its next decode step
-        self.stats = Stats(cache_tokens=(self.cache.blocks - 1) * block, block_tokens=block)
+        self.stats = Stats(cache_tokens=(self.cache.blocks - 1) * block, block_tokens=block, attention=self.attention,
+                           top_p_kernels=kernel)
 
     def _next_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The next token of each slot from its last one, its write position and its sampling key; writes
