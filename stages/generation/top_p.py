@@ -16,6 +16,7 @@ depends on the row's key and position only, not on the batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -117,16 +118,41 @@ else:
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """The kernels run here: a CUDA GPU, a bf16 model (their keys are bf16 logits), and Triton compiles them
-    (tried once on a small vocabulary)."""
+    """The kernels run here, and right: a CUDA GPU, a bf16 model (their keys are bf16 logits), and on a few
+    rows they keep and draw what the sorted reference keeps (checked once per process)."""
     if device.type != "cuda" or dtype != torch.bfloat16 or triton is None:
         return False
+    return verified(device)
+
+
+@functools.cache
+def verified(device: torch.device) -> bool:
+    """The kernels against the sorted reference (kept_shares) on a row of ties that straddle the cut and a
+    row over two chunks of the vocabulary: the same share of each token kept, and draws only of kept tokens;
+    False, and a warning, if they fail or differ."""
     try:
-        top_p_sample(torch.zeros(2, 300, device=device, dtype=dtype), torch.zeros(2, dtype=torch.long, device=device),
-                     0.6, 0.95)
+        temperature, top_p = 0.6, 0.8
+        logits = torch.full((2, CHUNK + 300), -30.0)
+        logits[0, :11] = torch.tensor([5.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 0.5])
+        logits[1] = torch.randn(CHUNK + 300, generator=torch.Generator().manual_seed(0))
+        logits = logits.bfloat16()
+        expected = kept_shares(logits.float(), temperature, top_p)
+        _, bounds, shares = _cut(logits.to(device), math.log2(math.e) / temperature, top_p)
+        bits = logits.view(torch.int16).int() & 0xFFFF
+        keys = torch.where(bits & 0x8000 != 0, ~bits & 0xFFFF, bits | 0x8000)
+        bounds, shares = bounds.cpu()[:, None], shares.cpu()[:, None].double()
+        weights = (logits.double() / temperature).softmax(-1) * torch.where(
+            keys > bounds, 1.0, torch.where(keys == bounds, shares, 0.0))
+        error = (weights / weights.sum(-1, keepdim=True) - expected).abs().max().item()
+        rows = logits[[0] * 8 + [1] * 8].to(device)
+        drawn = top_p_sample(rows, torch.arange(16, device=device) * 2654435761 % 2**32, temperature, top_p)
+        outside = (expected[[0] * 8 + [1] * 8].gather(1, drawn.cpu()[:, None]) == 0).sum().item()
+        if not error < 1e-4 or outside:
+            raise ArithmeticError(f"they differ from the sorted reference (kept shares by {error:.3g}; "
+                                  f"{outside} of 16 draws outside the kept tokens)")
         return True
-    except Exception as e:  # no Triton, or it cannot compile for this GPU: the sort serves
-        log.warning("sampling by sorting the vocabulary: the Triton top-p kernels do not run here (%s: %s)",
+    except Exception as e:  # no Triton, they cannot compile for this GPU, or they are wrong here: the sort serves
+        log.warning("sampling by sorting the vocabulary: the Triton top-p kernels do not run right here (%s: %s)",
                     type(e).__name__, (str(e).strip().splitlines() or [""])[0])
         return False
 

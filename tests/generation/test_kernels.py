@@ -66,3 +66,19 @@ def test_top_p_draws_only_kept_tokens_and_a_row_draws_the_same_in_any_batch():
     assert kept[:8].all() and not kept[8:].any() and kept[drawn].all()
     assert set(drawn.tolist()) >= {0, 1}  # each ~32%, so in 24 draws (fixed hashes: not flaky)
     assert torch.equal(top_p.top_p_sample(logits[5:9], hashes[5:9], 0.6, 0.95).cpu(), drawn[5:9])
+
+
+def test_the_kernels_are_used_only_where_they_match_their_references_on_a_small_case(monkeypatch, caplog):
+    """available() runs each kernel once against its reference (plain attention; the sorted top-p) and
+    refuses it, saying why, where it differs: a Triton build or GPU that computes wrong falls back, not on."""
+    monkeypatch.setattr(top_p, "CHUNK", 2 * top_p.TILE)
+    device = torch.device(DEVICE)
+    assert paged_attention.verified.__wrapped__(device, torch.bfloat16, 16)
+    assert top_p.verified.__wrapped__(device)
+    monkeypatch.setattr(paged_attention, "paged_decode", lambda query, *args: torch.zeros_like(query))
+    assert not paged_attention.verified.__wrapped__(device, torch.bfloat16, 16)
+    assert "differs from plain attention" in caplog.text
+    cut = top_p._cut
+    monkeypatch.setattr(top_p, "_cut", lambda *args: (*cut(*args)[:2], torch.ones(2, device=device)))  # ties all kept
+    assert not top_p.verified.__wrapped__(device)
+    assert "differ from the sorted reference" in caplog.text
