@@ -1,0 +1,95 @@
+"""Benchmark: the decode step's Triton kernels against the route before them, on synthetic inputs of the real
+1.5B shape, one call: attention over a paged cache (FlashAttention's variable-length kernel, one sequence per
+(slot, block), against stages.generation.paged_attention) per (slots, context), as CUDA-graph replays of 28
+layers, with the bytes each layer reads and the bandwidth that makes; top-p sampling at temperature 0.6 /
+top-p 0.95 over 151,936 logits (the sort, compiled as the decode step compiles it, against
+stages.generation.top_p) per row count. Random logits are nearly flat: the kept set is most of the vocabulary.
+
+    python -m bench.decode_kernels --commit SHA --out bench/results/decode-kernels-DATE-GPU-SHA.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from stages.generation import continuous, top_p
+
+LAYERS, KV_HEADS, HEADS, HEAD_DIM, VOCAB, BLOCK = 28, 2, 12, 128, 151_936, 512
+
+
+def replay_ms(step, repeats: int = 4) -> float:
+    """Milliseconds of one call of step, captured LAYERS times in a CUDA graph and replayed."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(LAYERS):
+            step()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (repeats * LAYERS) * 1e3
+
+
+def attention(slots: int, context: int, per_slot: int = 17) -> dict:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    keys, values = (torch.randn(1 + slots * per_slot, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", generator=generator,
+                                dtype=torch.bfloat16) for _ in range(2))
+    table = (torch.randperm(slots * per_slot, device="cuda", generator=generator) + 1).view(slots, per_slot)
+    query = torch.randn(slots, HEADS, 1, HEAD_DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
+    positions = torch.full((slots,), context - 1, device="cuda")
+    read = slots * context * 2 * KV_HEADS * HEAD_DIM * 2  # keys and values, bf16
+    row = {"slots": slots, "context": context, "mb_read": round(read / 1e6, 1)}
+    for kernel in ("flash", "triton"):
+        step = continuous.DecodeStep(positions, table, kernel)
+        ms = replay_ms(lambda step=step: step.attend(query, keys, values, HEAD_DIM ** -0.5))
+        row[kernel] = {"ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
+    row["speedup"] = round(row["flash"]["ms"] / row["triton"]["ms"], 2)
+    return row
+
+
+def sampling(rows: int, temperature: float = 0.6, p: float = 0.95) -> dict:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(rows, VOCAB, device="cuda", generator=generator).to(torch.bfloat16)
+    hashes = torch.randint(0, 2**32, (rows,), device="cuda", generator=generator)
+    result = {"rows": rows}
+    for name, kernel in (("sort", False), ("triton", True)):
+        sample = torch.compile(continuous.sampler(temperature, p, kernel=kernel), fullgraph=True)
+        result[name] = {"ms": round(replay_ms(lambda sample=sample: sample(logits, hashes), repeats=1), 3)}
+    result["speedup"] = round(result["sort"]["ms"] / result["triton"]["ms"], 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attention", default="512x2048,256x3000,64x4096,8x8192", help="slots x context, ...")
+    parser.add_argument("--sampling", default="512,64,8", help="rows, ...")
+    parser.add_argument("--commit", default="")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    assert top_p.available(torch.device("cuda"), torch.bfloat16), "the top-p kernels do not run here"
+    results = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+               "commit": args.commit, "command": "python -m bench.decode_kernels", "attention": [], "sampling": []}
+    for case in args.attention.split(","):
+        slots, context = map(int, case.split("x"))
+        results["attention"].append(attention(slots, context))
+        print(json.dumps(results["attention"][-1]), flush=True)
+    for rows in args.sampling.split(","):
+        results["sampling"].append(sampling(int(rows)))
+        print(json.dumps(results["sampling"][-1]), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
