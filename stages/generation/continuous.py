@@ -242,8 +242,10 @@ def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def sampler(temperature: float, top_p: float, kernel: bool = False) -> Callable[[torch.Tensor, torch.Tensor],
-                                                                              torch.Tensor]:
+Sample = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, sampling hashes) -> tokens
+
+
+def sampler(temperature: float, top_p: float, kernel: bool = False) -> Sample:
     """Next tokens from logits [rows, vocab] and one sampling hash per row: argmax for temperature 0, else the
     model card's sampling (temperature, then top-p as transformers' TopPLogitsWarper cuts it). kernel: bf16
     logits on a GPU, by Triton kernels that do not sort the vocabulary (stages.generation.top_p). Else the
