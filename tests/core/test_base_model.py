@@ -88,7 +88,8 @@ def test_a_hub_that_does_not_answer_times_out(hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)  # as HF_HUB_ETAG_TIMEOUT=1 sets it
     with hub_stub(status=200, delay=3) as stub:
         hub(stub.url)
-        message, seconds = load_error(load_tokenizer, model())
+        load_error(load_tokenizer, model())  # the first call also imports the tokenizer's libraries (4 s once on a
+        message, seconds = load_error(load_tokenizer, model())  # busy 2-core machine): the second is timed
     assert_one_line(message, REPO, SHA, "unreachable (ReadTimeout")
     assert seconds < 3
 
