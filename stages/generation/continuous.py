@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -27,17 +28,17 @@ BLOCK_TOKENS = 512  # tokens of a KV-cache block: a response wastes half of one 
 SMALLEST_GRAPH = 8  # slots of the smallest decode graph; once no prompt waits, the batch shrinks to fit
 
 
-ATTENTION = ("triton", "flash", "sdpa")  # a decode step's attention kernels, fastest first
+Attention = Literal["triton", "flash", "sdpa"]  # a decode step's attention kernels, fastest first
 
 
 class DecodeStep:
     """What attention needs in a decode step over the block cache; passed to the model in place of a mask,
     so transformers hands it, untouched, to the attention function (stages.generation.batched)."""
 
-    def __init__(self, positions: torch.Tensor, table: torch.Tensor, kernel: str):
+    def __init__(self, positions: torch.Tensor, table: torch.Tensor, kernel: Attention):
         self.positions = positions  # per slot: where this step's token is written (= tokens before it)
         self.table = table  # per slot: the cache blocks holding its tokens, in order [slots, blocks a slot may hold]
-        self.kernel = kernel  # one of ATTENTION
+        self.kernel = kernel
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None):
         """query [slots, heads, 1, head_dim] against the block cache [blocks, block, kv_heads, head_dim] ->
@@ -190,7 +191,7 @@ DECODER_PARTS = ("embed_tokens", "rotary_emb", "layers", "norm")  # what a decod
 
 
 def layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-               table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kernel: str) -> torch.Tensor:
+               table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kernel: Attention) -> torch.Tensor:
     """One decoder layer of a decode step: hidden [slots, 1, hidden] of the slots' last tokens, written to
     and attending over the layer's block cache (keys, values) up to each slot's position."""
     return layer(hidden, attention_mask=DecodeStep(positions, table, kernel), position_ids=positions[:, None],
@@ -288,8 +289,8 @@ def flash_decode_available(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def decode_attention(device: torch.device, dtype: torch.dtype, head_dim: int, kernels: bool = True) -> str:
-    """The fastest of ATTENTION that runs here (kernels=False: not the Triton kernel)."""
+def decode_attention(device: torch.device, dtype: torch.dtype, head_dim: int, kernels: bool = True) -> Attention:
+    """The fastest attention kernel that runs here (kernels=False: not the Triton kernel)."""
     if kernels and paged_attention.available(device, dtype, head_dim):
         return "triton"
     return "flash" if flash_decode_available(device, dtype) else "sdpa"
@@ -312,7 +313,7 @@ class Stats:
     in_flight_mean: float = 0.0  # responses in the cache during a decode step, on average
     in_flight_max: int = 0
     preempted: int = 0  # responses paused for lack of free blocks (their tokens recomputed when resumed)
-    attention: str = ""  # the decode step's attention kernel (one of ATTENTION)
+    attention: str = ""  # the decode step's attention kernel (an Attention)
     top_p_kernels: bool = False  # sampling by the Triton kernels (else by sorting)
 
 

@@ -138,12 +138,7 @@ def verified(device: torch.device) -> bool:
         logits = logits.bfloat16()
         expected = kept_shares(logits.float(), temperature, top_p)
         _, bounds, shares = _cut(logits.to(device), math.log2(math.e) / temperature, top_p)
-        bits = logits.view(torch.int16).int() & 0xFFFF
-        keys = torch.where(bits & 0x8000 != 0, ~bits & 0xFFFF, bits | 0x8000)
-        bounds, shares = bounds.cpu()[:, None], shares.cpu()[:, None].double()
-        weights = (logits.double() / temperature).softmax(-1) * torch.where(
-            keys > bounds, 1.0, torch.where(keys == bounds, shares, 0.0))
-        error = (weights / weights.sum(-1, keepdim=True) - expected).abs().max().item()
+        error = (cut_shares(logits, temperature, bounds, shares) - expected).abs().max().item()
         if not error < 1e-4:
             raise ArithmeticError(f"they differ from the sorted reference: the shares kept, by {error:.3g}")
         rows = logits[[0] * 8 + [1] * 8].to(device)
@@ -191,7 +186,8 @@ def _cut(logits: torch.Tensor, scale: float, top_p: float) -> tuple[torch.Tensor
         below_mass = torch.where(at > 0, mass.gather(1, before)[:, 0], below_mass)
         below_count = torch.where(at > 0, count.gather(1, before)[:, 0], below_count)
         lows = lows + at.to(torch.int32) * step
-        group_mass, group_count = mass.gather(1, at[:, None])[:, 0], count.gather(1, at[:, None])[:, 0]
+    # the last pass's thresholds were one key apart: the group at `lows` is the one the cut ends in
+    group_mass, group_count = mass.gather(1, at[:, None])[:, 0], count.gather(1, at[:, None])[:, 0]
     members = (group_count - below_count).clamp(min=1).float()
     each = (group_mass - below_mass) / members  # one token's weight in the group
     cut = ((target - below_mass) / each).floor().clamp(min=0).minimum(members - 1)
@@ -222,6 +218,17 @@ def top_p_sample(logits: torch.Tensor, seeds: torch.Tensor, temperature: float, 
 @top_p_sample.register_fake
 def _(logits, seeds, temperature, top_p):
     return logits.new_empty(logits.shape[0], dtype=torch.long)
+
+
+def cut_shares(logits: torch.Tensor, temperature: float, bounds: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """What a cut found by the kernels (_cut's bounds and shares) gives each token: its probability of being
+    drawn [rows, vocab], in float64 on the CPU, to compare with kept_shares."""
+    bits = logits.cpu().view(torch.int16).int() & 0xFFFF
+    keys = torch.where(bits & 0x8000 != 0, ~bits & 0xFFFF, bits | 0x8000)  # as the kernels' order_key
+    bounds, shares = bounds.cpu()[:, None], shares.cpu()[:, None].double()
+    weights = (logits.cpu().double() / temperature).softmax(-1) * torch.where(
+        keys > bounds, 1.0, torch.where(keys == bounds, shares, 0.0))
+    return weights / weights.sum(-1, keepdim=True)
 
 
 def kept_shares(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
