@@ -209,8 +209,8 @@ def main() -> None:
 def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats: int = 20) -> list[dict]:
     """Milliseconds of one compiled, graph-replayed decode step (sampling as the model card says) with every
     slot at `context` tokens, per batch size, with and without the Triton kernels (attention, top-p),
-    against the step's bandwidth bound: the weights plus each
-    slot's keys and values, read once, at `bandwidth` bytes/s."""
+    against the step's bandwidth bound: the weights plus each slot's keys and values, read once, at
+    `bandwidth` bytes/s."""
     config = params.load("eval", ROOT / "params.yaml")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
