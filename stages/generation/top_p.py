@@ -42,38 +42,28 @@ else:
         return tl.where((bits & 0x8000) != 0, (~bits) & 0xFFFF, bits | 0x8000)
 
     @triton.jit
-    def masses(logits, row_stride, vocab, lows, step, maxes, part_max, part_mass, part_count, scale,
-               CHUNKS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, COUNT: tl.constexpr,
-               FIRST: tl.constexpr):
-        """Per (row, chunk): the probability mass (relative to the row's max, or the chunk's own on the first
-        pass) and the count of tokens whose key is below each of COUNT thresholds low + (i + 1) * step."""
+    def masses(logits, row_stride, vocab, lows, step, maxes, part_mass, part_count, scale,
+               CHUNKS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, COUNT: tl.constexpr):
+        """Per (row, chunk): the probability mass (relative to the row's max) and the count of tokens whose key
+        is below each of COUNT thresholds low + (i + 1) * step. Each lane sums its own tokens; the lanes are
+        summed once, at the end (a sum across the tile every tile costs more than the rest of the pass)."""
         row, chunk = tl.program_id(0), tl.program_id(1)
         thresholds = tl.load(lows + row) + (tl.arange(0, COUNT) + 1) * step
-        if FIRST:
-            best = tl.max(tl.full([TILE], float("-inf"), tl.float32), 0)
-        else:
-            best = tl.load(maxes + row)
-        mass = tl.zeros([COUNT], tl.float32)
-        count = tl.zeros([COUNT], tl.int32)
+        best = tl.load(maxes + row)
+        source = logits + row.to(tl.int64) * row_stride  # rows x vocab can pass 2**31
+        mass = tl.zeros([TILE, COUNT], tl.float32)
+        count = tl.zeros([TILE, COUNT], tl.int32)
         for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), TILE):
             index = start + tl.arange(0, TILE)
             valid = index < vocab
-            x = tl.load(logits + row * row_stride + index, mask=valid, other=float("-inf"))
-            key = order_key(x)
-            x = x.to(tl.float32)
-            if FIRST:
-                new_best = tl.maximum(best, tl.max(x, 0))
-                mass = mass * tl.exp2((best - new_best) * scale)
-                best = new_best
-            weight = tl.where(valid, tl.exp2((x - best) * scale), 0.0)
-            below = (key[:, None] < thresholds[None, :]) & valid[:, None]
-            mass += tl.sum(tl.where(below, weight[:, None], 0.0), 0)
-            count += tl.sum(below.to(tl.int32), 0)
+            x = tl.load(source + index, mask=valid, other=float("-inf"))
+            weight = tl.where(valid, tl.exp2((x.to(tl.float32) - best) * scale), 0.0)
+            below = (order_key(x)[:, None] < thresholds[None, :]) & valid[:, None]
+            mass += tl.where(below, weight[:, None], 0.0)
+            count += below.to(tl.int32)
         at = (row * CHUNKS + chunk) * COUNT + tl.arange(0, COUNT)
-        tl.store(part_mass + at, mass)
-        tl.store(part_count + at, count)
-        if FIRST:
-            tl.store(part_max + row * CHUNKS + chunk, best)
+        tl.store(part_mass + at, tl.sum(mass, 0))
+        tl.store(part_count + at, tl.sum(count, 0))
 
     @triton.jit
     def lowbias32(x):
@@ -92,12 +82,13 @@ else:
         bound = tl.load(bounds + row)
         share = tl.log2(tl.load(shares + row))
         seed = tl.load(seeds + row).to(tl.uint32)
-        top = tl.max(tl.full([TILE], float("-inf"), tl.float32), 0)
-        winner = tl.min(tl.full([TILE], 0, tl.int32), 0)
+        source = logits + row.to(tl.int64) * row_stride
+        top = tl.full([TILE], float("-inf"), tl.float32)  # each lane's best score so far, and its token
+        winner = tl.zeros([TILE], tl.int32)
         for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), TILE):
             index = start + tl.arange(0, TILE)
             valid = index < vocab
-            x = tl.load(logits + row * row_stride + index, mask=valid, other=float("-inf"))
+            x = tl.load(source + index, mask=valid, other=float("-inf"))
             key = order_key(x)
             weight = (x.to(tl.float32) - best) * scale + tl.where(key == bound, share, 0.0)  # log2 of it
             weight = tl.where(valid & (key >= bound), weight, float("-inf"))
@@ -108,13 +99,12 @@ else:
             series = uniform * (1.0 + uniform * (0.5 + uniform * (1.0 / 3.0 + uniform * (0.25 + uniform * 0.2))))
             exponential = tl.where(uniform < 0.01, series, -tl.log(1.0 - uniform))
             score = weight - tl.log2(exponential)
-            tile_top = tl.max(score, 0)
-            tile_winner = tl.argmax(score, 0) + start
-            better = tile_top > top
-            winner = tl.where(better, tile_winner, winner)
-            top = tl.where(better, tile_top, top)
-        tl.store(part_score + row * CHUNKS + chunk, top)
-        tl.store(part_index + row * CHUNKS + chunk, winner)
+            better = score > top
+            winner = tl.where(better, index, winner)
+            top = tl.where(better, score, top)
+        lane = tl.argmax(top, 0)
+        tl.store(part_score + row * CHUNKS + chunk, tl.max(top, 0))
+        tl.store(part_index + row * CHUNKS + chunk, tl.sum(tl.where(tl.arange(0, TILE) == lane, winner, 0), 0))
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -161,24 +151,18 @@ def _cut(logits: torch.Tensor, scale: float, top_p: float) -> tuple[torch.Tensor
     chunks = -(-vocab // CHUNK)
     device = logits.device
     lows = torch.zeros(rows, dtype=torch.int32, device=device)
-    part_max = torch.empty(rows, chunks, dtype=torch.float32, device=device)
     part_mass = torch.empty(rows, chunks, THRESHOLDS, dtype=torch.float32, device=device)
     part_count = torch.empty(rows, chunks, THRESHOLDS, dtype=torch.int32, device=device)
-    maxes = torch.empty(rows, dtype=torch.float32, device=device)
+    maxes = logits.amax(1).float()
     below_mass = torch.zeros(rows, dtype=torch.float32, device=device)
     below_count = torch.zeros(rows, dtype=torch.int32, device=device)
     target = None
     for step in (4096, 256, 16, 1):
-        first = target is None
-        masses[(rows, chunks)](logits, logits.stride(0), vocab, lows, step, maxes, part_max, part_mass, part_count,
-                               scale, CHUNKS=chunks, CHUNK=CHUNK, TILE=TILE, COUNT=THRESHOLDS, FIRST=first,
-                               num_warps=4)
-        if first:  # the chunks' masses were relative to their own maxima
-            maxes = part_max.amax(1)
-            mass = (part_mass * torch.exp2((part_max - maxes[:, None]) * scale)[..., None]).sum(1)
-            target = (1 - top_p) * mass[:, -1]  # the mass the cut may take; mass[:, -1] is the total
-        else:
-            mass = part_mass.sum(1)
+        masses[(rows, chunks)](logits, logits.stride(0), vocab, lows, step, maxes, part_mass, part_count, scale,
+                               CHUNKS=chunks, CHUNK=CHUNK, TILE=TILE, COUNT=THRESHOLDS, num_warps=4)
+        mass = part_mass.sum(1)
+        if target is None:  # the first pass's last threshold is above every key: its mass is the total
+            target = (1 - top_p) * mass[:, -1]  # the mass the cut may take
         count = part_count.sum(1)
         # the first threshold whose mass below exceeds the target ends the range the cut ends in
         at = (mass <= target[:, None]).sum(1).clamp(max=THRESHOLDS - 1)
@@ -204,7 +188,7 @@ def top_p_sample(logits: torch.Tensor, seeds: torch.Tensor, temperature: float, 
     if top_p < 1:
         maxes, bounds, shares = _cut(logits, scale, top_p)
     else:
-        maxes = logits.float().amax(1)
+        maxes = logits.amax(1).float()
         bounds = torch.zeros(rows, dtype=torch.int32, device=logits.device)
         shares = torch.ones(rows, dtype=torch.float32, device=logits.device)
     chunks = -(-vocab // CHUNK)
