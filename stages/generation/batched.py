@@ -157,9 +157,16 @@ def batch_size(config: params.EvalParams, model, longest_prompt: int, paged: boo
         return 16
     if paged:
         return MAX_SLOTS
-    free, _ = torch.cuda.mem_get_info()
+    free = free_memory(torch.device("cuda"))
     sequence_bytes = kv_bytes_per_token(model.config, model.dtype) * (_bucket(longest_prompt) + config.max_new_tokens)
     return max(8, min(MAX_SLOTS, int(0.6 * free // sequence_bytes) // 8 * 8))
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes this process can allocate on the GPU: what the device has free, and what PyTorch's allocator
+    holds cached from tensors freed before (an earlier model's cache, a test's tensors)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def cache_tokens(model) -> int | None:
@@ -167,8 +174,7 @@ def cache_tokens(model) -> int | None:
     logits and sampler, a prefill's activations, the graphs); None on CPU (every slot at full length)."""
     if model.device.type != "cuda":
         return None
-    free, _ = torch.cuda.mem_get_info(model.device)
-    return max(0, free - CACHE_HEADROOM) // kv_bytes_per_token(model.config, model.dtype)
+    return max(0, free_memory(model.device) - CACHE_HEADROOM) // kv_bytes_per_token(model.config, model.dtype)
 
 
 def to_generation(tokenizer, new_tokens: list[int], eos: int) -> Generation:

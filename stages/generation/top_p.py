@@ -9,8 +9,8 @@ group straddles the cut, the sort would keep an unspecified part of it (torch.so
 Here each of its n tokens keeps the share (n - c) / n of its probability, c being the number the cut takes:
 the probability of each token that a sort with its ties in random order gives, and the same kept mass.
 
-The draw is an exponential race (argmax of log weight - log E, E exponential: exact sampling in proportion
-to the weights), one E per token hashed from the row's sampling number and the token id, so a token
+The draw is an exponential race (argmax of weight / E, E exponential: exact sampling in proportion to the
+weights), one E per token hashed from the row's sampling number and the token id, so a token
 depends on the row's key and position only, not on the batch.
 """
 
@@ -41,29 +41,36 @@ else:
         bits = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         return tl.where((bits & 0x8000) != 0, (~bits) & 0xFFFF, bits | 0x8000)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["row_stride"])  # a load of one token per thread, as the thresholds take it
     def masses(logits, row_stride, vocab, lows, step, maxes, part_mass, part_count, scale,
-               CHUNKS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, COUNT: tl.constexpr):
-        """Per (row, chunk): the probability mass (relative to the row's max) and the count of tokens whose key
-        is below each of COUNT thresholds low + (i + 1) * step. Each lane sums its own tokens; the lanes are
-        summed once, at the end (a sum across the tile every tile costs more than the rest of the pass)."""
+               CHUNKS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, COUNT: tl.constexpr,
+               GROUPS: tl.constexpr):
+        """Per (row, chunk): the probability mass (relative to the row's max) of the tokens whose key is below
+        each of COUNT thresholds low + (i + 1) * step; GROUPS (the last pass, step 1): also how many tokens
+        have each key low + i. Each thread meets all thresholds with its own tokens, in registers, and the
+        threads are summed once, at the end."""
         row, chunk = tl.program_id(0), tl.program_id(1)
-        thresholds = tl.load(lows + row) + (tl.arange(0, COUNT) + 1) * step
+        offsets = tl.arange(0, COUNT)
+        low = tl.load(lows + row)
+        thresholds = low + (offsets + 1) * step
         best = tl.load(maxes + row)
         source = logits + row.to(tl.int64) * row_stride  # rows x vocab can pass 2**31
-        mass = tl.zeros([TILE, COUNT], tl.float32)
-        count = tl.zeros([TILE, COUNT], tl.int32)
+        mass = tl.zeros([COUNT, TILE], tl.float32)  # thresholds down, tokens across
+        count = tl.zeros([COUNT, TILE], tl.int32)
         for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), TILE):
             index = start + tl.arange(0, TILE)
             valid = index < vocab
             x = tl.load(source + index, mask=valid, other=float("-inf"))
-            weight = tl.where(valid, tl.exp2((x.to(tl.float32) - best) * scale), 0.0)
-            below = (order_key(x)[:, None] < thresholds[None, :]) & valid[:, None]
-            mass += tl.where(below, weight[:, None], 0.0)
-            count += below.to(tl.int32)
-        at = (row * CHUNKS + chunk) * COUNT + tl.arange(0, COUNT)
-        tl.store(part_mass + at, tl.sum(mass, 0))
-        tl.store(part_count + at, tl.sum(count, 0))
+            weight = tl.exp2((x.to(tl.float32) - best) * scale)  # 0 where not valid
+            key = order_key(x)
+            mass += tl.where(thresholds[:, None] > key[None, :], weight[None, :], 0.0)
+            if GROUPS:
+                key = tl.where(valid, key, -1)
+                count += ((low + offsets)[:, None] == key[None, :]).to(tl.int32)
+        at = (row * CHUNKS + chunk) * COUNT + offsets
+        tl.store(part_mass + at, tl.sum(mass, 1))
+        if GROUPS:
+            tl.store(part_count + at, tl.sum(count, 1))
 
     @triton.jit
     def lowbias32(x):
@@ -80,25 +87,24 @@ else:
         row, chunk = tl.program_id(0), tl.program_id(1)
         best = tl.load(maxes + row)
         bound = tl.load(bounds + row)
-        share = tl.log2(tl.load(shares + row))
+        share = tl.load(shares + row)
         seed = tl.load(seeds + row).to(tl.uint32)
         source = logits + row.to(tl.int64) * row_stride
-        top = tl.full([TILE], float("-inf"), tl.float32)  # each lane's best score so far, and its token
+        top = tl.zeros([TILE], tl.float32)  # each lane's best score so far, and its token
         winner = tl.zeros([TILE], tl.int32)
         for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), TILE):
             index = start + tl.arange(0, TILE)
-            valid = index < vocab
-            x = tl.load(source + index, mask=valid, other=float("-inf"))
+            x = tl.load(source + index, mask=index < vocab, other=float("-inf"))
             key = order_key(x)
-            weight = (x.to(tl.float32) - best) * scale + tl.where(key == bound, share, 0.0)  # log2 of it
-            weight = tl.where(valid & (key >= bound), weight, float("-inf"))
+            weight = tl.exp2((x.to(tl.float32) - best) * scale)  # 0 where not valid
+            weight = tl.where(key > bound, weight, tl.where(key == bound, weight * share, 0.0))
             hashed = lowbias32(seed ^ lowbias32(index.to(tl.uint32) * 0x9E3779B9 + 0x85EBCA6B))
             # in (0, 1], exact near 0 where exponential = -log(1 - uniform) is small and decides the race
             uniform = hashed.to(tl.float32) * (1.0 / 4294967296.0) + (0.5 / 4294967296.0)
             # -log(1 - u): its series where 1 - u would lose u's digits (error below 2e-11 of it)
             series = uniform * (1.0 + uniform * (0.5 + uniform * (1.0 / 3.0 + uniform * (0.25 + uniform * 0.2))))
             exponential = tl.where(uniform < 0.01, series, -tl.log(1.0 - uniform))
-            score = weight - tl.log2(exponential)
+            score = tl.fdiv(weight, exponential)  # > 0 for the kept tokens, 0 for the others
             better = score > top
             winner = tl.where(better, index, winner)
             top = tl.where(better, score, top)
@@ -155,25 +161,21 @@ def _cut(logits: torch.Tensor, scale: float, top_p: float) -> tuple[torch.Tensor
     part_count = torch.empty(rows, chunks, THRESHOLDS, dtype=torch.int32, device=device)
     maxes = logits.amax(1).float()
     below_mass = torch.zeros(rows, dtype=torch.float32, device=device)
-    below_count = torch.zeros(rows, dtype=torch.int32, device=device)
     target = None
     for step in (4096, 256, 16, 1):
         masses[(rows, chunks)](logits, logits.stride(0), vocab, lows, step, maxes, part_mass, part_count, scale,
-                               CHUNKS=chunks, CHUNK=CHUNK, TILE=TILE, COUNT=THRESHOLDS, num_warps=4)
+                               CHUNKS=chunks, CHUNK=CHUNK, TILE=TILE, COUNT=THRESHOLDS, GROUPS=step == 1,
+                               num_warps=4)
         mass = part_mass.sum(1)
         if target is None:  # the first pass's last threshold is above every key: its mass is the total
             target = (1 - top_p) * mass[:, -1]  # the mass the cut may take
-        count = part_count.sum(1)
         # the first threshold whose mass below exceeds the target ends the range the cut ends in
         at = (mass <= target[:, None]).sum(1).clamp(max=THRESHOLDS - 1)
-        before = (at - 1).clamp(min=0)[:, None]
-        below_mass = torch.where(at > 0, mass.gather(1, before)[:, 0], below_mass)
-        below_count = torch.where(at > 0, count.gather(1, before)[:, 0], below_count)
+        below_mass = torch.where(at > 0, mass.gather(1, (at - 1).clamp(min=0)[:, None])[:, 0], below_mass)
         lows = lows + at.to(torch.int32) * step
-    # the last pass's thresholds were one key apart: the group at `lows` is the one the cut ends in
-    group_mass, group_count = mass.gather(1, at[:, None])[:, 0], count.gather(1, at[:, None])[:, 0]
-    members = (group_count - below_count).clamp(min=1).float()
-    each = (group_mass - below_mass) / members  # one token's weight in the group
+    # the last pass's thresholds were one key apart: the group of key `lows` is the one the cut ends in
+    members = part_count.sum(1).gather(1, at[:, None])[:, 0].clamp(min=1).float()
+    each = (mass.gather(1, at[:, None])[:, 0] - below_mass) / members  # one token's weight in the group
     cut = ((target - below_mass) / each).floor().clamp(min=0).minimum(members - 1)
     return maxes, lows, (members - cut) / members
 
