@@ -1,7 +1,8 @@
 """Benchmark: the decode step's Triton kernels against the route before them, on synthetic inputs of the real
 1.5B shape, one call: attention over a paged cache (FlashAttention's variable-length kernel, one sequence per
-(slot, block), against stages.generation.paged_attention) per (slots, context), as CUDA-graph replays of 28
-layers, with the bytes each layer reads and the bandwidth that makes; top-p sampling at temperature 0.6 /
+(slot, block), against stages.generation.paged_attention) per (slots, context), compiled as the decode step
+compiles them (the route before's merge of the blocks' results is fused there) and replayed as CUDA graphs of
+28 layers, with the bytes each layer reads and the bandwidth that makes; top-p sampling at temperature 0.6 /
 top-p 0.95 over 151,936 logits (the sort, compiled as the decode step compiles it, against
 stages.generation.top_p) per row count. Random logits are nearly flat: the kept set is most of the vocabulary.
 
@@ -52,7 +53,8 @@ def attention(slots: int, context: int, per_slot: int = 17) -> dict:
     row = {"slots": slots, "context": context, "mb_read": round(read / 1e6, 1)}
     for kernel in ("flash", "triton"):
         step = continuous.DecodeStep(positions, table, kernel)
-        ms = replay_ms(lambda step=step: step.attend(query, keys, values, HEAD_DIM ** -0.5))
+        attend = torch.compile(lambda q, k, v, step=step: step.attend(q, k, v, HEAD_DIM ** -0.5), fullgraph=True)
+        ms = replay_ms(lambda attend=attend: attend(query, keys, values))
         row[kernel] = {"ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
     row["speedup"] = round(row["flash"]["ms"] / row["triton"]["ms"], 2)
     return row
