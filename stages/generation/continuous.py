@@ -477,7 +477,14 @@ class ContinuousBatcher:
         if self.compiled and not self.stats.compiled:
             self._compile()
         if self.use_graphs and not self.graphs:
-            self._capture()
+            try:
+                self._capture()
+            except Exception as e:  # a kernel that cannot be captured: the same step, its kernels launched one by one
+                log.warning("decoding without CUDA graphs, whose capture failed here (%s: %s)", type(e).__name__,
+                            (str(e).strip().splitlines() or [""])[0])
+                self.use_graphs, self.graphs = False, {}
+                self.positions.zero_()
+                self.tokens.zero_()
         self.owner = [None] * self.slots
         waiting = list(range(len(prompts)))[::-1]  # popped from the end: prompts go in their given order
         generated: dict[int, list[int]] = {}  # the tokens of each response in flight (or paused)

@@ -321,6 +321,23 @@ def test_a_decode_step_that_does_not_compile_is_run_eagerly_and_said(model, monk
     assert "decoding without torch.compile, which failed here (RuntimeError: no C compiler here)" in caplog.text
 
 
+def test_a_decode_step_whose_graphs_cannot_be_captured_is_run_without_them_and_said(model, monkeypatch, caplog):
+    eager, _ = run_engine(model, COMPILE_PROMPTS[:6], COMPILE_BUDGETS[:6])
+
+    def capture(self):
+        self._decode(self.slots)  # a warm-up step into the scratch block, as the capture runs first
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(continuous.ContinuousBatcher, "_capture", capture)
+    engine = continuous.ContinuousBatcher(model, slots=16, length=128, eos=1, temperature=0.0, top_p=0.95)
+    engine.use_graphs = True  # as on a GPU
+    fallen_back = {}
+    with caplog.at_level("WARNING", logger="stages"), torch.inference_mode():
+        engine.run(COMPILE_PROMPTS[:6], COMPILE_BUDGETS[:6], fallen_back.__setitem__)
+    assert not engine.use_graphs and fallen_back == eager
+    assert "without CUDA graphs, whose capture failed here (RuntimeError: operation not permitted" in caplog.text
+
+
 def test_a_gpu_too_full_for_one_response_is_one_line_naming_what_to_do(model, tokenizer, monkeypatch):
     monkeypatch.setattr(generation, "cache_tokens", lambda model: 8)  # as a GPU shared with another process
     config = eval_config(temperature=0.0, max_new_tokens=24, batch_size=4, batching="continuous")
