@@ -1,0 +1,109 @@
+"""Benchmark without a GPU: the top-p kernels (stages.generation.top_p) compiled for an H100 (sm_90) by the
+installed Triton, as a launch on the real vocabulary compiles them (pointers and integer arguments
+specialized as the launch would specialize them), and their main loop counted: machine instructions per
+token, shared-memory barriers per tile (a round trip of the tokens between the threads' layouts), and
+registers. The loop is the part that runs once per tile of every chunk of every row; at 512 rows a pass meets
+77.8M tokens, so its instructions per token set the pass's time once the GPU is bound by issuing them.
+
+    python -m bench.kernel_code --commit SHA --out bench/results/kernel-code-DATE-sm90-SHA.json
+
+It reads the PTX, which Triton emits on any machine, and the registers from the cubin (cuobjdump, which
+Triton's CUDA backend brings); no GPU runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled, not interpreted
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from stages.generation import top_p  # noqa: E402
+
+VOCAB = 151_936
+ROW_STRIDE = VOCAB  # logits rows are contiguous
+TYPES = {"logits": "*bf16", "row_stride": "i32", "vocab": "i32", "lows": "*i32", "step": "i32", "maxes": "*fp32",
+         "part_max": "*fp32", "part_mass": "*fp32", "part_count": "*i32", "scale": "fp32", "bounds": "*i32",
+         "shares": "*fp32", "seeds": "*i64", "part_score": "*fp32", "part_index": "*i32"}
+INTEGERS = {"row_stride": ROW_STRIDE, "vocab": VOCAB}
+INSTRUCTION = re.compile(r"^\s*(@!?%\w+\s+)?[a-z][\w.]*[\s;]")  # a PTX instruction line, predicated or not
+
+
+def compile_kernel(kernel, flags: dict[str, bool], warps: int = 4):
+    """The kernel for sm_90 with the module's constants and the given boolean constexprs."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    constants = {"CHUNKS": -(-VOCAB // top_p.CHUNK), "CHUNK": top_p.CHUNK, "TILE": top_p.TILE,
+                 "COUNT": top_p.THRESHOLDS} | flags
+    signature = {name: "constexpr" if name in constants else TYPES[name] for name in names}
+    # a launch marks pointers, and integers divisible by 16 unless told not to specialize them, as divisible
+    specialized = [name for name in names if signature[name].startswith("*")
+                   or (name in INTEGERS and name not in kernel.do_not_specialize and INTEGERS[name] % 16 == 0)]
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in specialized}
+    source = ASTSource(kernel, signature, constexprs={k: v for k, v in constants.items() if k in names}, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+def main_loop(ptx: str) -> list[str]:
+    """The instructions of the innermost loop: from a label to the branch back to it, the shortest such."""
+    lines = ptx.splitlines()
+    labels = {line.strip().split(":")[0]: i for i, line in enumerate(lines)
+              if re.match(r"^\$L__BB\d+_\d+:", line.strip())}
+    loops = []
+    for i, line in enumerate(lines):
+        back = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if back and labels.get(back.group(1), i) < i:
+            loops.append(lines[labels[back.group(1)] + 1:i + 1])
+    body = min(loops, key=len)
+    return [line.strip() for line in body if INSTRUCTION.match(line)]
+
+
+def registers(cubin: bytes) -> int:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", file.name], capture_output=True, text=True,
+                               check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
+
+
+def measure(name: str, kernel, flags: dict[str, bool], warps: int = 4) -> dict:
+    compiled = compile_kernel(kernel, flags, warps)
+    loop = main_loop(compiled.asm["ptx"])
+    tokens_per_thread = top_p.TILE // (32 * warps)  # a tile's tokens, over the program's threads
+    return {"kernel": name, **flags, "tile": top_p.TILE, "warps": warps,
+            "loop_instructions_per_token": round(len(loop) / tokens_per_thread, 1),
+            "barriers_per_tile": sum(line.startswith("bar.sync") for line in loop),
+            "registers": registers(compiled.asm["cubin"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--commit", default="")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    names = list(inspect.signature(top_p.masses.fn).parameters)
+    flag = next((name for name in ("GROUPS", "FIRST") if name in names), None)  # a pass's variants, by commit
+    passes = [{flag: False}, {flag: True}] if flag else [{}]
+    results = {"target": "sm_90", "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+               "commit": args.commit, "command": "python -m bench.kernel_code", "vocab": VOCAB,
+               "kernels": [measure("masses", top_p.masses, flags) for flags in passes]
+               + [measure("draw", top_p.draw, {})]}
+    print(json.dumps(results, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
