@@ -22,6 +22,11 @@ class Stopped(BaseException):
     """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same clean-up runs."""
 
 
+def cause(error: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
 def _stop(signum, frame):
     raise Stopped
 

@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from stages.core.cli import cause
 from stages.generation import paged_attention
 from stages.generation import top_p as top_p_kernels
 
@@ -410,12 +411,15 @@ class ContinuousBatcher:
         try:
             self._decode(self.slots)  # writes only into the scratch block
         except Exception as e:  # torch.compile raises many kinds; the eager step is always there
-            log.warning("decoding without torch.compile, which failed here (%s: %s)", type(e).__name__,
-                        (str(e).strip().splitlines() or [""])[0])
+            log.warning("decoding without torch.compile, which failed here (%s)", cause(e))
             self.compiled, self.layer_step, self.last_step = False, layer_step, last_step
         else:
             self.stats.compiled, self.stats.compile_seconds = True, time.perf_counter() - start
             log.info("compiled the decode step in %.1f s", self.stats.compile_seconds)
+        self._clear_warm_up()
+
+    def _clear_warm_up(self) -> None:
+        """After warm-up steps (they wrote only into the scratch block): every slot back at position 0."""
         self.positions.zero_()
         self.tokens.zero_()
 
@@ -434,8 +438,7 @@ class ContinuousBatcher:
                 self._decode(size)
             pool = graph.pool()
             self.graphs[size] = graph
-        self.positions.zero_()
-        self.tokens.zero_()
+        self._clear_warm_up()
         self.stats.graph_sizes = sorted(self.graphs)
 
     def _step(self, size: int) -> None:
@@ -480,11 +483,9 @@ class ContinuousBatcher:
             try:
                 self._capture()
             except Exception as e:  # a kernel that cannot be captured: the same step, its kernels launched one by one
-                log.warning("decoding without CUDA graphs, whose capture failed here (%s: %s)", type(e).__name__,
-                            (str(e).strip().splitlines() or [""])[0])
+                log.warning("decoding without CUDA graphs, whose capture failed here (%s)", cause(e))
                 self.use_graphs, self.graphs = False, {}
-                self.positions.zero_()
-                self.tokens.zero_()
+                self._clear_warm_up()
         self.owner = [None] * self.slots
         waiting = list(range(len(prompts)))[::-1]  # popped from the end: prompts go in their given order
         generated: dict[int, list[int]] = {}  # the tokens of each response in flight (or paused)

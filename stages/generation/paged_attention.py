@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from stages.core.cli import cause
+
 log = logging.getLogger(__name__)
 TILE = 64  # keys a program reads per iteration
 ROWS = 16  # a KV head's query rows, padded to the smallest tile tl.dot takes
@@ -124,8 +126,7 @@ def verified(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
             raise ArithmeticError(f"it differs from plain attention by {error:.3g}")
         return True
     except Exception as e:  # no Triton, it cannot compile for this GPU, or it is wrong here: the fallbacks serve
-        log.warning("decoding without the Triton attention kernel, which does not run right here (%s: %s)",
-                    type(e).__name__, (str(e).strip().splitlines() or [""])[0])
+        log.warning("decoding without the Triton attention kernel, which does not run right here (%s)", cause(e))
         return False
 
 

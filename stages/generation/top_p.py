@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from stages.core.cli import cause
+
 log = logging.getLogger(__name__)
 
 CHUNK = 8192  # vocabulary entries a program reads (a multiple of TILE)
@@ -145,8 +147,7 @@ def verified(device: torch.device) -> bool:
                                   "tokens")
         return True
     except Exception as e:  # no Triton, they cannot compile for this GPU, or they are wrong here: the sort serves
-        log.warning("sampling by sorting the vocabulary: the Triton top-p kernels do not run right here (%s: %s)",
-                    type(e).__name__, (str(e).strip().splitlines() or [""])[0])
+        log.warning("sampling by sorting the vocabulary: the Triton top-p kernels do not run right here (%s)", cause(e))
         return False
 
 
