@@ -265,6 +265,21 @@ def test_the_tail_counts_the_decode_steps_after_the_last_prompt_went_in(model):
     assert engine.stats.tail_seconds >= 0
 
 
+def test_a_shrinking_batch_decodes_at_most_a_quarter_more_slots_than_it_holds(model, monkeypatch):
+    """64 responses of 1-64 tokens, all in at once: the whole run is the tail, the batch shrinking by one
+    response a step. Each step runs at the smallest decode size that holds its responses, and sizes lie at
+    most a quarter (and 8) apart: at 33 responses 40 slots, not 64."""
+    engine = continuous.ContinuousBatcher(model, slots=64, length=80, eos=-1, temperature=0.0, top_p=1.0)
+    steps = []
+    step = engine._step
+    monkeypatch.setattr(engine, "_step", lambda size: (steps.append((size, engine.owner.count(None))), step(size)))
+    done = {}
+    engine.run([[5 + i, 6, 7] for i in range(64)], list(range(1, 65)), done.__setitem__)
+    assert [len(done[i]) for i in range(64)] == list(range(1, 65))
+    held = [(size, engine.slots - free) for size, free in steps]
+    assert (40, 33) in held and all(size - busy < max(8, busy / 4) for size, busy in held)
+
+
 def run_engine(model, prompts: list[list[int]], budgets: list[int], slots: int = 16, length: int = 128,
                temperature: float = 0.0, **options) -> tuple[dict, continuous.ContinuousBatcher]:
     engine = continuous.ContinuousBatcher(model, slots=slots, length=length, eos=1, temperature=temperature,
