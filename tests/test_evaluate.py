@@ -27,13 +27,13 @@ from tests.dvc_stages import stage_args
 WORKERS_LOG = evaluate.eval_workers.log.name  # the workers' log lines, as they name their logger
 
 
-def make_adapter(model_dir: Path, out: Path) -> Path:
+def make_adapter(model_dir: Path, out: Path, modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
     """A LoRA adapter with random (non-zero) weights on the tiny model, as the train stage saves it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    lora = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = LoraConfig(r=8, lora_alpha=8, target_modules=list(modules), init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(out)
     return out
 

@@ -280,6 +280,38 @@ def test_a_shrinking_batch_decodes_at_most_a_quarter_more_slots_than_it_holds(mo
     assert (40, 33) in held and all(size - busy < max(8, busy / 4) for size, busy in held)
 
 
+def test_the_decode_step_fuses_a_qwen2_layers_projections_into_views_of_one_weight(model):
+    fused = continuous.ContinuousBatcher(model, slots=4, length=16, eos=-1, temperature=0.0, top_p=1.0).fused
+    assert fused is not None and len(fused) == len(model.get_decoder().layers)
+    attn, mlp = model.get_decoder().layers[0].self_attn, model.get_decoder().layers[0].mlp
+    qkv_weight, qkv_bias, gate_up = fused[0]
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == qkv_weight.untyped_storage().data_ptr()
+    assert torch.equal(qkv_weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    assert torch.equal(qkv_bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+    assert torch.equal(gate_up, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    assert continuous.ContinuousBatcher(model, slots=4, length=16, eos=-1, temperature=0.0, top_p=1.0,
+                                        kernels=False).fused is None  # the route before: 7 products a layer
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])  # True: PEFT assigns each merged weight anew (no views)
+def test_an_adapter_merged_after_the_base_model_decoded_gives_a_freshly_merged_models_tokens(
+        tiny_model_dir, tmp_path, safe_merge):
+    """The evaluation decodes the base model's sets (which fuses its projections), then merges the adapter
+    into the same model: its decode steps must see the merged weights in the fused ones."""
+    from tests.test_evaluate import make_adapter
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    model_params = params.ModelParams(str(tiny_model_dir), "main", 1024, "")
+    prompts = [[5 + i, 6, 7, 8] for i in range(6)]
+    model = generation.load_model(model_params, None)
+    before, _ = run_engine(model, prompts, [12] * 6, slots=4)
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload(safe_merge=safe_merge)
+    after, engine = run_engine(model, prompts, [12] * 6, slots=4)
+    fresh, _ = run_engine(generation.load_model(model_params, adapter), prompts, [12] * 6, slots=4, kernels=False)
+    assert engine.fused is not None and after == fresh and after != before
+
+
 def run_engine(model, prompts: list[list[int]], budgets: list[int], slots: int = 16, length: int = 128,
                temperature: float = 0.0, **options) -> tuple[dict, continuous.ContinuousBatcher]:
     engine = continuous.ContinuousBatcher(model, slots=slots, length=length, eos=1, temperature=temperature,
