@@ -92,7 +92,8 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
                 "cache_tokens": stats["cache_tokens"], "block_tokens": stats["block_tokens"],
                 "cache_gib": round(stats["cache_tokens"] * kv_bytes_per_token(model.config, model.dtype) / 2**30, 1),
                 "compiled": stats["compiled"], "compile_seconds": round(stats["compile_seconds"], 1),
-                "attention": stats["attention"], "top_p_kernels": stats["top_p_kernels"]}
+                "attention": stats["attention"], "top_p_kernels": stats["top_p_kernels"],
+                "fused_projections": stats["fused_projections"]}
                if "tail_steps" in stats else {}),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
 
@@ -233,7 +234,8 @@ def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats:
         seconds = (time.perf_counter() - start) / repeats
         read = weights + size * (context + 1) * kv_bytes_per_token(model.config, model.dtype)
         rows.append({"slots": size, "context": context, "attention": engine.attention,
-                     "top_p_kernels": engine.stats.top_p_kernels, "ms": round(1e3 * seconds, 2),
+                     "top_p_kernels": engine.stats.top_p_kernels,
+                     "fused_projections": engine.stats.fused_projections, "ms": round(1e3 * seconds, 2),
                      "bound_ms": round(1e3 * read / bandwidth, 2), "tokens_per_second": round(size / seconds)})
         print(json.dumps(rows[-1]), flush=True)
         del engine

@@ -370,6 +370,7 @@ class Stats:
     preempted: int = 0  # responses paused for lack of free blocks (their tokens recomputed when resumed)
     attention: str = ""  # the decode step's attention kernel (an Attention)
     top_p_kernels: bool = False  # sampling by the Triton kernels (else by sorting)
+    fused_projections: bool = False  # q/k/v and gate/up each one matrix product (fuse_projections)
 
 
 class ContinuousBatcher:
@@ -423,7 +424,7 @@ class ContinuousBatcher:
         self.owner: list[int | None] = [None] * slots  # the prompt (index) each slot is answering
         self.lengths = [0] * slots  # tokens in each slot's cache after its next decode step
         self.stats = Stats(cache_tokens=(self.cache.blocks - 1) * block, block_tokens=block, attention=self.attention,
-                           top_p_kernels=kernel)
+                           top_p_kernels=kernel, fused_projections=self.fused is not None)
 
     def _next_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The next token of each slot from its last one, its write position and its sampling key; writes

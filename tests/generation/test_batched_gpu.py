@@ -109,7 +109,7 @@ def test_sampled_generation_with_graphs_ends_where_forced_and_repeats_with_the_s
     stats = {}
     first = generation.generate(model, tokenizer, prompts, config, seed=3, end_at=end_at, stats=stats)
     assert stats["compiled"]  # 16 slots: the sampler's cumulative sums once failed to compile at this size
-    assert stats["attention"] == "triton" and stats["top_p_kernels"]  # the kernels, in the compiled graphs
+    assert stats["attention"] == "triton" and stats["top_p_kernels"] and stats["fused_projections"]  # in the graphs
     # Random weights seldom end by themselves (1 sampled end-of-sequence in 12,800 draws on an H200; one of
     # these 40 responses did on an H100): each response ends where forced, or before it with a sampled end.
     assert all(o.n_tokens == end or (o.n_tokens < end and not o.hit_max_tokens)
