@@ -4,7 +4,9 @@
 compiles them (the route before's merge of the blocks' results is fused there) and replayed as CUDA graphs of
 28 layers, with the bytes each layer reads and the bandwidth that makes; top-p sampling at temperature 0.6 /
 top-p 0.95 over 151,936 logits (the sort, compiled as the decode step compiles it, against
-stages.generation.top_p) per row count. Random logits are nearly flat: the kept set is most of the vocabulary.
+stages.generation.top_p) per row count, on two kinds of logits: `flat` (random: the kept set is most of the
+vocabulary) and `peaked` (as a language model's: a bulk of N(0, 2) and 8 tokens 14-20 above it, the kept set
+a few tokens: the kernels skip the tiles below the cut).
 
     python -m bench.decode_kernels --commit SHA --out bench/results/decode-kernels-DATE-GPU-SHA.json
 """
@@ -60,11 +62,16 @@ def attention(slots: int, context: int, per_slot: int = 17) -> dict:
     return row
 
 
-def sampling(rows: int, temperature: float = 0.6, p: float = 0.95) -> dict:
+def sampling(rows: int, kind: str, temperature: float = 0.6, p: float = 0.95) -> dict:
     generator = torch.Generator(device="cuda").manual_seed(0)
-    logits = torch.randn(rows, VOCAB, device="cuda", generator=generator).to(torch.bfloat16)
+    logits = torch.randn(rows, VOCAB, device="cuda", generator=generator)
+    if kind == "peaked":
+        top = torch.randint(0, VOCAB, (rows, 8), device="cuda", generator=generator)
+        lift = 14 + 6 * torch.rand(rows, 8, device="cuda", generator=generator)
+        logits = (2 * logits).scatter_add(1, top, lift)
+    logits = logits.to(torch.bfloat16)
     hashes = torch.randint(0, 2**32, (rows,), device="cuda", generator=generator)
-    result = {"rows": rows}
+    result = {"rows": rows, "logits": kind}
     for name, kernel in (("sort", False), ("triton", True)):
         sample = torch.compile(continuous.sampler(temperature, p, kernel=kernel), fullgraph=True)
         result[name] = {"ms": round(replay_ms(lambda sample=sample: sample(logits, hashes), repeats=1), 3)}
@@ -76,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attention", default="512x2048,256x3000,64x4096,8x8192", help="slots x context, ...")
     parser.add_argument("--sampling", default="512,64,8", help="rows, ...")
+    parser.add_argument("--logits", default="flat,peaked", help="kinds of logits to sample (flat, peaked)")
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -86,9 +94,10 @@ def main() -> None:
         slots, context = map(int, case.split("x"))
         results["attention"].append(attention(slots, context))
         print(json.dumps(results["attention"][-1]), flush=True)
-    for rows in args.sampling.split(","):
-        results["sampling"].append(sampling(int(rows)))
-        print(json.dumps(results["sampling"][-1]), flush=True)
+    for kind in args.logits.split(","):
+        for rows in args.sampling.split(","):
+            results["sampling"].append(sampling(int(rows), kind))
+            print(json.dumps(results["sampling"][-1]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 

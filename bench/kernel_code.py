@@ -35,7 +35,7 @@ VOCAB = 151_936
 ROW_STRIDE = VOCAB  # logits rows are contiguous
 TYPES = {"logits": "*bf16", "row_stride": "i32", "vocab": "i32", "lows": "*i32", "step": "i32", "maxes": "*fp32",
          "part_max": "*fp32", "part_mass": "*fp32", "part_count": "*i32", "scale": "fp32", "bounds": "*i32",
-         "shares": "*fp32", "seeds": "*i64", "part_score": "*fp32", "part_index": "*i32"}
+         "shares": "*fp32", "seeds": "*i64", "part_score": "*fp32", "part_index": "*i32", "tile_keys": "*i32"}
 INTEGERS = {"row_stride": ROW_STRIDE, "vocab": VOCAB}
 INSTRUCTION = re.compile(r"^\s*(@!?%\w+\s+)?[a-z][\w.]*[\s;]")  # a PTX instruction line, predicated or not
 
@@ -55,7 +55,8 @@ def compile_kernel(kernel, flags: dict[str, bool], warps: int = 4):
 
 
 def main_loop(ptx: str) -> list[str]:
-    """The instructions of the innermost loop: from a label to the branch back to it, the shortest such."""
+    """The instructions of the innermost loop: from a label to the branch back to it, the shortest such (in
+    the passes that skip tiles, the path of a skipped tile)."""
     lines = ptx.splitlines()
     labels = {line.strip().split(":")[0]: i for i, line in enumerate(lines)
               if re.match(r"^\$L__BB\d+_\d+:", line.strip())}
@@ -94,12 +95,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     names = list(inspect.signature(top_p.masses.fn).parameters)
-    flag = next((name for name in ("GROUPS", "FIRST") if name in names), None)  # a pass's variants, by commit
-    passes = [{flag: False}, {flag: True}] if flag else [{}]
+    flags = [name for name in ("FIRST", "GROUPS") if name in names]  # a pass's variants, by commit
+    if flags == ["FIRST", "GROUPS"]:  # the first pass, the middle two, the last
+        passes = [{"FIRST": True, "GROUPS": False}, {"FIRST": False, "GROUPS": False}, {"FIRST": False, "GROUPS": True}]
+    else:
+        passes = [{flags[0]: False}, {flags[0]: True}] if flags else [{}]
+    draw_flags = {"SKIP": True} if "SKIP" in inspect.signature(top_p.draw.fn).parameters else {}
     results = {"target": "sm_90", "triton": triton.__version__, "date": datetime.date.today().isoformat(),
                "commit": args.commit, "command": "python -m bench.kernel_code", "vocab": VOCAB,
                "kernels": [measure("masses", top_p.masses, flags) for flags in passes]
-               + [measure("draw", top_p.draw, {})]}
+               + [measure("draw", top_p.draw, draw_flags)]}
     print(json.dumps(results, indent=2))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

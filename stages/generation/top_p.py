@@ -4,7 +4,10 @@ begin by their probability mass, then draw among them in one pass.
 The kept set is transformers' TopPLogitsWarper's: the tokens in ascending order of probability are cut
 while their cumulative probability stays at or below 1 - top_p. It is found as a 16-bit threshold on the
 logits' order-preserving bf16 keys, four bits a pass: each pass sums the probability below 16 candidate
-thresholds in every chunk of the vocabulary. Tokens of equal logits have equal probability; where such a
+thresholds in every chunk of the vocabulary. The first pass also keeps each tile's highest key; later passes
+and the draw skip the tiles wholly below the range they look at. A language model's logits are peaked: at
+temperature 0.6 and top-p 0.95 the kept tokens are a few, and nearly every tile lies below the cut, so past
+the first pass nearly nothing is read. Tokens of equal logits have equal probability; where such a
 group straddles the cut, the sort would keep an unspecified part of it (torch.sort does not order ties).
 Here each of its n tokens keeps the share (n - c) / n of its probability, c being the number the cut takes:
 the probability of each token that a sort with its ties in random order gives, and the same kept mass.
@@ -44,31 +47,37 @@ else:
         return tl.where((bits & 0x8000) != 0, (~bits) & 0xFFFF, bits | 0x8000)
 
     @triton.jit(do_not_specialize=["row_stride"])  # a load of one token per thread, as the thresholds take it
-    def masses(logits, row_stride, vocab, lows, step, maxes, part_mass, part_count, scale,
+    def masses(logits, row_stride, vocab, lows, step, maxes, part_mass, part_count, tile_keys, scale,
                CHUNKS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, COUNT: tl.constexpr,
-               GROUPS: tl.constexpr):
-        """Per (row, chunk): the probability mass (relative to the row's max) of the tokens whose key is below
-        each of COUNT thresholds low + (i + 1) * step; GROUPS (the last pass, step 1): also how many tokens
-        have each key low + i. Each thread meets all thresholds with its own tokens, in registers, and the
-        threads are summed once, at the end."""
+               FIRST: tl.constexpr, GROUPS: tl.constexpr):
+        """Per (row, chunk): the probability mass (relative to the row's max) of the tokens whose key is at or
+        above low and below each of COUNT thresholds low + (i + 1) * step; GROUPS (the last pass, step 1):
+        also how many tokens have each key low + i. FIRST (low 0): writes each tile's highest key to
+        tile_keys; later passes skip the tiles whose highest key is below low. Each thread meets all
+        thresholds with its own tokens, in registers, and the threads are summed once, at the end."""
         row, chunk = tl.program_id(0), tl.program_id(1)
         offsets = tl.arange(0, COUNT)
         low = tl.load(lows + row)
         thresholds = low + (offsets + 1) * step
         best = tl.load(maxes + row)
         source = logits + row.to(tl.int64) * row_stride  # rows x vocab can pass 2**31
+        tiles = tile_keys + row * (CHUNKS * CHUNK // TILE)
         mass = tl.zeros([COUNT, TILE], tl.float32)  # thresholds down, tokens across
         count = tl.zeros([COUNT, TILE], tl.int32)
         for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), TILE):
-            index = start + tl.arange(0, TILE)
-            valid = index < vocab
-            x = tl.load(source + index, mask=valid, other=float("-inf"))
-            weight = tl.exp2((x.to(tl.float32) - best) * scale)  # 0 where not valid
-            key = order_key(x)
-            mass += tl.where(thresholds[:, None] > key[None, :], weight[None, :], 0.0)
-            if GROUPS:
-                key = tl.where(valid, key, -1)
-                count += ((low + offsets)[:, None] == key[None, :]).to(tl.int32)
+            if FIRST or tl.load(tiles + start // TILE) >= low:
+                index = start + tl.arange(0, TILE)
+                valid = index < vocab
+                x = tl.load(source + index, mask=valid, other=float("-inf"))
+                weight = tl.exp2((x.to(tl.float32) - best) * scale)  # 0 where not valid
+                key = tl.where(valid, order_key(x), -1)
+                if FIRST:
+                    tl.store(tiles + start // TILE, tl.max(key, 0))
+                else:
+                    weight = tl.where(key >= low, weight, 0.0)
+                mass += tl.where(thresholds[:, None] > key[None, :], weight[None, :], 0.0)
+                if GROUPS:
+                    count += ((low + offsets)[:, None] == key[None, :]).to(tl.int32)
         at = (row * CHUNKS + chunk) * COUNT + offsets
         tl.store(part_mass + at, tl.sum(mass, 1))
         if GROUPS:
@@ -83,9 +92,10 @@ else:
         return x ^ (x >> 16)
 
     @triton.jit
-    def draw(logits, row_stride, vocab, maxes, bounds, shares, seeds, part_score, part_index, scale,
-             CHUNKS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr):
-        """Per (row, chunk): the token that wins the exponential race among the kept tokens, and its score."""
+    def draw(logits, row_stride, vocab, maxes, bounds, shares, seeds, part_score, part_index, tile_keys, scale,
+             CHUNKS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, SKIP: tl.constexpr):
+        """Per (row, chunk): the token that wins the exponential race among the kept tokens, and its score.
+        SKIP: tile_keys holds each tile's highest key; the tiles wholly below the kept ones are not read."""
         row, chunk = tl.program_id(0), tl.program_id(1)
         best = tl.load(maxes + row)
         bound = tl.load(bounds + row)
@@ -94,22 +104,24 @@ else:
         source = logits + row.to(tl.int64) * row_stride
         top = tl.zeros([TILE], tl.float32)  # each lane's best score so far, and its token
         winner = tl.zeros([TILE], tl.int32)
+        tiles = tile_keys + row * (CHUNKS * CHUNK // TILE)
         for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, vocab), TILE):
-            index = start + tl.arange(0, TILE)
-            x = tl.load(source + index, mask=index < vocab, other=float("-inf"))
-            key = order_key(x)
-            weight = tl.exp2((x.to(tl.float32) - best) * scale)  # 0 where not valid
-            weight = tl.where(key > bound, weight, tl.where(key == bound, weight * share, 0.0))
-            hashed = lowbias32(seed ^ lowbias32(index.to(tl.uint32) * 0x9E3779B9 + 0x85EBCA6B))
-            # in (0, 1], exact near 0 where exponential = -log(1 - uniform) is small and decides the race
-            uniform = hashed.to(tl.float32) * (1.0 / 4294967296.0) + (0.5 / 4294967296.0)
-            # -log(1 - u): its series where 1 - u would lose u's digits (error below 2e-11 of it)
-            series = uniform * (1.0 + uniform * (0.5 + uniform * (1.0 / 3.0 + uniform * (0.25 + uniform * 0.2))))
-            exponential = tl.where(uniform < 0.01, series, -tl.log(1.0 - uniform))
-            score = tl.fdiv(weight, exponential)  # > 0 for the kept tokens, 0 for the others
-            better = score > top
-            winner = tl.where(better, index, winner)
-            top = tl.where(better, score, top)
+            if not SKIP or tl.load(tiles + start // TILE) >= bound:
+                index = start + tl.arange(0, TILE)
+                x = tl.load(source + index, mask=index < vocab, other=float("-inf"))
+                key = order_key(x)
+                weight = tl.exp2((x.to(tl.float32) - best) * scale)  # 0 where not valid
+                weight = tl.where(key > bound, weight, tl.where(key == bound, weight * share, 0.0))
+                hashed = lowbias32(seed ^ lowbias32(index.to(tl.uint32) * 0x9E3779B9 + 0x85EBCA6B))
+                # in (0, 1], exact near 0 where exponential = -log(1 - uniform) is small and decides the race
+                uniform = hashed.to(tl.float32) * (1.0 / 4294967296.0) + (0.5 / 4294967296.0)
+                # -log(1 - u): its series where 1 - u would lose u's digits (error below 2e-11 of it)
+                series = uniform * (1.0 + uniform * (0.5 + uniform * (1.0 / 3.0 + uniform * (0.25 + uniform * 0.2))))
+                exponential = tl.where(uniform < 0.01, series, -tl.log(1.0 - uniform))
+                score = tl.fdiv(weight, exponential)  # > 0 for the kept tokens, 0 for the others
+                better = score > top
+                winner = tl.where(better, index, winner)
+                top = tl.where(better, score, top)
         lane = tl.argmax(top, 0)
         tl.store(part_score + row * CHUNKS + chunk, tl.max(top, 0))
         tl.store(part_index + row * CHUNKS + chunk, tl.sum(tl.where(tl.arange(0, TILE) == lane, winner, 0), 0))
@@ -135,7 +147,7 @@ def verified(device: torch.device) -> bool:
         logits[1] = torch.randn(CHUNK + 300, generator=torch.Generator().manual_seed(0))
         logits = logits.bfloat16()
         expected = kept_shares(logits.float(), temperature, top_p)
-        _, bounds, shares = _cut(logits.to(device), math.log2(math.e) / temperature, top_p)
+        _, bounds, shares, _ = _cut(logits.to(device), math.log2(math.e) / temperature, top_p)
         error = (cut_shares(logits, temperature, bounds, shares) - expected).abs().max().item()
         if not error < 1e-4:
             raise ArithmeticError(f"they differ from the sorted reference: the shares kept, by {error:.3g}")
@@ -151,23 +163,24 @@ def verified(device: torch.device) -> bool:
         return False
 
 
-def _cut(logits: torch.Tensor, scale: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row: the max logit, the key of the group where the kept tokens begin, and the share of its
-    tokens' probability that group keeps."""
+def _cut(logits: torch.Tensor, scale: float, top_p: float) -> tuple[torch.Tensor, ...]:
+    """Per row: the max logit, the key of the group where the kept tokens begin, the share of its tokens'
+    probability that group keeps, and each tile's highest key [rows, tiles] (for the draw)."""
     rows, vocab = logits.shape
     chunks = -(-vocab // CHUNK)
     device = logits.device
+    tile_keys = torch.empty(rows, chunks * CHUNK // TILE, dtype=torch.int32, device=device)
     lows = torch.zeros(rows, dtype=torch.int32, device=device)
     part_mass = torch.empty(rows, chunks, THRESHOLDS, dtype=torch.float32, device=device)
     part_count = torch.empty(rows, chunks, THRESHOLDS, dtype=torch.int32, device=device)
     maxes = logits.amax(1).float()
-    below_mass = torch.zeros(rows, dtype=torch.float32, device=device)
+    below_mass = torch.zeros(rows, dtype=torch.float32, device=device)  # the mass of the keys below lows
     target = None
     for step in (4096, 256, 16, 1):
-        masses[(rows, chunks)](logits, logits.stride(0), vocab, lows, step, maxes, part_mass, part_count, scale,
-                               CHUNKS=chunks, CHUNK=CHUNK, TILE=TILE, COUNT=THRESHOLDS, GROUPS=step == 1,
-                               num_warps=4)
-        mass = part_mass.sum(1)
+        masses[(rows, chunks)](logits, logits.stride(0), vocab, lows, step, maxes, part_mass, part_count, tile_keys,
+                               scale, CHUNKS=chunks, CHUNK=CHUNK, TILE=TILE, COUNT=THRESHOLDS, FIRST=step == 4096,
+                               GROUPS=step == 1, num_warps=4)
+        mass = below_mass[:, None] + part_mass.sum(1)  # below each threshold
         if target is None:  # the first pass's last threshold is above every key: its mass is the total
             target = (1 - top_p) * mass[:, -1]  # the mass the cut may take
         # the first threshold whose mass below exceeds the target ends the range the cut ends in
@@ -178,7 +191,7 @@ def _cut(logits: torch.Tensor, scale: float, top_p: float) -> tuple[torch.Tensor
     members = part_count.sum(1).gather(1, at[:, None])[:, 0].clamp(min=1).float()
     each = (mass.gather(1, at[:, None])[:, 0] - below_mass) / members  # one token's weight in the group
     cut = ((target - below_mass) / each).floor().clamp(min=0).minimum(members - 1)
-    return maxes, lows, (members - cut) / members
+    return maxes, lows, (members - cut) / members, tile_keys
 
 
 @torch.library.custom_op("r1_math_lora::top_p_sample", mutates_args=())
@@ -189,16 +202,17 @@ def top_p_sample(logits: torch.Tensor, seeds: torch.Tensor, temperature: float, 
     logits = logits.to(torch.bfloat16)
     scale = math.log2(math.e) / temperature
     if top_p < 1:
-        maxes, bounds, shares = _cut(logits, scale, top_p)
-    else:
+        maxes, bounds, shares, tile_keys = _cut(logits, scale, top_p)
+    else:  # every token kept: no tile to skip
         maxes = logits.amax(1).float()
         bounds = torch.zeros(rows, dtype=torch.int32, device=logits.device)
         shares = torch.ones(rows, dtype=torch.float32, device=logits.device)
+        tile_keys = bounds
     chunks = -(-vocab // CHUNK)
     part_score = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
     part_index = torch.empty(rows, chunks, dtype=torch.int32, device=logits.device)
     draw[(rows, chunks)](logits, logits.stride(0), vocab, maxes, bounds, shares, seeds, part_score, part_index,
-                         scale, CHUNKS=chunks, CHUNK=CHUNK, TILE=TILE, num_warps=4)
+                         tile_keys, scale, CHUNKS=chunks, CHUNK=CHUNK, TILE=TILE, SKIP=top_p < 1, num_warps=4)
     return part_index.gather(1, part_score.argmax(1, keepdim=True))[:, 0].long()
 
 

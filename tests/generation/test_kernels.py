@@ -30,14 +30,18 @@ def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_po
 
 def cases() -> torch.Tensor:
     """Rows of logits: a group of ties straddling the cut, distinct peaked values, and rows spanning several
-    of the kernels' chunks of the vocabulary (flat: most tokens kept; peaked: a few)."""
+    of the kernels' chunks of the vocabulary (flat: most tokens kept; peaked: a few); the last, ties
+    straddling the cut in tiles whose highest key is theirs (tiles the later passes must not skip)."""
     generator = torch.Generator().manual_seed(0)
     vocab = 2 * top_p.CHUNK + 300  # the last chunk partly filled
-    rows = torch.full((4, vocab), -30.0)
+    rows = torch.full((5, vocab), -30.0)
     rows[0, :11] = torch.tensor([5.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 0.5])
     rows[1, -50:] = torch.randn(50, generator=generator) * 3
     rows[2] = torch.randn(vocab, generator=generator) * 0.5
     rows[3] = torch.randn(vocab, generator=generator) * 4
+    tile = top_p.TILE
+    rows[4, [0, 1, tile + 5, tile + 6, 2 * tile + 7, 3 * tile]] = 4.0
+    rows[4, 3 * tile + 1] = 5.0
     return rows.bfloat16()
 
 
@@ -46,10 +50,14 @@ def test_the_top_p_cut_keeps_what_the_sort_keeps_and_splits_a_tied_group_by_its_
     logits = cases()
     temperature, p = 0.6, 0.8
     scale = 1.4426950408889634 / temperature
-    maxes, bounds, shares = top_p._cut(logits.to(DEVICE), scale, p)
+    maxes, bounds, shares, _ = top_p._cut(logits.to(DEVICE), scale, p)
     expected = top_p.kept_shares(logits.float(), temperature, p)
-    assert 0 < shares[0] < 1  # the tied 4.0s are cut in part
+    assert 0 < shares[0] < 1 and 0 < shares[4] < 1  # the tied 4.0s are cut in part
     torch.testing.assert_close(top_p.cut_shares(logits, temperature, bounds, shares), expected, atol=1e-6, rtol=1e-4)
+    # the draw reads the tiles whose highest key is the cut's too: the last row's ties there are drawn (each ~7%)
+    rows = logits[4:].expand(24, -1).contiguous().to(DEVICE)
+    drawn = top_p.top_p_sample(rows, torch.arange(24, device=DEVICE) * 2654435761 % 2**32, temperature, p).cpu()
+    assert (expected[4, drawn] > 0).all() and (drawn < 3 * top_p.TILE).any()
 
 
 def test_top_p_draws_only_kept_tokens_and_a_row_draws_the_same_in_any_batch():
@@ -74,6 +82,11 @@ def test_the_kernels_are_used_only_where_they_match_their_references_on_a_small_
     assert not paged_attention.verified.__wrapped__(device, torch.bfloat16, 16)
     assert "differs from plain attention" in caplog.text
     cut = top_p._cut
-    monkeypatch.setattr(top_p, "_cut", lambda *args: (*cut(*args)[:2], torch.ones(2, device=device)))  # ties all kept
+
+    def ties_all_kept(*args):
+        maxes, bounds, _, tiles = cut(*args)
+        return maxes, bounds, torch.ones(2, device=device), tiles
+
+    monkeypatch.setattr(top_p, "_cut", ties_all_kept)
     assert not top_p.verified.__wrapped__(device)
     assert "differ from the sorted reference" in caplog.text
