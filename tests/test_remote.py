@@ -60,10 +60,15 @@ def s3():
         server.wait(timeout=10)
 
 
-def use_remote(project: Path, s3: dict, secret: str | None = None) -> None:
+def use_remote(project: Path, s3: dict) -> None:
     """The README's team set-up: remote and endpoint in git, credentials only in .dvc/config.local."""
     dvc(project, "remote", "add", "-f", "-d", "team", f"s3://{BUCKET}/store")
     dvc(project, "remote", "modify", "team", "endpointurl", s3["url"])
+    use_credentials(project, s3)
+
+
+def use_credentials(project: Path, s3: dict, secret: str | None = None) -> None:
+    """The two --local lines: all a clone adds, since the remote and its endpoint come with git."""
     dvc(project, "remote", "modify", "--local", "team", "access_key_id", s3["key"])
     dvc(project, "remote", "modify", "--local", "team", "secret_access_key", secret or s3["secret"])
 
@@ -91,9 +96,10 @@ def pushed(tmp_path_factory, s3, reproduced):
     return project
 
 
-def clone(project: Path, target: Path, s3: dict) -> Path:
+def clone(project: Path, target: Path, s3: dict, secret: str | None = None) -> Path:
+    """Another machine's set-up (docs/remote-storage.md): git clone, then only the credentials."""
     sh(project.parent, "git", "clone", "-q", str(project), str(target))
-    use_remote(target, s3)
+    use_credentials(target, s3, secret)
     return target
 
 
@@ -161,8 +167,7 @@ def test_a_corrupted_cache_object_is_detected_not_used(pushed, s3, tmp_path):
 
 
 def test_wrong_credentials_give_a_clear_error(pushed, s3, tmp_path):
-    copy = clone(pushed, tmp_path / "clone", s3)
-    use_remote(copy, s3, secret="not-the-secret")
+    copy = clone(pushed, tmp_path / "clone", s3, secret="not-the-secret")
     result = dvc(copy, "pull", check=False)
     assert result.returncode != 0
     message = (result.stdout + result.stderr).lower()
