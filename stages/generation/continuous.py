@@ -347,6 +347,19 @@ def decode_attention(device: torch.device, dtype: torch.dtype, head_dim: int, ke
     return "flash" if flash_decode_available(device, dtype) else "sdpa"
 
 
+def graph_sizes(slots: int) -> list[int]:
+    """The decode sizes, largest first: the slots, and below them four sizes an octave (multiples of 8 at
+    least), so a shrinking batch pays for at most ~25% more slots than it uses, not up to 100% as with halving
+    (on an H100 a 512-slot step costs ~3x a 64-slot one, and the tail's last thousands of steps carry the
+    budget-length responses alone). One graph per size; they share one memory pool."""
+    sizes = {slots}
+    for size in range(SMALLEST_GRAPH, slots, SMALLEST_GRAPH):
+        octave = 1 << (size.bit_length() - 1)  # the power of two at or below the size
+        if size % max(SMALLEST_GRAPH, octave // 4) == 0:
+            sizes.add(size)
+    return sorted(sizes, reverse=True)
+
+
 @dataclass
 class Stats:
     decode_steps: int = 0
@@ -392,6 +405,7 @@ class ContinuousBatcher:
                              f"model's decoder ({type(self.decoder).__name__}) lacks some")
         self.layers = self.decoder.layers[:config.num_hidden_layers]
         self.slots, self.length, self.eos = slots, length, eos
+        self.graph_sizes = graph_sizes(slots)  # a tail step looks up the smallest that holds its responses
         block = min(block, length)
         self.cache = BlockCache(config, slots, length, block, cache_tokens, model.dtype, self.device)
         kernel = kernels and temperature > 0 and top_p_kernels.available(self.device, model.dtype)
@@ -409,8 +423,8 @@ class ContinuousBatcher:
         # are dynamic: the two graphs serve every decode size, cache, engine and model of a process.
         self.compiled = compile  # until compiling fails; stats.compiled once it succeeded
         # kernels: fused projections too (the route before them had none)
-        fused = [fuse_projections(layer) for layer in self.layers] if kernels else [None]
-        self.fused: list[Fused] | None = fused if all(f is not None for f in fused) else None
+        fused = [fuse_projections(layer) for layer in self.layers] if kernels else []
+        self.fused: list[Fused] | None = fused if fused and all(f is not None for f in fused) else None
         self.eager_layer_step = fused_layer_step if self.fused else layer_step
         self.layer_step, self.last_step = self.eager_layer_step, last_step
         if compile:
@@ -428,10 +442,10 @@ class ContinuousBatcher:
         hidden = self.decoder.embed_tokens(tokens[:, None])
         cos, sin = self.decoder.rotary_emb(hidden, positions[:, None])
         table = self.cache.table[:len(tokens)]
-        for k, (layer, layer_keys, layer_values) in enumerate(zip(self.layers, self.cache.keys, self.cache.values,
-                                                                  strict=True)):
+        for layer, fused, layer_keys, layer_values in zip(self.layers, self.fused or [()] * len(self.layers),
+                                                          self.cache.keys, self.cache.values, strict=True):
             hidden = self.layer_step(layer, *self._any_slots(hidden, cos, sin, positions, table), layer_keys,
-                                     layer_values, self.attention, *(self.fused[k] if self.fused else ()))
+                                     layer_values, self.attention, *fused)
         return self.last_step(self.decoder.norm, self.head, self.sample, *self._any_slots(hidden, keys, positions))
 
     def _any_slots(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -446,18 +460,6 @@ class ContinuousBatcher:
         """One token for the first `size` slots: writes it to tokens (the next input), advances positions."""
         self.tokens[:size].copy_(self._next_tokens(self.tokens[:size], self.positions[:size], self.keys[:size]))
         self.positions[:size].add_(self.active[:size]).clamp_(max=self.length - 1)
-
-    def _graph_sizes(self) -> list[int]:
-        """The decode sizes, largest first: the slots, and below them four sizes an octave (multiples of 8 at
-        least), so a shrinking batch pays for at most ~25% more slots than it uses, not up to 100% as with
-        halving (on an H100 a 512-slot step costs ~3x a 64-slot one, and the tail's last thousands of steps
-        carry the budget-length responses alone). One graph per size; they share one memory pool."""
-        sizes = {self.slots}
-        for size in range(SMALLEST_GRAPH, self.slots, SMALLEST_GRAPH):
-            octave = 1 << (size.bit_length() - 1)  # the power of two at or below the size
-            if size % max(SMALLEST_GRAPH, octave // 4) == 0:
-                sizes.add(size)
-        return sorted(sizes, reverse=True)
 
     def _compile(self) -> None:
         """Compile the decode step (a first step into the empty cache); if torch.compile fails here (no
@@ -489,7 +491,7 @@ class ContinuousBatcher:
         """One graph per decode size (slots, slots/2, ...), captured before any prompt is in the cache:
         the warm-up steps write only into the scratch block."""
         pool = None
-        for size in self._graph_sizes():
+        for size in self.graph_sizes:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -639,7 +641,7 @@ class ContinuousBatcher:
     def _shrink(self, size: int) -> int:
         """Move the busy slots to the front and return the smallest graph size that holds them."""
         busy = [slot for slot in range(size) if self.owner[slot] is not None]
-        smaller = min((n for n in self._graph_sizes() if n >= len(busy)), default=size)
+        smaller = min((n for n in self.graph_sizes if n >= len(busy)), default=size)
         if smaller < size:
             keep = torch.tensor(busy, device=self.device)
             self.cache.compact(busy)
