@@ -93,8 +93,9 @@ def funnel_metrics(rows_in: int, dropped: Counter, difficulty_counts: Counter, s
 
 def filter_files(files: list[Path], out: Path, config: params.FilterParams, max_tokens: int,
                  load_counter: Callable[[], TokenCounter | None], contamination: ContaminationIndex | None = None,
-                 processes: int = 1) -> dict:
-    """Stream `files` through the rules into `out` (atomically), parts screened by `processes` processes;
+                 workers: int | str = 1) -> dict:
+    """Stream `files` through the rules into `out` (atomically), parts screened by `workers` processes
+    (filter.workers: a number, or 'auto': see worker_count);
     return the funnel metrics. load_counter gives the token counter (None: no length check), called once the
     workers have started. The output does not depend on the number of processes."""
     dropped, difficulty_counts, seen, rows_in, rates, boxed, counted = Counter(), Counter(), set(), 0, [], 0, False
@@ -104,7 +105,7 @@ def filter_files(files: list[Path], out: Path, config: params.FilterParams, max_
         raise FilterError(f"filter: the {len(files)} Parquet file(s) read ({files[0]}, ...) hold no rows; check "
                           "data.source in params.yaml and run the fetch stage again (dvc repro fetch)")
     todo = [part for file, parquet in parquets for part in parts(file, parquet)]
-    processes = min(processes, len(todo))  # a worker costs a start: none without a part for it
+    processes = min(worker_count(workers, total), len(todo))  # a worker costs a start: none without a part for it
     log.info("%d rows in %d file(s), %d part(s) screened in %d process(es)", total, len(files), len(todo), processes)
     with (atomic_file(out) as tmp, pq.ParquetWriter(tmp, OUTPUT_SCHEMA) as writer,
           tqdm(total=total, unit="rows", desc="filter", mininterval=2) as progress):
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         return TokenCounter(load_tokenizer(model), model.directive) if config.check_length else None
 
     funnel = filter_files(raw_files(args.raw), args.out, config, model.max_seq_length, load_counter, contamination,
-                          worker_count(config.workers))
+                          config.workers)
     write_json(args.metrics, funnel)
     log.info("kept %d of %d rows -> %s", funnel["rows_out"], funnel["rows_in"], args.out)
 

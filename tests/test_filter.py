@@ -356,7 +356,7 @@ def test_worker_processes_write_the_bytes_and_the_funnel_of_one_process(messy_so
     for processes in (1, 3):
         out = tmp_path / f"filtered-{processes}.parquet"
         funnel = filter_stage.filter_files(filter_stage.raw_files(source), out, filter_params, MAX_TOKENS,
-                                           lambda: counter, processes=processes)
+                                           lambda: counter, workers=processes)
         results.append((out.read_bytes(), funnel))
     assert results[0] == results[1]
     funnel = results[0][1]
@@ -382,7 +382,7 @@ def test_a_tokenizer_that_fails_to_load_while_workers_read_stops_them_and_writes
     def run() -> None:
         try:
             filter_stage.filter_files(filter_stage.raw_files(source), out, filter_params, MAX_TOKENS, fail,
-                                      processes=2)
+                                      workers=2)
         except BaseException as e:
             raised.put(e)
 
@@ -392,9 +392,12 @@ def test_a_tokenizer_that_fails_to_load_while_workers_read_stops_them_and_writes
     assert not out.exists() and list(tmp_path.glob("*.parquet*")) == []
 
 
-def test_auto_workers_are_the_cores_this_process_may_use():
-    assert screening.worker_count("auto") == len(os.sched_getaffinity(0))
-    assert screening.worker_count(3) == 3
+def test_auto_workers_are_the_cores_this_process_may_use_but_one_for_a_small_input():
+    cores = len(os.sched_getaffinity(0))
+    assert screening.worker_count("auto", 1_000 * screening.PART_ROWS) == cores
+    assert screening.worker_count("auto", 2 * screening.PART_ROWS) == min(2, cores)
+    assert screening.worker_count("auto", screening.PART_ROWS - 1) == 1  # a start would cost more than it saves
+    assert screening.worker_count(3, 10) == 3  # a number is taken as given
 
 
 def test_an_empty_source_is_named_with_what_to_do_not_as_a_funnel(tmp_path, filter_params):

@@ -347,9 +347,13 @@ def screen_part(part: Part, config: params.FilterParams, max_tokens: int, count_
     return count_part(parse_part(part, config, contamination), config, max_tokens, count_tokens)
 
 
-def worker_count(workers: int | str) -> int:
-    """filter.workers as a number of processes: 'auto' is every core this process may run on."""
-    return len(os.sched_getaffinity(0)) if workers == "auto" else workers
+def worker_count(workers: int | str, rows: int) -> int:
+    """filter.workers as a number of processes for `rows` rows: 'auto' is every core this process may run on,
+    but at most one per PART_ROWS rows, since a worker's start (~1.5 s of a core) costs as much as screening
+    thousands of rows: a small input is screened in this process."""
+    if workers != "auto":
+        return workers
+    return max(1, min(len(os.sched_getaffinity(0)), rows // PART_ROWS))
 
 
 _WORKER: dict = {}  # a screening process's arguments, set once as it starts, and its token counter
