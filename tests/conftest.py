@@ -6,6 +6,7 @@ import torch
 # Without a GPU, the Triton kernels run in Triton's interpreter (set before they are defined).
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # consecutive tests, then hands out one at a time as each finishes (--maxschedchunk 1). So pairs: the
     # test whose fixture builds the shared reproduced pipeline, then a long test that needs it (no wait: the
     # same worker built it); the smoke run (needs none) and one that needs it by the time the smoke run ends;
-    # a long training test and another that needs it; then the other dvc runs, the rest.
+    # a long training test and one that needs the shared experiment (built on the shared pipeline); then the
+    # other dvc runs, the rest.
     first = ("test_repro_builds_splits", "test_an_experiment_runs", "test_smoke_command", "test_a_queued_experiment",
              "test_two_process_ddp", "test_changing_a_train_param")
 
@@ -109,30 +111,39 @@ class Reproduced:
     kept: int  # rows of the source that the filter must keep
 
 
-@pytest.fixture(scope="session")
-def reproduced(tmp_path_factory, worker_id) -> Reproduced:
-    """One `dvc repro` of the whole pipeline on the messy fixtures, committed, for every test that starts from a
-    finished run (each works on its own copy, see copy_of): the pipeline runs once per test session, shared by
-    the pytest-xdist workers (the first to need it builds it, under a lock; the others wait and read it)."""
+def shared_build(tmp_path_factory, worker_id, name: str, build: Callable[[Path], dict]) -> tuple[Path, dict]:
+    """build(folder) run once per test session, by the first pytest-xdist worker to need it (under a lock; the
+    others wait and read it): the folder, and the record build returned."""
     import json
 
     from filelock import FileLock
 
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root, record = shared / name, shared / f"{name}.json"
+    with FileLock(shared / f"{name}.lock"):
+        if not record.exists():
+            record.write_text(json.dumps(build(root)))
+    return root, json.loads(record.read_text())
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory, worker_id) -> Reproduced:
+    """One `dvc repro` of the whole pipeline on the messy fixtures, committed, for every test that starts from a
+    finished run (each works on its own copy, see copy_of): the pipeline runs once per test session, shared by
+    the pytest-xdist workers."""
     from tests.test_pipeline import dvc, make_project, sh
 
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
-    root, record = shared / "reproduced", shared / "reproduced.json"
-    with FileLock(shared / "reproduced.lock"):
-        if not record.exists():
-            cases = [(r, "kept") for r in magpie_data.clean_rows(40)] + magpie_data.messy_rows()
-            magpie_data.write_shards(root / "magpie", [r for r, _ in cases], shards=2)
-            model = tiny_model.build(root / "tiny-r1")
-            project = make_project(root / "project", root / "magpie", model, root / "eval-sources")
-            output = dvc(project, "repro").stdout
-            sh(project, "git", "add", "-A")
-            sh(project, "git", "commit", "-qm", "baseline run")
-            record.write_text(json.dumps({"output": output, "kept": sum(1 for _, rule in cases if rule == "kept")}))
-    built = json.loads(record.read_text())
+    def build(root: Path) -> dict:
+        cases = [(r, "kept") for r in magpie_data.clean_rows(40)] + magpie_data.messy_rows()
+        magpie_data.write_shards(root / "magpie", [r for r, _ in cases], shards=2)
+        model = tiny_model.build(root / "tiny-r1")
+        project = make_project(root / "project", root / "magpie", model, root / "eval-sources")
+        output = dvc(project, "repro").stdout
+        sh(project, "git", "add", "-A")
+        sh(project, "git", "commit", "-qm", "baseline run")
+        return {"output": output, "kept": sum(1 for _, rule in cases if rule == "kept")}
+
+    root, built = shared_build(tmp_path_factory, worker_id, "reproduced", build)
     return Reproduced(root / "project", built["output"], built["kept"])
 
 

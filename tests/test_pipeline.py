@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests import conftest, eval_data
-from tests.conftest import ROOT, copy_of, copy_project
+from tests.conftest import ROOT, Reproduced, copy_of, copy_project, shared_build
 
 pytestmark = pytest.mark.slow
 STAGES = ("fetch", "fetch_eval", "filter", "stratify", "train", "evaluate", "report", "release")
@@ -109,10 +109,22 @@ def test_a_failing_stage_reports_the_problem_and_leaves_no_output(project):
     assert not list((project / "data").glob(".filtered*"))
 
 
-def test_changing_a_train_param_reruns_only_train_and_identical_training_keeps_evaluate(reproduced, tmp_path):
-    project = copy_of(reproduced, tmp_path / "project")
-    set_params(project, train={"learning_rate": 1.0e-3})
-    assert ran_stages(dvc(project, "repro").stdout) - {"report"} == {"train", "evaluate", "release"}
+@pytest.fixture(scope="session")
+def experimented(tmp_path_factory, worker_id, reproduced) -> Reproduced:
+    """The reproduced project with one experiment run in its workspace (a train param changed: `dvc exp run -n
+    rank16 -S train.lora.r=16`), run once per test session and shared as `reproduced` is: copy it."""
+    def build(root: Path) -> dict:
+        project = copy_of(reproduced, root / "project")
+        return {"output": dvc(project, "exp", "run", "-n", "rank16", "-S", "train.lora.r=16").stdout,
+                "kept": reproduced.kept}
+
+    root, built = shared_build(tmp_path_factory, worker_id, "experimented", build)
+    return Reproduced(root / "project", built["output"], built["kept"])
+
+
+def test_changing_a_train_param_reruns_only_train_and_identical_training_keeps_evaluate(experimented, tmp_path):
+    project = copy_of(experimented, tmp_path / "project")  # the experiment's results are in the workspace
+    assert ran_stages(experimented.output) - {"report"} == {"train", "evaluate", "release"}
     plots = json.loads(dvc(project, "plots", "show", "--json").stdout)
     assert "reports/figures/training.png" in plots["data"] and not plots.get("errors")
     loss = (project / "metrics/train/plots/metrics/loss.tsv").read_text().splitlines()
@@ -121,7 +133,7 @@ def test_changing_a_train_param_reruns_only_train_and_identical_training_keeps_e
     # Retraining with identical inputs (a new process, another string hash seed) rebuilds identical bytes,
     # so the hours-long evaluation is not re-run.
     sh(project, "git", "add", "-A")
-    sh(project, "git", "commit", "-qm", "learning rate 1e-3")
+    sh(project, "git", "commit", "-qm", "rank 16")
     assert ran_stages(dvc(project, "repro", "--single-item", "--force", "train").stdout) == {"train"}
     assert "up to date" in dvc(project, "status", "evaluate").stdout
     assert json.loads(dvc(project, "metrics", "diff", "--json").stdout) == {}  # timings are no metrics: nothing moved
@@ -157,10 +169,8 @@ def test_a_queued_experiment_runs_in_a_background_worker_and_shows(reproduced, t
     assert (8, 6) in experiment_params(project)
 
 
-def test_an_experiment_runs_shows_as_a_table_and_compares_with_the_commit(reproduced, tmp_path):
-    project = copy_of(reproduced, tmp_path / "project")
-    single = dvc(project, "exp", "run", "-n", "rank16", "-S", "train.lora.r=16")
-    assert ran_stages(single.stdout) - {"report"} == {"train", "evaluate", "release"}
+def test_an_experiment_runs_shows_as_a_table_and_compares_with_the_commit(experimented, tmp_path):
+    project = copy_of(experimented, tmp_path / "project")
     assert (16, 8) in experiment_params(project)
     table = dvc(project, "exp", "show", "--only-changed", "--md").stdout
     assert "train.lora.r" in table and "rank16" in table
