@@ -130,9 +130,10 @@ def test_a_change_of_grading_alone_regenerates_nothing_but_updates_the_samples(p
     assert after["response"].tolist() == before["response"].tolist()
     assert set(after.loc[after["set"] == "gsm8k", "gold"]) == {"720", "100"}
     assert set(after.loc[after["set"] == "heldout", "gold"]) == {"1000", "1001"}
-    # Arrow's regular expressions (RE2) take \b between ASCII word characters and the rest: "t" counts in "tä"
-    assert after["second_guesses"].tolist() == [len(re.findall(rf"\b{marker}\b", r.rpartition("</think>")[0] or r,
-                                                               re.IGNORECASE | re.ASCII)) for r in after["response"]]
+    # counted by the product's counter (Arrow's RE2, whose \b and case folding differ from Python's re on some
+    # letters: "t" counts in "tä") on each response's reasoning, split here
+    reasonings = [r.rpartition("</think>")[0] or r for r in after["response"]]
+    assert after["second_guesses"].tolist() == overthinking.second_guess_counts(reasonings).tolist()
     assert after["second_guesses"].sum() > 0
 
 
