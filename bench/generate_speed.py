@@ -8,9 +8,10 @@ the budget of params.yaml (eval.max_new_tokens); `uniform` runs every response t
 useful tokens/s (tokens up to and including EOS), the share of decode slots that kept a token, the
 responses in flight, the tail and peak GPU memory, per route; speedup = the last route over the first.
 Routes: `padded`, `reserved` (continuous batching with every slot's cache at full length, as before
-paging, and without the Triton kernels: FlashAttention, top-p by sorting) and `continuous` (the stage's
-route: the paged cache, the kernels). --step-sizes also times one decode step per batch size at
---step-context tokens of context, with and without the kernels, against its bandwidth bound (bytes read /
+paging, and without the Triton kernels: FlashAttention, top-p by sorting), `continuous` (the stage's
+route: the paged cache, the kernels) and `fp8` (that with `eval.kv_cache: fp8`: 8-bit keys and values).
+--step-sizes also times one decode step per batch size at --step-context tokens of context, without the
+kernels, with them, and with them over an 8-bit cache, against its bandwidth bound (bytes read /
 --bandwidth).
 
     python -m tests.random_model /tmp/r1
@@ -34,6 +35,7 @@ import torch
 from stages.core import params
 from stages.core.prompts import prompt_text
 from stages.generation import batched as generation
+from stages.generation import paged_attention
 from stages.generation.continuous import ContinuousBatcher, kv_bytes_per_token
 from tests import tiny_model
 
@@ -71,7 +73,8 @@ WORKLOADS = {"r1-math500": (5450, 7328)}  # name: (mean, sd) of response tokens,
 
 def run_route(route: str, model, tokenizer, texts: list[str], config: params.EvalParams,
               end_at: list[int] | None) -> dict:
-    config = dataclasses.replace(config, batching="padded" if route == "padded" else "continuous")
+    config = dataclasses.replace(config, batching="padded" if route == "padded" else "continuous",
+                                 kv_cache="fp8" if route == "fp8" else "model")
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -90,7 +93,8 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
                 "decode_steps": stats["decode_steps"], "in_flight_mean": round(stats["in_flight_mean"], 1),
                 "in_flight_max": stats["in_flight_max"], "preempted": stats["preempted"],
                 "cache_tokens": stats["cache_tokens"], "block_tokens": stats["block_tokens"],
-                "cache_gib": round(stats["cache_tokens"] * kv_bytes_per_token(model.config, model.dtype) / 2**30, 1),
+                "kv_cache": stats["kv_cache"], "cache_gib": round(stats["cache_tokens"] * kv_bytes_per_token(
+                    model.config, getattr(torch, stats["kv_cache"])) / 2**30, 1),
                 "compiled": stats["compiled"], "compile_seconds": round(stats["compile_seconds"], 1),
                 "attention": stats["attention"], "top_p_kernels": stats["top_p_kernels"],
                 "fused_projections": stats["fused_projections"]}
@@ -209,15 +213,17 @@ def main() -> None:
 
 def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats: int = 20) -> list[dict]:
     """Milliseconds of one compiled, graph-replayed decode step (sampling as the model card says) with every
-    slot at `context` tokens, per batch size, with and without the Triton kernels (attention, top-p),
-    against the step's bandwidth bound: the weights plus each slot's keys and values, read once, at
-    `bandwidth` bytes/s."""
+    slot at `context` tokens, per batch size: without the Triton kernels (attention, top-p), with them, and
+    with them over an 8-bit cache; against the step's bandwidth bound: the weights plus each slot's keys and
+    values, read once, at `bandwidth` bytes/s."""
     config = params.load("eval", ROOT / "params.yaml")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
-    for size, kernels in itertools.product(sizes, [False, True]):  # the route before the Triton kernels; now
+    # the route before the Triton kernels; the stage's with eval.kv_cache model; with fp8
+    variants = [(False, model.dtype), (True, model.dtype), (True, paged_attention.EIGHT_BIT)]
+    for size, (kernels, dtype) in itertools.product(sizes, variants):
         engine = ContinuousBatcher(model, size, context + 1, eos=-1, temperature=config.temperature,
-                                   top_p=config.top_p, compile=True, kernels=kernels)
+                                   top_p=config.top_p, compile=True, kernels=kernels, kv_dtype=dtype)
         with torch.inference_mode():
             engine._compile()
             engine._capture()
@@ -232,8 +238,9 @@ def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats:
                 engine.graphs[size].replay()
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / repeats
-        read = weights + size * (context + 1) * kv_bytes_per_token(model.config, model.dtype)
+        read = weights + size * (context + 1) * kv_bytes_per_token(model.config, dtype)
         rows.append({"slots": size, "context": context, "attention": engine.attention,
+                     "kv_cache": engine.stats.kv_cache,
                      "top_p_kernels": engine.stats.top_p_kernels,
                      "fused_projections": engine.stats.fused_projections, "ms": round(1e3 * seconds, 2),
                      "bound_ms": round(1e3 * read / bandwidth, 2), "tokens_per_second": round(size / seconds)})

@@ -101,13 +101,13 @@ def generate_all(sets: dict[str, pa.Table], config: params.EvalParams, model_par
     from stages.core.prompts import prompt_text
 
     # Only what decides the generated tokens: golds, markers and loop sizes grade them, so their changes
-    # reuse the files. batching, batch_size and static_cache are in: the padded route's random numbers depend
+    # reuse the files. batching, batch_size, static_cache and kv_cache are in: the padded route's random numbers depend
     # on the batch a sequence shares (continuous batching keys them per prompt), and on a GPU bf16 rounding
     # does on either route. For batch_size 'auto' the key holds 'auto', not the size free memory gave.
     # Several processes split the batches (the padded route seeds each its own way): their count is in too,
     # only when above one, so the files of one process stay valid.
     sampling = {k: getattr(config, k) for k in ("temperature", "top_p", "max_new_tokens", "batching", "batch_size",
-                                                "static_cache")}
+                                                "static_cache", "kv_cache")}
     made_by = (model_identity(model_params), sampling, seed, *GENERATION_CODE)
     if processes > 1:
         made_by = (*made_by, {"processes": processes})

@@ -183,6 +183,7 @@ class EvalParams:
     batching: Literal["continuous", "padded"]
     batch_size: AutoOrPositive
     static_cache: StrictBool
+    kv_cache: Literal["model", "fp8"]  # continuous: the KV cache's keys and values in the model's dtype, or 8-bit
     num_gpus: AutoOrPositive  # processes generating at once, one per GPU; auto: every visible GPU (1 on CPU)
     loop_ngram: Positive  # words, at least, in each copy of a loop
     loop_repeats: Annotated[StrictInt, Field(ge=2)]  # copies in a row

@@ -20,7 +20,14 @@ from tqdm import tqdm
 from stages.core import params
 from stages.core.cli import StageError
 from stages.core.prompts import THINK_CLOSE
-from stages.generation.continuous import CacheTooSmall, ContinuousBatcher, DecodeStep, kv_bytes_per_token
+from stages.generation import paged_attention
+from stages.generation.continuous import (
+    CacheTooSmall,
+    ContinuousBatcher,
+    DecodeStep,
+    NoEightBitKernel,
+    kv_bytes_per_token,
+)
 
 log = logging.getLogger(__name__)
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so compiled shapes repeat
@@ -169,12 +176,17 @@ def free_memory(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def cache_tokens(model) -> int | None:
-    """The tokens of the paged KV cache: on a GPU, all free memory but CACHE_HEADROOM (the decode step's
-    logits and sampler, a prefill's activations, the graphs); None on CPU (every slot at full length)."""
+def cache_tokens(model, dtype: torch.dtype) -> int | None:
+    """The tokens of the paged KV cache in `dtype`: on a GPU, all free memory but CACHE_HEADROOM (the decode
+    step's logits and sampler, a prefill's activations, the graphs); None on CPU (every slot at full length)."""
     if model.device.type != "cuda":
         return None
-    return max(0, free_memory(model.device) - CACHE_HEADROOM) // kv_bytes_per_token(model.config, model.dtype)
+    return max(0, free_memory(model.device) - CACHE_HEADROOM) // kv_bytes_per_token(model.config, dtype)
+
+
+def kv_dtype(config: params.EvalParams, model) -> torch.dtype:
+    """The continuous route's KV cache dtype: eval.kv_cache 'model' (the model's own) or 'fp8'."""
+    return paged_attention.EIGHT_BIT if config.kv_cache == "fp8" else model.dtype
 
 
 def to_generation(tokenizer, new_tokens: list[int], eos: int) -> Generation:
@@ -267,7 +279,11 @@ def generate_continuous(model, request: Request, progress,
     encoded, order, config, end_at, eos = request.encoded, request.order, request.config, request.end_at, request.eos
     budgets = [min(config.max_new_tokens, end_at[i]) if end_at else config.max_new_tokens for i in order]
     length = max(map(len, encoded), default=0) + config.max_new_tokens
-    paging = {"block": length, "kernels": False} if request.reserved else {"cache_tokens": cache_tokens(model)}
+    if request.reserved:
+        paging = {"block": length, "kernels": False}
+    else:
+        dtype = kv_dtype(config, model)
+        paging = {"cache_tokens": cache_tokens(model, dtype), "kv_dtype": dtype}
     try:
         engine = ContinuousBatcher(model, request.slots, length, eos, config.temperature, config.top_p,
                                    graphs=config.static_cache,
@@ -275,6 +291,8 @@ def generate_continuous(model, request: Request, progress,
     except CacheTooSmall as e:
         raise GenerationError(f"evaluate: {e} (the GPU memory free at the start, less 6 GiB); free the GPU of other "
                               "processes or lower eval.max_new_tokens") from e
+    except NoEightBitKernel as e:
+        raise GenerationError(f"evaluate: eval.kv_cache is 'fp8', but {e}; set eval.kv_cache: model") from e
     except ValueError as e:
         raise GenerationError(f"evaluate: eval.batching is 'continuous', but {e}; set eval.batching: padded") from e
 

@@ -36,10 +36,12 @@ class DecodeStep:
     """What attention needs in a decode step over the block cache; passed to the model in place of a mask,
     so transformers hands it, untouched, to the attention function (stages.generation.batched)."""
 
-    def __init__(self, positions: torch.Tensor, table: torch.Tensor, kernel: Attention):
+    def __init__(self, positions: torch.Tensor, table: torch.Tensor, kernel: Attention,
+                 scales: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.positions = positions  # per slot: where this step's token is written (= tokens before it)
         self.table = table  # per slot: the cache blocks holding its tokens, in order [slots, blocks a slot may hold]
         self.kernel = kernel
+        self.scales = scales  # an 8-bit cache's key and value scales [blocks, block, kv_heads]; None: not 8-bit
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None):
         """query [slots, heads, 1, head_dim] against the block cache [blocks, block, kv_heads, head_dim] ->
@@ -49,9 +51,9 @@ class DecodeStep:
         scaling = head_dim ** -0.5 if scaling is None else scaling
         if self.kernel == "triton":  # reads only the blocks each slot holds, once for all the heads of a group
             return paged_attention.paged_decode(query[:, :, 0], keys, values, self.table, self.positions,
-                                                scaling)[:, None]
+                                                scaling, *(self.scales or ()))[:, None]
         per_slot = self.table.shape[1]
-        if self.kernel == "flash":
+        if self.kernel == "flash":  # (not for an 8-bit cache: ContinuousBatcher refuses the pair)
             # (The route before the Triton kernel, kept where Triton does not run: it computes a query tile of
             # 128 rows for each sequence's 6, so on an H100 it is half bound by arithmetic.)
             # how many of each of the slot's blocks' tokens it has written (0 for the blocks it does not hold)
@@ -85,8 +87,11 @@ class DecodeStep:
         # Masked SDPA over each slot's blocks gathered in order, each group of query heads folded into the
         # query length (no K/V copies per head).
         length = per_slot * block
-        gathered_keys = keys[self.table].view(slots, length, kv_heads, head_dim)
-        gathered_values = values[self.table].view(slots, length, kv_heads, head_dim)
+        key_scales, value_scales = self.scales or (None, None)
+        gathered_keys, gathered_values = (
+            paged_attention.dequantize(cache[self.table], None if scales is None else scales[self.table],
+                                       query.dtype).view(slots, length, kv_heads, head_dim)
+            for cache, scales in ((keys, key_scales), (values, value_scales)))
         mask = (torch.arange(length, device=query.device) <= self.positions[:, None])[:, None, None, :]
         folded = query.reshape(slots, kv_heads, heads // kv_heads, head_dim)
         output = torch.nn.functional.scaled_dot_product_attention(
@@ -101,13 +106,18 @@ def token_kv_shape(config) -> tuple[int, int]:
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """The keys and values of one token in every layer."""
+    """The keys and values of one token in every layer, in a cache of `dtype` (8-bit: with their scales)."""
     kv_heads, head_dim = token_kv_shape(config)
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+    scale = 4 if dtype == paged_attention.EIGHT_BIT else 0  # a float32 per token and KV head
+    return 2 * config.num_hidden_layers * kv_heads * (head_dim * dtype.itemsize + scale)
 
 
 class CacheTooSmall(ValueError):
     """The GPU memory left for the KV cache cannot hold one response at full length."""
+
+
+class NoEightBitKernel(ValueError):
+    """An 8-bit KV cache on a GPU where the Triton attention kernel does not run."""
 
 
 class BlockCache:
@@ -115,7 +125,8 @@ class BlockCache:
     responses a block at a time as they grow, so the responses in flight follow their actual lengths, not the
     budget. Block 0 is scratch: every slot's table points there until it holds blocks, so writes of empty
     slots land nowhere that matters. A prefill passes it to the model as past_key_values: transformers'
-    attention layers call update()."""
+    attention layers call update(). In 8-bit (dtype paged_attention.EIGHT_BIT) each token's key and value of
+    each KV head is kept with a float32 scale (paged_attention.quantize), in key_scales and value_scales."""
 
     def __init__(self, config, slots: int, length: int, block: int, tokens: int | None, dtype: torch.dtype,
                  device: torch.device):
@@ -127,8 +138,12 @@ class BlockCache:
         if self.blocks - 1 < self.per_slot:
             raise CacheTooSmall(f"a KV cache of {tokens} tokens cannot hold one response of {length} tokens")
         shape = (self.blocks, block, *token_kv_shape(config))
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        layers = range(config.num_hidden_layers)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: its keys' and values'
+        if dtype == paged_attention.EIGHT_BIT:
+            self.scales = [tuple(torch.zeros(shape[:-1], device=device) for _ in range(2)) for _ in layers]
         self.table = torch.zeros(slots, self.per_slot, dtype=torch.long, device=device)
         self.held: list[list[int]] = [[] for _ in range(slots)]  # the blocks of each slot, in order
         self.free = list(range(self.blocks - 1, 0, -1))  # popped from the end: low blocks first
@@ -154,14 +169,14 @@ class BlockCache:
         self.table[slot] = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Prompts are written from position 0; they attend to themselves only."""
+        """Prompts are written from position 0; they attend to themselves only, as the cache holds them (in
+        8-bit: their keys and values rounded, as later tokens see them)."""
         length = key_states.shape[2]
         positions = torch.arange(length, device=key_states.device)
         blocks = self.table[self.rows][:, positions // self.block]  # [rows, length]; beyond a slot's: scratch
-        offsets = positions % self.block
-        self.keys[layer_idx][blocks, offsets] = key_states.transpose(1, 2)
-        self.values[layer_idx][blocks, offsets] = value_states.transpose(1, 2)
-        return key_states, value_states
+        return write(self.keys[layer_idx], self.values[layer_idx], self.scales and self.scales[layer_idx],
+                     (blocks, positions % self.block), key_states.transpose(1, 2), value_states.transpose(1, 2),
+                     returned=True)
 
     def compact(self, keep: list[int]) -> None:
         """Move the slots in `keep` to the front, in that order (their tables: no keys or values move)."""
@@ -171,20 +186,37 @@ class BlockCache:
         self.held = [self.held[slot] for slot in keep] + [[] for _ in range(len(self.held) - len(keep))]
 
 
+def write(keys: torch.Tensor, values: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None, where,
+          key_states: torch.Tensor, value_states: torch.Tensor, returned: bool = False):
+    """Store keys and values [..., kv_heads, head_dim] at `where` (an index of the cache's first two
+    dimensions), in 8-bit with their scales when `scales` is given. returned: the states as stored (in their
+    dtype), else nothing."""
+    if scales is None:
+        keys[where], values[where] = key_states, value_states
+        return (key_states.transpose(1, 2), value_states.transpose(1, 2)) if returned else None
+    stored = []
+    for cache, scale, states in ((keys, scales[0], key_states), (values, scales[1], value_states)):
+        cache[where], scale[where] = eight_bit = paged_attention.quantize(states)
+        if returned:
+            stored.append(paged_attention.dequantize(*eight_bit, states.dtype).transpose(1, 2))
+    return tuple(stored) if returned else None
+
+
 class LayerBlocks:
     """One layer's block cache as a decode step's attention sees it (its past_key_values): update() writes
     each slot's new key and value at the slot's position, in the block its table gives, and returns the
     layer's cache. It ignores the layer index, so one compiled layer step serves every layer."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, table: torch.Tensor):
-        self.keys, self.values, self.positions, self.table = keys, values, positions, table
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+                 scales: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.keys, self.values, self.positions, self.table, self.scales = keys, values, positions, table, scales
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         block = self.keys.shape[1]
         slots = key_states.shape[0]
         blocks = self.table[torch.arange(slots, device=key_states.device), self.positions // block]
-        self.keys[blocks, self.positions % block] = key_states[:, :, 0]
-        self.values[blocks, self.positions % block] = value_states[:, :, 0]
+        write(self.keys, self.values, self.scales, (blocks, self.positions % block), key_states[:, :, 0],
+              value_states[:, :, 0])
         return self.keys, self.values
 
 
@@ -192,11 +224,13 @@ DECODER_PARTS = ("embed_tokens", "rotary_emb", "layers", "norm")  # what a decod
 
 
 def layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-               table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kernel: Attention) -> torch.Tensor:
+               table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               scales: tuple[torch.Tensor, torch.Tensor] | None, kernel: Attention) -> torch.Tensor:
     """One decoder layer of a decode step: hidden [slots, 1, hidden] of the slots' last tokens, written to
-    and attending over the layer's block cache (keys, values) up to each slot's position."""
-    return layer(hidden, attention_mask=DecodeStep(positions, table, kernel), position_ids=positions[:, None],
-                 past_key_values=LayerBlocks(keys, values, positions, table), use_cache=True,
+    and attending over the layer's block cache (keys, values; an 8-bit cache's scales) up to each slot's
+    position."""
+    return layer(hidden, attention_mask=DecodeStep(positions, table, kernel, scales), position_ids=positions[:, None],
+                 past_key_values=LayerBlocks(keys, values, positions, table, scales), use_cache=True,
                  position_embeddings=(cos, sin))
 
 
@@ -230,7 +264,8 @@ def fuse_projections(layer) -> Fused | None:
 
 
 def fused_layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                     table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kernel: Attention,
+                     table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     scales: tuple[torch.Tensor, torch.Tensor] | None, kernel: Attention,
                      qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """layer_step for a layer fuse_projections fused: Qwen2DecoderLayer's forward, with q/k/v and gate/up
     each one matrix product."""
@@ -243,8 +278,8 @@ def fused_layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.
     query, key, value = (t.view(shape).transpose(1, 2) for t in
                          torch.nn.functional.linear(normed, qkv_weight, qkv_bias).split(sizes, dim=-1))
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    keys, values = LayerBlocks(keys, values, positions, table).update(key, value, 0)  # any layer: one graph
-    attended = DecodeStep(positions, table, kernel).attend(query, keys, values, attn.scaling)
+    keys, values = LayerBlocks(keys, values, positions, table, scales).update(key, value, 0)  # any layer: one graph
+    attended = DecodeStep(positions, table, kernel, scales).attend(query, keys, values, attn.scaling)
     hidden = hidden + attn.o_proj(attended.reshape(*normed.shape[:-1], -1))
     gate, up = torch.nn.functional.linear(layer.post_attention_layernorm(hidden), gate_up).chunk(2, dim=-1)
     return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
@@ -340,11 +375,19 @@ def flash_decode_available(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def decode_attention(device: torch.device, dtype: torch.dtype, head_dim: int, kernels: bool = True) -> Attention:
-    """The fastest attention kernel that runs here (kernels=False: not the Triton kernel)."""
-    if kernels and paged_attention.available(device, dtype, head_dim):
+def decode_attention(device: torch.device, dtype: torch.dtype, head_dim: int, kernels: bool = True,
+                     eight_bit: bool = False) -> Attention:
+    """The fastest attention kernel that runs here (kernels=False: not the Triton kernel) for a model of
+    `dtype`; with 8-bit keys and values (eight_bit), which FlashAttention cannot read, the Triton kernel or
+    masked SDPA."""
+    if kernels and paged_attention.available(device, dtype, head_dim, eight_bit):
         return "triton"
-    return "flash" if flash_decode_available(device, dtype) else "sdpa"
+    if not flash_decode_available(device, dtype):
+        return "sdpa"
+    if eight_bit:
+        raise NoEightBitKernel("an 8-bit KV cache needs the Triton attention kernel, which does not run here (the log "
+                               "says why)")
+    return "flash"
 
 
 def graph_sizes(slots: int) -> list[int]:
@@ -379,6 +422,7 @@ class Stats:
     preempted: int = 0  # responses paused for lack of free blocks (their tokens recomputed when resumed)
     attention: str = ""  # the decode step's attention kernel (an Attention)
     top_p_kernels: bool = False  # sampling by the Triton kernels (else by sorting)
+    kv_cache: str = ""  # the KV cache's dtype
     fused_projections: bool = False  # q/k/v and gate/up each one matrix product (fuse_projections)
 
 
@@ -392,10 +436,11 @@ class ContinuousBatcher:
 
     def __init__(self, model, slots: int, length: int, eos: int, temperature: float, top_p: float,
                  graphs: bool = True, compile: bool = False, block: int = BLOCK_TOKENS,
-                 cache_tokens: int | None = None, kernels: bool = True):
+                 cache_tokens: int | None = None, kernels: bool = True, kv_dtype: torch.dtype | None = None):
         """kernels: the Triton kernels for attention and top-p where they run, and fused projections
         (fuse_projections); False: the route before them (FlashAttention where it runs, top-p by sorting, 7
-        matrix products a layer), the benchmarks' baseline."""
+        matrix products a layer), the benchmarks' baseline. kv_dtype: the KV cache's (default: the model's;
+        paged_attention.EIGHT_BIT: 8-bit keys and values with their scales, half the bytes a token)."""
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         config, self.device = model.config, model.device
         if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
@@ -407,10 +452,12 @@ class ContinuousBatcher:
         self.slots, self.length, self.eos = slots, length, eos
         self.graph_sizes = graph_sizes(slots)  # a tail step looks up the smallest that holds its responses
         block = min(block, length)
-        self.cache = BlockCache(config, slots, length, block, cache_tokens, model.dtype, self.device)
+        kv_dtype = kv_dtype or model.dtype
+        eight_bit = kv_dtype == paged_attention.EIGHT_BIT
+        self.attention = decode_attention(self.device, model.dtype, token_kv_shape(config)[1], kernels, eight_bit)
+        self.cache = BlockCache(config, slots, length, block, cache_tokens, kv_dtype, self.device)
         kernel = kernels and temperature > 0 and top_p_kernels.available(self.device, model.dtype)
         self.sample = sampler(temperature, top_p, kernel=kernel)
-        self.attention = decode_attention(self.device, model.dtype, token_kv_shape(config)[1], kernels)
         # each slot's next input token: the token a decode step just drew, read back by run()
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -434,7 +481,8 @@ class ContinuousBatcher:
         self.owner: list[int | None] = [None] * slots  # the prompt (index) each slot is answering
         self.lengths = [0] * slots  # tokens in each slot's cache after its next decode step
         self.stats = Stats(cache_tokens=(self.cache.blocks - 1) * block, block_tokens=block, attention=self.attention,
-                           top_p_kernels=kernel, fused_projections=self.fused is not None)
+                           top_p_kernels=kernel, fused_projections=self.fused is not None,
+                           kv_cache=str(kv_dtype).removeprefix("torch."))
 
     def _next_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The next token of each slot from its last one, its write position and its sampling key; writes
@@ -442,10 +490,12 @@ class ContinuousBatcher:
         hidden = self.decoder.embed_tokens(tokens[:, None])
         cos, sin = self.decoder.rotary_emb(hidden, positions[:, None])
         table = self.cache.table[:len(tokens)]
-        for layer, fused, layer_keys, layer_values in zip(self.layers, self.fused or [()] * len(self.layers),
-                                                          self.cache.keys, self.cache.values, strict=True):
+        layers = len(self.layers)
+        for layer, fused, layer_keys, layer_values, scales in zip(
+                self.layers, self.fused or [()] * layers, self.cache.keys, self.cache.values,
+                self.cache.scales or [None] * layers, strict=True):
             hidden = self.layer_step(layer, *self._any_slots(hidden, cos, sin, positions, table), layer_keys,
-                                     layer_values, self.attention, *fused)
+                                     layer_values, scales, self.attention, *fused)
         return self.last_step(self.decoder.norm, self.head, self.sample, *self._any_slots(hidden, keys, positions))
 
     def _any_slots(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -468,7 +518,7 @@ class ContinuousBatcher:
         log.info("compiling the decode step (tens of seconds on a machine's first run; seconds once cached)")
         # Graphs for any cache's blocks, block size and blocks per slot: every worker, model and set of a
         # run, and later runs (through Inductor's on-disk cache), reuse them instead of compiling anew.
-        for tensor in (*self.cache.keys, *self.cache.values):
+        for tensor in (*self.cache.keys, *self.cache.values, *itertools.chain(*self.cache.scales or ())):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
             torch._dynamo.maybe_mark_dynamic(tensor, 1)
         torch._dynamo.maybe_mark_dynamic(self.cache.table, 1)

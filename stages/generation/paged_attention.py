@@ -25,6 +25,8 @@ TILE = 64  # keys a program reads per iteration
 ROWS = 16  # a KV head's query rows, padded to the smallest tile tl.dot takes
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # on a CPU, in tests
 PROGRAMS = 4096  # partitions are as small as it takes to give the GPU about this many programs
+EIGHT_BIT = torch.float8_e4m3fn  # eval.kv_cache: fp8 keeps keys and values so, a float32 scale per token and head
+EIGHT_BIT_MAX = torch.finfo(EIGHT_BIT).max
 
 
 try:  # CUDA builds of torch bring Triton; CPU tests run these kernels in its interpreter (TRITON_INTERPRET=1)
@@ -34,10 +36,11 @@ except ImportError:
     triton = None
 else:
     @triton.jit
-    def partials(query, keys, values, table, positions, out, lse, scale_log2,
-                 q_slot, q_head, k_block, k_token, k_head, t_slot, o_slot, o_part, o_head, l_slot, l_part,
-                 BLOCK: tl.constexpr, PER_PART: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr,
-                 DIM: tl.constexpr, TILE: tl.constexpr, FLOAT_DOTS: tl.constexpr):
+    def partials(query, keys, values, key_scales, value_scales, table, positions, out, lse, scale_log2,
+                 q_slot, q_head, k_block, k_token, k_head, s_block, s_token, t_slot, o_slot, o_part, o_head,
+                 l_slot, l_part, BLOCK: tl.constexpr, PER_PART: tl.constexpr, GROUPS: tl.constexpr,
+                 ROWS: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr, SCALED: tl.constexpr,
+                 FLOAT_DOTS: tl.constexpr):
         slot, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         first = part * PER_PART * BLOCK  # the partition's first token
         count = tl.minimum(tl.load(positions + slot) + 1 - first, PER_PART * BLOCK)  # its tokens the slot holds
@@ -58,14 +61,23 @@ else:
                   + dims[None, :])
             k = tl.load(keys + at, mask=valid[:, None], other=0.0)
             v = tl.load(values + at, mask=valid[:, None], other=0.0)
+            if SCALED:  # 8-bit keys and values, a scale per (token, KV head): q.k = scale (q.k8), and likewise v
+                k, v = k.to(q.dtype), v.to(q.dtype)
+                scaled = blocks.to(tl.int64) * s_block + (tokens % BLOCK) * s_token + kv_head
+                key_scale = tl.load(key_scales + scaled, mask=valid, other=0.0)
+                value_scale = tl.load(value_scales + scaled, mask=valid, other=0.0)
             if FLOAT_DOTS:  # Triton's interpreter multiplies bf16 as raw integers
                 q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
             scores = tl.dot(q, tl.trans(k)) * scale_log2
+            if SCALED:
+                scores = scores * key_scale[None, :]
             scores = tl.where(valid[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, 1))
             weights = tl.exp2(scores - new_best[:, None])
             shrink = tl.exp2(best - new_best)
             total = total * shrink + tl.sum(weights, 1)
+            if SCALED:
+                weights = weights * value_scale[None, :]
             acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
             best = new_best
         keep = rows < GROUPS
@@ -92,18 +104,31 @@ else:
         tl.store(result + slot * r_slot + head * r_head + dims, merged.to(result.dtype.element_ty))
 
 
-def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+def quantize(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys or values [..., head_dim] as 8-bit floats and a float32 scale per row: its largest magnitude maps
+    to the format's largest (448), so no row overflows and each keeps e4m3's relative precision (~6%)."""
+    scale = states.abs().amax(-1, keepdim=True).float().clamp(min=1e-30) / EIGHT_BIT_MAX
+    return (states.float() / scale).to(EIGHT_BIT), scale[..., 0]
+
+
+def dequantize(states: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """What quantize() stored, back in `dtype`; states unchanged (but for the dtype) when scale is None."""
+    return states.to(dtype) if scale is None else (states.float() * scale[..., None]).to(dtype)
+
+
+def available(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: bool = False) -> bool:
     """The Triton decode kernel runs here, and right: a CUDA GPU, bf16 or fp16, a power-of-two head size, and
-    on a small cache it gives what plain attention gives (checked once per process and shape)."""
+    on a small cache (eight_bit: quantized) it gives what plain attention gives (checked once per process and
+    shape)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
     if head_dim < 16 or head_dim & (head_dim - 1) or triton is None:
         return False
-    return verified(device, dtype, head_dim)
+    return verified(device, dtype, head_dim, eight_bit)
 
 
 @functools.cache
-def verified(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+def verified(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: bool = False) -> bool:
     """The kernel against plain attention on a small cache (3 slots of two 80-token blocks, scattered; a
     block ends inside a tile), from the same rounded inputs; False, and a warning, if it fails or differs."""
     try:
@@ -115,9 +140,11 @@ def verified(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
         table = (torch.arange(slots * per_slot, device=device) + 1).flip(0).view(slots, per_slot)
         positions = torch.tensor([0, block - 1, 2 * block - 1], device=device)
         scale = head_dim ** -0.5
-        result = paged_decode(query, keys, values, table, positions, scale).float()
-        cached = [tensor[table].flatten(1, 2).repeat_interleave(heads // kv_heads, dim=2).float()
-                  for tensor in (keys, values)]  # [slots, tokens, heads, head_dim]
+        (keys, key_scales), (values, value_scales) = (quantize(t) if eight_bit else (t, None) for t in (keys, values))
+        result = paged_decode(query, keys, values, table, positions, scale, key_scales, value_scales).float()
+        cached = [dequantize(tensor, scales, torch.float32)[table].flatten(1, 2).repeat_interleave(
+            heads // kv_heads, dim=2) for tensor, scales in ((keys, key_scales), (values, value_scales))]
+        # [slots, tokens, heads, head_dim]
         scores = torch.einsum("shd,sthd->sht", query.float(), cached[0]) * scale
         seen = torch.arange(per_slot * block, device=device) <= positions[:, None]
         scores = scores.masked_fill(~seen[:, None, :], float("-inf"))
@@ -132,10 +159,12 @@ def verified(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
 
 @torch.library.custom_op("r1_math_lora::paged_decode", mutates_args=())
 def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
-                 positions: torch.Tensor, scale: float) -> torch.Tensor:
+                 positions: torch.Tensor, scale: float, key_scales: torch.Tensor | None = None,
+                 value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """query [slots, heads, head_dim]; keys, values [blocks, block, kv_heads, head_dim]; table [slots, blocks
     a slot may hold]; positions [slots]: each slot attends to its tokens 0..position -> [slots, heads,
-    head_dim]. Opaque to torch.compile: its own kernels."""
+    head_dim]. key_scales, value_scales [blocks, block, kv_heads] (float32) when the keys and values are 8-bit:
+    a token's key is its keys row times its scale. Opaque to torch.compile: its own kernels."""
     slots, heads, dim = query.shape
     _, block, kv_heads, _ = keys.shape
     per_slot = table.shape[1]
@@ -143,13 +172,16 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     parts = -(-per_slot // per_part)
     out = torch.empty(slots, parts, heads, dim, device=query.device, dtype=torch.float32)
     lse = torch.empty(slots, parts, heads, device=query.device, dtype=torch.float32)
+    scaled = key_scales is not None  # and value_scales, laid out alike
     partials[(slots, kv_heads, parts)](
-        query, keys, values, table, positions, out, lse, scale * 1.4426950408889634,
-        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), table.stride(0),
+        query, keys, values, key_scales if scaled else keys, value_scales if scaled else values, table, positions,
+        out, lse, scale * 1.4426950408889634,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        key_scales.stride(0) if scaled else 0, key_scales.stride(1) if scaled else 0, table.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         BLOCK=block, PER_PART=per_part, GROUPS=heads // kv_heads,
-        ROWS=triton.next_power_of_2(max(ROWS, heads // kv_heads)), DIM=dim, TILE=TILE, FLOAT_DOTS=INTERPRETED,
-        num_warps=4, num_stages=2)
+        ROWS=triton.next_power_of_2(max(ROWS, heads // kv_heads)), DIM=dim, TILE=TILE, SCALED=scaled,
+        FLOAT_DOTS=INTERPRETED, num_warps=4, num_stages=2)
     result = torch.empty_like(query)
     merge[(slots, heads)](out, lse, result, parts, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
                           lse.stride(1), result.stride(0), result.stride(1),
@@ -158,5 +190,5 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 @paged_decode.register_fake
-def _(query, keys, values, table, positions, scale):
+def _(query, keys, values, table, positions, scale, key_scales=None, value_scales=None):
     return torch.empty_like(query)

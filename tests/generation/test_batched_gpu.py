@@ -46,23 +46,29 @@ def test_greedy_continuous_batching_returns_the_tokens_of_generate_in_fp32(model
                                         tokenizer.eos_token_id) == output
 
 
+@pytest.mark.parametrize("eight_bit", [False, True])  # eval.kv_cache: model, fp8
 @pytest.mark.parametrize("block", [512, 48])  # 48: a block's end inside a kernel's tile of keys
 @pytest.mark.parametrize("programs", [4096, 64, 1])  # a partition of one block, of 3, of all 6 (slots x 2 x 6 = 192)
-def test_the_triton_decode_kernel_over_scattered_blocks_matches_masked_sdpa_in_bf16(block, programs, monkeypatch):
+def test_the_triton_decode_kernel_over_scattered_blocks_matches_masked_sdpa_in_bf16(block, programs, eight_bit,
+                                                                                     monkeypatch):
     monkeypatch.setattr(paged_attention, "PROGRAMS", programs)
     torch.manual_seed(0)
     slots, per_slot, kv_heads, heads, head_dim = 16, 6, 2, 12, 128
-    assert paged_attention.available(torch.device("cuda"), torch.bfloat16, head_dim)
+    assert paged_attention.available(torch.device("cuda"), torch.bfloat16, head_dim, eight_bit)
     keys, values = (torch.randn(1 + slots * per_slot, block, kv_heads, head_dim, device="cuda",
                                 dtype=torch.bfloat16) for _ in range(2))
+    scales = None
+    if eight_bit:
+        (keys, key_scales), (values, value_scales) = paged_attention.quantize(keys), paged_attention.quantize(values)
+        scales = key_scales, value_scales
     table = (torch.randperm(slots * per_slot, device="cuda") + 1).view(slots, per_slot)
     query = torch.randn(slots, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
     positions = torch.randint(0, block * per_slot, (slots,), device="cuda")
     # the first token, a full block, a block's first token, every token of the slot's blocks
     positions[:4] = torch.tensor([0, block - 1, block, block * per_slot - 1])
-    paged = continuous.DecodeStep(positions, table, "triton").attend(query, keys, values, head_dim ** -0.5)
-    masked = continuous.DecodeStep(positions, table, "sdpa").attend(
-        query.float(), keys.float(), values.float(), head_dim ** -0.5)
+    paged = continuous.DecodeStep(positions, table, "triton", scales).attend(query, keys, values, head_dim ** -0.5)
+    masked = continuous.DecodeStep(positions, table, "sdpa", scales).attend(query.float(), keys, values,
+                                                                            head_dim ** -0.5)
     torch.testing.assert_close(paged.float(), masked, atol=1e-2, rtol=1e-2)
 
 
@@ -97,19 +103,21 @@ def test_compiled_graph_steps_over_small_blocks_give_generates_tokens_in_fp32_an
         assert runs[None][0][i] == output[0, ids.shape[1]:].tolist()
 
 
-def test_sampled_generation_with_graphs_ends_where_forced_and_repeats_with_the_seed(model_dir):
+@pytest.mark.parametrize("kv_cache", ["model", "fp8"])
+def test_sampled_generation_with_graphs_ends_where_forced_and_repeats_with_the_seed(model_dir, kv_cache):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = generation.load_model(params.ModelParams(str(model_dir), "main", 4096, ""), None)
     config = dataclasses.replace(params.load("eval", ROOT / "params.yaml"), max_new_tokens=64, batch_size=16,
-                                 batching="continuous", static_cache=True)
+                                 batching="continuous", static_cache=True, kv_cache=kv_cache)
     prompts = [f"What is {i} squared? Explain." for i in range(40)]
     end_at = [1 + (7 * i) % 64 for i in range(40)]
     stats = {}
     first = generation.generate(model, tokenizer, prompts, config, seed=3, end_at=end_at, stats=stats)
     assert stats["compiled"]  # 16 slots: the sampler's cumulative sums once failed to compile at this size
     assert stats["attention"] == "triton" and stats["top_p_kernels"] and stats["fused_projections"]  # in the graphs
+    assert stats["kv_cache"] == {"model": "bfloat16", "fp8": "float8_e4m3fn"}[kv_cache]
     # Random weights seldom end by themselves (1 sampled end-of-sequence in 12,800 draws on an H200; one of
     # these 40 responses did on an H100): each response ends where forced, or before it with a sampled end.
     assert all(o.n_tokens == end or (o.n_tokens < end and not o.hit_max_tokens)
@@ -146,7 +154,7 @@ def test_the_cache_is_sized_with_the_memory_pytorch_holds_cached_from_freed_tens
     """An earlier model's cache or a test's tensors, freed, stay reserved by PyTorch's allocator: they are
     free for this process, and the KV cache counts them."""
     model = generation.load_model(params.ModelParams(str(model_dir), "main", 4096, ""), None)
-    before = generation.cache_tokens(model)
+    before = generation.cache_tokens(model, model.dtype)
     held = torch.empty(8 * 2**30, dtype=torch.uint8, device="cuda")
     del held  # 8 GiB now cached by the allocator, not free to the device
-    assert generation.cache_tokens(model) >= 0.99 * before
+    assert generation.cache_tokens(model, model.dtype) >= 0.99 * before

@@ -2,6 +2,7 @@
 sampling as transformers' top-p cuts it, forced ends for benchmarks."""
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from stages.core import params
 from stages.generation import batched as generation
-from stages.generation import continuous
+from stages.generation import continuous, paged_attention
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -386,9 +387,45 @@ def test_a_decode_step_whose_graphs_cannot_be_captured_is_run_without_them_and_s
 
 
 def test_a_gpu_too_full_for_one_response_is_one_line_naming_what_to_do(model, tokenizer, monkeypatch):
-    monkeypatch.setattr(generation, "cache_tokens", lambda model: 8)  # as a GPU shared with another process
+    monkeypatch.setattr(generation, "cache_tokens", lambda model, dtype: 8)  # as a GPU shared with another process
     config = eval_config(temperature=0.0, max_new_tokens=24, batch_size=4, batching="continuous")
     expected = (r"^evaluate: a KV cache of 8 tokens cannot hold one response of \d+ tokens \(the GPU memory free at "
                 r"the start, less 6 GiB\); free the GPU of other processes or lower eval\.max_new_tokens$")
+    with pytest.raises(generation.GenerationError, match=expected):
+        generation.generate(model, tokenizer, PROMPTS[:2], config, seed=0)
+
+
+def test_an_eight_bit_cache_draws_the_same_tokens_in_any_batch_and_through_a_pause(model):
+    """eval.kv_cache: fp8. Prefills attend to the keys and values as the cache holds them (rounded), as decode
+    steps do: a response paused and resumed (its tokens prefilled again) draws what it would have drawn."""
+    prompts = [[5 + i, 6, 7, 8] for i in range(6)]
+    budgets = [12, 3, 9, 14, 5, 10]
+    eight_bit = {"kv_dtype": paged_attention.EIGHT_BIT, "block": 8}
+    for temperature in (0.0, 0.6):
+        ample, engine = run_engine(model, prompts, budgets, slots=4, length=24, temperature=temperature, **eight_bit)
+        assert engine.stats.kv_cache == "float8_e4m3fn" and engine.cache.keys[0].dtype == paged_attention.EIGHT_BIT
+        assert engine.stats.preempted == 0
+        tight, engine = run_engine(model, prompts, budgets, slots=4, length=24, temperature=temperature,
+                                   cache_tokens=32, **eight_bit)
+        assert engine.stats.preempted > 0
+        wide, _ = run_engine(model, prompts, budgets, slots=16, length=24, temperature=temperature, **eight_bit)
+        assert tight == ample == wide and [len(tight[i]) for i in range(6)] == budgets
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, paged_attention.EIGHT_BIT])
+def test_the_cache_allocates_the_bytes_a_token_that_its_sizing_counts(model, dtype):
+    cache = continuous.BlockCache(model.config, slots=2, length=16, block=8, tokens=None, dtype=dtype,
+                                  device=torch.device("cpu"))
+    tensors = [*cache.keys, *cache.values, *itertools.chain(*cache.scales or ())]
+    per_token = sum(t.numel() * t.element_size() for t in tensors) / (cache.blocks * cache.block)
+    assert per_token == continuous.kv_bytes_per_token(model.config, dtype)
+
+
+def test_an_eight_bit_cache_on_a_gpu_without_the_triton_kernel_is_one_line_naming_what_to_do(model, tokenizer,
+                                                                                                monkeypatch):
+    monkeypatch.setattr(continuous, "flash_decode_available", lambda device, dtype: True)  # as such a GPU
+    config = eval_config(temperature=0.0, max_new_tokens=8, batch_size=4, batching="continuous", kv_cache="fp8")
+    expected = (r"^evaluate: eval\.kv_cache is 'fp8', but an 8-bit KV cache needs the Triton attention kernel, which "
+                r"does not run here \(the log says why\); set eval\.kv_cache: model$")
     with pytest.raises(generation.GenerationError, match=expected):
         generation.generate(model, tokenizer, PROMPTS[:2], config, seed=0)

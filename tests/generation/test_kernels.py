@@ -12,20 +12,40 @@ from stages.generation import continuous, paged_attention, top_p  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.mark.parametrize("eight_bit", [False, True])  # eval.kv_cache: model, fp8
 @pytest.mark.parametrize("programs", [4096, 8])  # partitions of one block; of two, merged by their log-sum-exps
-def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_position(programs, monkeypatch):
+def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_position(programs, eight_bit,
+                                                                                      monkeypatch):
+    """Against masked SDPA over the cache as it holds keys and values (8-bit: times their scales)."""
     monkeypatch.setattr(paged_attention, "PROGRAMS", programs)
     torch.manual_seed(0)
     slots, block, per_slot, kv_heads, heads, head_dim = 5, 48, 4, 2, 12, 16  # 48: a block ends inside a tile
+    # each row of its own magnitude: an 8-bit row's scale must be its own
     keys, values = (torch.randn(1 + slots * per_slot, block, kv_heads, head_dim, device=DEVICE).bfloat16()
+                    * torch.rand(1 + slots * per_slot, block, kv_heads, 1, device=DEVICE).bfloat16() * 4
                     for _ in range(2))
+    scales = None
+    if eight_bit:
+        (keys, key_scales), (values, value_scales) = paged_attention.quantize(keys), paged_attention.quantize(values)
+        scales = key_scales, value_scales
     table = (torch.randperm(slots * per_slot, device=DEVICE) + 1).view(slots, per_slot)
     query = torch.randn(slots, heads, 1, head_dim, device=DEVICE).bfloat16()
     positions = torch.tensor([0, 47, 48, 191, 100], device=DEVICE)  # first token, a block's last, next's first, all
-    kernel = continuous.DecodeStep(positions, table, "triton").attend(query, keys, values, head_dim ** -0.5)
-    masked = continuous.DecodeStep(positions, table, "sdpa").attend(query.float(), keys.float(), values.float(),
-                                                                    head_dim ** -0.5)
+    kernel = continuous.DecodeStep(positions, table, "triton", scales).attend(query, keys, values, head_dim ** -0.5)
+    masked = continuous.DecodeStep(positions, table, "sdpa", scales).attend(query.float(), keys, values,
+                                                                            head_dim ** -0.5)
     torch.testing.assert_close(kernel.float(), masked, atol=2e-2, rtol=2e-2)  # bf16's rounding of the output
+
+
+def test_eight_bit_keeps_each_row_to_its_own_scale_within_e4m3s_rounding():
+    rows = torch.randn(64, 128, dtype=torch.float64) * torch.logspace(-6, 6, 64, dtype=torch.float64)[:, None]
+    stored, scale = paged_attention.quantize(rows.bfloat16())
+    assert stored.dtype == torch.float8_e4m3fn and scale.shape == (64,)
+    back = paged_attention.dequantize(stored, scale, torch.float64)
+    largest = rows.abs().amax(1, keepdim=True)
+    # e4m3: 3 mantissa bits (a relative step of 1/8, so half of it), bf16's rounding before; the smallest
+    # magnitudes of a row fall to e4m3's subnormals, steps of 2^-9 of its unit, 448 units to the row's largest
+    assert ((back - rows).abs() <= rows.abs() / 16 + rows.abs() / 128 + largest / 448 * 2 ** -10).all()
 
 
 def cases() -> torch.Tensor:
