@@ -2,9 +2,9 @@
 1.5B shape, one call: attention over a paged cache (FlashAttention's variable-length kernel, one sequence per
 (slot, block), against stages.generation.paged_attention) per (slots, context), compiled as the decode step
 compiles them (the route before's merge of the blocks' results is fused there) and replayed as CUDA graphs of
-28 layers, with the bytes each layer reads and the bandwidth that makes; top-p sampling at temperature 0.6 /
-top-p 0.95 over 151,936 logits (the sort, compiled as the decode step compiles it, against
-stages.generation.top_p) per row count, on two kinds of logits: `flat` (random: the kept set is most of the
+28 layers, with the bytes each layer reads and the bandwidth that makes (and the Triton kernel over an 8-bit
+cache, `eval.kv_cache: fp8`); top-p sampling at temperature 0.6 / top-p 0.95 over 151,936 logits (the sort,
+compiled as the decode step compiles it, against stages.generation.top_p) per row count, on two kinds of logits: `flat` (random: the kept set is most of the
 vocabulary) and `peaked` (as a language model's: a bulk of N(0, 2) and 8 tokens 14-20 above it, the kept set
 a few tokens: the kernels skip the tiles below the cut).
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from stages.generation import continuous, top_p
+from stages.generation import continuous, paged_attention, top_p
 
 LAYERS, KV_HEADS, HEADS, HEAD_DIM, VOCAB, BLOCK = 28, 2, 12, 128, 151_936, 512
 
@@ -59,6 +59,14 @@ def attention(slots: int, context: int, per_slot: int = 17) -> dict:
         ms = replay_ms(lambda attend=attend: attend(query, keys, values))
         row[kernel] = {"ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
     row["speedup"] = round(row["flash"]["ms"] / row["triton"]["ms"], 2)
+    # eval.kv_cache: fp8: the Triton kernel over 8-bit keys and values and their float32 scales
+    (keys, key_scales), (values, value_scales) = paged_attention.quantize(keys), paged_attention.quantize(values)
+    step = continuous.DecodeStep(positions, table, "triton", (key_scales, value_scales))
+    attend = torch.compile(lambda q, k, v, step=step: step.attend(q, k, v, HEAD_DIM ** -0.5), fullgraph=True)
+    ms = replay_ms(lambda attend=attend: attend(query, keys, values))
+    read_fp8 = slots * context * 2 * KV_HEADS * (HEAD_DIM + 4)
+    row["triton_fp8"] = {"ms": round(ms, 4), "mb_read": round(read_fp8 / 1e6, 1),
+                         "tb_per_s": round(read_fp8 / ms / 1e9, 2)}
     return row
 
 
