@@ -4,9 +4,9 @@
 compiles them (the route before's merge of the blocks' results is fused there) and replayed as CUDA graphs of
 28 layers, with the bytes each layer reads and the bandwidth that makes (and the Triton kernel over an 8-bit
 cache, `eval.kv_cache: fp8`); top-p sampling at temperature 0.6 / top-p 0.95 over 151,936 logits (the sort,
-compiled as the decode step compiles it, against stages.generation.top_p) per row count, on two kinds of logits: `flat` (random: the kept set is most of the
-vocabulary) and `peaked` (as a language model's: a bulk of N(0, 2) and 8 tokens 14-20 above it, the kept set
-a few tokens: the kernels skip the tiles below the cut).
+compiled as the decode step compiles it, against stages.generation.top_p) per row count, on two kinds of
+logits: `flat` (random: the kept set is most of the vocabulary) and `peaked` (as a language model's: a bulk
+of N(0, 2) and 8 tokens 14-20 above it, the kept set a few tokens: the kernels skip the tiles below the cut).
 
     python -m bench.decode_kernels --commit SHA --out bench/results/decode-kernels-DATE-GPU-SHA.json
 """

@@ -215,6 +215,8 @@ class Request:
     # benchmarks: the route before paging and the Triton kernels (each slot reserves the full length;
     # FlashAttention where it runs, top-p by sorting)
     reserved: bool = False
+    # benchmarks: called with the tokens generated so far as the continuous route runs (a raise stops it)
+    on_tokens: Callable[[int], None] | None = None
 
 
 def sampling_keys(prompts: list[str], seed: int) -> list[int]:
@@ -233,13 +235,15 @@ def sampling_keys(prompts: list[str], seed: int) -> list[int]:
 def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, seed: int, desc: str = "generate",
              end_at: list[int] | None = None, stats: dict | None = None, keys: list[int] | None = None,
              on_generation: Callable[[int, Generation], None] | None = None,
-             reserved: bool = False) -> list[Generation]:
+             reserved: bool = False, on_tokens: Callable[[int], None] | None = None) -> list[Generation]:
     """Generate one response per prompt. end_at (benchmarks): force each response's end-of-sequence as
     its token number end_at[i], since random weights never end by themselves. stats, when given, receives
     how the route used its decode slots. keys: the prompts' sampling keys (default: sampling_keys with the
     seed); continuous batching keys each response's random numbers by them, the padded route by the seed.
     on_generation(i, generation) as each response ends (the padded route: as each batch ends). reserved
-    (benchmarks): continuous batching with each slot's cache at full length, as before paging."""
+    (benchmarks): continuous batching with each slot's cache at full length, as before paging. on_tokens
+    (benchmarks; continuous route): on_tokens(tokens generated so far) every few decode steps; what it raises
+    stops the generation."""
     if not prompts:
         return []
     keys = sampling_keys(prompts, seed) if keys is None else keys
@@ -251,7 +255,7 @@ def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, se
     eos = tokenizer.eos_token_id
     pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     longest_first = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-    request = Request(encoded, longest_first, config, size, eos, pad, keys, end_at, reserved)
+    request = Request(encoded, longest_first, config, size, eos, pad, keys, end_at, reserved, on_tokens)
     log.info("%s: %d prompts, %s batching of %d, up to %d new tokens each", desc, len(prompts), config.batching,
              size, config.max_new_tokens)
     torch.manual_seed(seed)
@@ -305,6 +309,8 @@ def generate_continuous(model, request: Request, progress,
 
     def tokens_so_far(count: int) -> None:
         progress.set_postfix(tokens=count, refresh=False)
+        if request.on_tokens:
+            request.on_tokens(count)
 
     with torch.inference_mode():
         engine.run([encoded[i] for i in order], budgets, done, tokens_so_far, [request.keys[i] for i in order])
