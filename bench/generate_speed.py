@@ -72,10 +72,10 @@ WORKLOADS = {"r1-math500": (5450, 7328)}  # name: (mean, sd) of response tokens,
 
 
 class Stopped(Exception):
-    """A route stopped at its time limit, with the tokens it had generated."""
+    """A route stopped at its time limit, with the tokens it had generated and the engine's counts."""
 
-    def __init__(self, tokens: int):
-        self.tokens = tokens
+    def __init__(self, tokens: int, stats):
+        self.tokens, self.stats = tokens, stats
 
 
 def run_route(route: str, model, tokenizer, texts: list[str], config: params.EvalParams,
@@ -89,17 +89,19 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
     start = time.perf_counter()
     stats: dict = {}
 
-    def on_tokens(count: int) -> None:
+    def on_tokens(count: int, engine_stats) -> None:
         if limit and time.perf_counter() - start > limit:
-            raise Stopped(count)
+            raise Stopped(count, dataclasses.asdict(engine_stats))
 
     try:
         outputs = generation.generate(model, tokenizer, texts, config, seed=0, end_at=end_at, stats=stats,
                                       reserved=route == "reserved", on_tokens=on_tokens)
     except Stopped as stop:
         seconds = time.perf_counter() - start
+        counts = {key: stop.stats[key] for key in ("decode_steps", "in_flight_max", "preempted", "cache_tokens",
+                                                   "kv_cache", "attention")}
         return {"stopped_at_seconds": round(seconds, 1), "generated_tokens": stop.tokens,
-                "useful_tokens_per_second": round(stop.tokens / seconds),
+                "useful_tokens_per_second": round(stop.tokens / seconds), **counts,
                 "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -215,8 +215,9 @@ class Request:
     # benchmarks: the route before paging and the Triton kernels (each slot reserves the full length;
     # FlashAttention where it runs, top-p by sorting)
     reserved: bool = False
-    # benchmarks: called with the tokens generated so far as the continuous route runs (a raise stops it)
-    on_tokens: Callable[[int], None] | None = None
+    # benchmarks: called with the tokens generated so far and the engine's counts (continuous.Stats) as the
+    # continuous route runs (a raise stops it)
+    on_tokens: Callable[[int, object], None] | None = None
 
 
 def sampling_keys(prompts: list[str], seed: int) -> list[int]:
@@ -235,15 +236,15 @@ def sampling_keys(prompts: list[str], seed: int) -> list[int]:
 def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, seed: int, desc: str = "generate",
              end_at: list[int] | None = None, stats: dict | None = None, keys: list[int] | None = None,
              on_generation: Callable[[int, Generation], None] | None = None,
-             reserved: bool = False, on_tokens: Callable[[int], None] | None = None) -> list[Generation]:
+             reserved: bool = False, on_tokens: Callable[[int, object], None] | None = None) -> list[Generation]:
     """Generate one response per prompt. end_at (benchmarks): force each response's end-of-sequence as
     its token number end_at[i], since random weights never end by themselves. stats, when given, receives
     how the route used its decode slots. keys: the prompts' sampling keys (default: sampling_keys with the
     seed); continuous batching keys each response's random numbers by them, the padded route by the seed.
     on_generation(i, generation) as each response ends (the padded route: as each batch ends). reserved
     (benchmarks): continuous batching with each slot's cache at full length, as before paging. on_tokens
-    (benchmarks; continuous route): on_tokens(tokens generated so far) every few decode steps; what it raises
-    stops the generation."""
+    (benchmarks; continuous route): on_tokens(tokens generated so far, the engine's counts) every few decode
+    steps; what it raises stops the generation."""
     if not prompts:
         return []
     keys = sampling_keys(prompts, seed) if keys is None else keys
@@ -310,7 +311,7 @@ def generate_continuous(model, request: Request, progress,
     def tokens_so_far(count: int) -> None:
         progress.set_postfix(tokens=count, refresh=False)
         if request.on_tokens:
-            request.on_tokens(count)
+            request.on_tokens(count, engine.stats)
 
     with torch.inference_mode():
         engine.run([encoded[i] for i in order], budgets, done, tokens_so_far, [request.keys[i] for i in order])
