@@ -49,8 +49,6 @@ else:
         heads = kv_head * GROUPS + rows
         q = tl.load(query + slot * q_slot + heads[:, None] * q_head + dims[None, :], mask=rows[:, None] < GROUPS,
                     other=0.0)
-        if SCALED:  # e4m3 converts to fp16 in one instruction a pair (to bf16 in three): fp16 dots
-            q = q.to(tl.float16)
         best = tl.full([ROWS], float("-inf"), tl.float32)
         total = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DIM], tl.float32)
@@ -64,7 +62,7 @@ else:
             k = tl.load(keys + at, mask=valid[:, None], other=0.0)
             v = tl.load(values + at, mask=valid[:, None], other=0.0)
             if SCALED:  # 8-bit keys and values, a scale per (token, KV head): q.k = scale (q.k8), and likewise v
-                k, v = k.to(tl.float16), v.to(tl.float16)
+                k, v = k.to(q.dtype), v.to(q.dtype)
                 scaled = blocks.to(tl.int64) * s_block + (tokens % BLOCK) * s_token + kv_head
                 key_scale = tl.load(key_scales + scaled, mask=valid, other=0.0)
                 value_scale = tl.load(value_scales + scaled, mask=valid, other=0.0)
@@ -78,12 +76,9 @@ else:
             weights = tl.exp2(scores - new_best[:, None])
             shrink = tl.exp2(best - new_best)
             total = total * shrink + tl.sum(weights, 1)
-            if SCALED:  # the values' scales in the weights, relative to the tile's largest (fp16's range)
-                top = tl.max(value_scale, 0)
-                weights = weights * (value_scale / top)[None, :]
-                acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v) * top
-            else:
-                acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
+            if SCALED:
+                weights = weights * value_scale[None, :]
+            acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
             best = new_best
         keep = rows < GROUPS
         if count > 0:
