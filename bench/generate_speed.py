@@ -233,6 +233,8 @@ def main() -> None:
         results["baseline_useful_tokens_per_second"] = routes[0]["useful_tokens_per_second"]
         results["useful_tokens_per_second"] = routes[-1]["useful_tokens_per_second"]
         results["speedup"] = round(routes[-1]["useful_tokens_per_second"] / routes[0]["useful_tokens_per_second"], 2)
+        names = list(results["routes"])
+        results["speedup_of"] = f"{names[-1]} over {names[0]}"
     print(json.dumps(results, indent=2))
     save(results, args.out)
 
