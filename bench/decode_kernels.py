@@ -61,6 +61,7 @@ def attention(slots: int, context: int, per_slot: int = 17) -> dict:
     row["speedup"] = round(row["flash"]["ms"] / row["triton"]["ms"], 2)
     # eval.kv_cache: fp8: the Triton kernel over 8-bit keys and values and their float32 scales
     (keys, key_scales), (values, value_scales) = paged_attention.quantize(keys), paged_attention.quantize(values)
+    values = paged_attention.value_layout(values)  # as the cache keeps 8-bit values
     step = continuous.DecodeStep(positions, table, "triton", (key_scales, value_scales))
     attend = torch.compile(lambda q, k, v, step=step: step.attend(q, k, v, HEAD_DIM ** -0.5), fullgraph=True)
     ms = replay_ms(lambda attend=attend: attend(query, keys, values))

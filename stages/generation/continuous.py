@@ -88,9 +88,10 @@ class DecodeStep:
         # query length (no K/V copies per head).
         length = per_slot * block
         key_scales, value_scales = self.scales or (None, None)
+        values = values if self.scales is None else paged_attention.value_layout(values, back=True)
         gathered_keys, gathered_values = (
             paged_attention.dequantize(cache[self.table], None if scales is None else scales[self.table],
-                                       query.dtype).view(slots, length, kv_heads, head_dim)
+                                       query.dtype).reshape(slots, length, kv_heads, head_dim)
             for cache, scales in ((keys, key_scales), (values, value_scales)))
         mask = (torch.arange(length, device=query.device) <= self.positions[:, None])[:, None, None, :]
         folded = query.reshape(slots, kv_heads, heads // kv_heads, head_dim)
@@ -126,7 +127,8 @@ class BlockCache:
     budget. Block 0 is scratch: every slot's table points there until it holds blocks, so writes of empty
     slots land nowhere that matters. A prefill passes it to the model as past_key_values: transformers'
     attention layers call update(). In 8-bit (dtype paged_attention.EIGHT_BIT) each token's key and value of
-    each KV head is kept with a float32 scale (paged_attention.quantize), in key_scales and value_scales."""
+    each KV head is kept with a float32 scale (paged_attention.quantize), in `scales`, and the values are
+    stored [blocks, kv_heads, head_dim, block] (paged_attention.value_layout)."""
 
     def __init__(self, config, slots: int, length: int, block: int, tokens: int | None, dtype: torch.dtype,
                  device: torch.device):
@@ -140,9 +142,12 @@ class BlockCache:
         shape = (self.blocks, block, *token_kv_shape(config))
         layers = range(config.num_hidden_layers)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         self.scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: its keys' and values'
         if dtype == paged_attention.EIGHT_BIT:
+            shape = (self.blocks, *token_kv_shape(config), block)
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        if dtype == paged_attention.EIGHT_BIT:
+            shape = (self.blocks, block, *token_kv_shape(config))
             self.scales = [tuple(torch.zeros(shape[:-1], device=device) for _ in range(2)) for _ in layers]
         self.table = torch.zeros(slots, self.per_slot, dtype=torch.long, device=device)
         self.held: list[list[int]] = [[] for _ in range(slots)]  # the blocks of each slot, in order
@@ -188,15 +193,17 @@ class BlockCache:
 
 def write(keys: torch.Tensor, values: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None, where,
           key_states: torch.Tensor, value_states: torch.Tensor, returned: bool = False):
-    """Store keys and values [..., kv_heads, head_dim] at `where` (an index of the cache's first two
-    dimensions), in 8-bit with their scales when `scales` is given. returned: the states as stored (in their
-    dtype), else nothing."""
+    """Store keys and values [..., kv_heads, head_dim] at `where` (blocks, offsets in them), in 8-bit with
+    their scales when `scales` is given (the values transposed: BlockCache). returned: the states as stored
+    (in their dtype), else nothing."""
     if scales is None:
         keys[where], values[where] = key_states, value_states
         return (key_states.transpose(1, 2), value_states.transpose(1, 2)) if returned else None
+    blocks, offsets = where
     stored = []
-    for cache, scale, states in ((keys, scales[0], key_states), (values, scales[1], value_states)):
-        cache[where], scale[where] = eight_bit = paged_attention.quantize(states)
+    for cache, scale, states, at in ((keys, scales[0], key_states, where),
+                                     (values, scales[1], value_states, (blocks, slice(None), slice(None), offsets))):
+        cache[at], scale[where] = eight_bit = paged_attention.quantize(states)
         if returned:
             stored.append(paged_attention.dequantize(*eight_bit, states.dtype).transpose(1, 2))
     return tuple(stored) if returned else None
@@ -455,6 +462,8 @@ class ContinuousBatcher:
         kv_dtype = kv_dtype or model.dtype
         eight_bit = kv_dtype == paged_attention.EIGHT_BIT
         self.attention = decode_attention(self.device, model.dtype, token_kv_shape(config)[1], kernels, eight_bit)
+        if eight_bit and self.attention == "triton":  # its 8-bit tiles lie in one block
+            block = -(-block // paged_attention.TILE) * paged_attention.TILE
         self.cache = BlockCache(config, slots, length, block, cache_tokens, kv_dtype, self.device)
         kernel = kernels and temperature > 0 and top_p_kernels.available(self.device, model.dtype)
         self.sample = sampler(temperature, top_p, kernel=kernel)
@@ -518,9 +527,10 @@ class ContinuousBatcher:
         log.info("compiling the decode step (tens of seconds on a machine's first run; seconds once cached)")
         # Graphs for any cache's blocks, block size and blocks per slot: every worker, model and set of a
         # run, and later runs (through Inductor's on-disk cache), reuse them instead of compiling anew.
-        for tensor in (*self.cache.keys, *self.cache.values, *itertools.chain(*self.cache.scales or ())):
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
-            torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        for tensor in (*self.cache.keys, *itertools.chain(*self.cache.scales or ())):
+            torch._dynamo.maybe_mark_dynamic(tensor, (0, 1))
+        for tensor in self.cache.values:  # a block's tokens: 8-bit values keep them last
+            torch._dynamo.maybe_mark_dynamic(tensor, (0, 3 if self.cache.scales else 1))
         torch._dynamo.maybe_mark_dynamic(self.cache.table, 1)
         try:
             self._decode(self.slots)  # writes only into the scratch block

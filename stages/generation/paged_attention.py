@@ -37,10 +37,10 @@ except ImportError:
 else:
     @triton.jit
     def partials(query, keys, values, key_scales, value_scales, table, positions, out, lse, scale_log2,
-                 q_slot, q_head, k_block, k_token, k_head, s_block, s_token, t_slot, o_slot, o_part, o_head,
-                 l_slot, l_part, BLOCK: tl.constexpr, PER_PART: tl.constexpr, GROUPS: tl.constexpr,
-                 ROWS: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr, SCALED: tl.constexpr,
-                 FLOAT_DOTS: tl.constexpr):
+                 q_slot, q_head, k_block, k_token, k_head, v_block, v_head, v_dim, s_block, s_token, t_slot,
+                 o_slot, o_part, o_head, l_slot, l_part, BLOCK: tl.constexpr, PER_PART: tl.constexpr,
+                 GROUPS: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr,
+                 SCALED: tl.constexpr, FLOAT_DOTS: tl.constexpr):
         slot, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         first = part * PER_PART * BLOCK  # the partition's first token
         count = tl.minimum(tl.load(positions + slot) + 1 - first, PER_PART * BLOCK)  # its tokens the slot holds
@@ -49,6 +49,8 @@ else:
         heads = kv_head * GROUPS + rows
         q = tl.load(query + slot * q_slot + heads[:, None] * q_head + dims[None, :], mask=rows[:, None] < GROUPS,
                     other=0.0)
+        if SCALED:  # fp16 dots: e4m3 converts to fp16 in one instruction a pair (to bf16 in three); the query
+            q = (q.to(tl.float32) * scale_log2).to(tl.float16)  # scaled first, far inside fp16's range
         best = tl.full([ROWS], float("-inf"), tl.float32)
         total = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DIM], tl.float32)
@@ -56,29 +58,41 @@ else:
         for start in range(0, count, TILE):
             tokens = start + offsets  # in the partition
             valid = tokens < count
-            blocks = tl.load(table + slot * t_slot + part * PER_PART + tokens // BLOCK, mask=valid, other=0)
-            at = (blocks.to(tl.int64)[:, None] * k_block + (tokens % BLOCK)[:, None] * k_token + kv_head * k_head
-                  + dims[None, :])
-            k = tl.load(keys + at, mask=valid[:, None], other=0.0)
-            v = tl.load(values + at, mask=valid[:, None], other=0.0)
-            if SCALED:  # 8-bit keys and values, a scale per (token, KV head): q.k = scale (q.k8), and likewise v
-                k, v = k.to(q.dtype), v.to(q.dtype)
-                scaled = blocks.to(tl.int64) * s_block + (tokens % BLOCK) * s_token + kv_head
+            if SCALED:  # 8-bit: a tile lies in one block (TILE divides BLOCK); values kept [dim, token] a block
+                block = tl.load(table + slot * t_slot + part * PER_PART + start // BLOCK).to(tl.int64)
+                within = start % BLOCK + offsets  # in the block
+                # Unmasked, so the loads are whole vectors: a held block's tokens past the slot's are stale
+                # numbers (never NaN: written by quantize, or zeros), and weigh 0 below.
+                k = tl.load(keys + block * k_block + within[:, None] * k_token + kv_head * k_head + dims[None, :])
+                v = tl.load(values + block * v_block + kv_head * v_head + dims[None, :] * v_dim + within[:, None])
+                scaled = block * s_block + within * s_token + kv_head
                 key_scale = tl.load(key_scales + scaled, mask=valid, other=0.0)
                 value_scale = tl.load(value_scales + scaled, mask=valid, other=0.0)
+                k, v = k.to(tl.float16), v.to(tl.float16)
+            else:
+                blocks = tl.load(table + slot * t_slot + part * PER_PART + tokens // BLOCK, mask=valid, other=0)
+                at = (blocks.to(tl.int64)[:, None] * k_block + (tokens % BLOCK)[:, None] * k_token
+                      + kv_head * k_head + dims[None, :])
+                k = tl.load(keys + at, mask=valid[:, None], other=0.0)
+                v = tl.load(values + at, mask=valid[:, None], other=0.0)
             if FLOAT_DOTS:  # Triton's interpreter multiplies bf16 as raw integers
                 q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k)) * scale_log2
-            if SCALED:
+            scores = tl.dot(q, tl.trans(k))
+            if SCALED:  # q.k = (q.k8) times the key's scale
                 scores = scores * key_scale[None, :]
+            else:
+                scores = scores * scale_log2
             scores = tl.where(valid[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, 1))
             weights = tl.exp2(scores - new_best[:, None])
             shrink = tl.exp2(best - new_best)
             total = total * shrink + tl.sum(weights, 1)
-            if SCALED:
-                weights = weights * value_scale[None, :]
-            acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
+            if SCALED:  # the values' scales in the weights, relative to the tile's largest (fp16's range)
+                top = tl.max(value_scale, 0)
+                weights = weights * (value_scale / top)[None, :]
+                acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v) * top
+            else:
+                acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
             best = new_best
         keep = rows < GROUPS
         if count > 0:
@@ -111,6 +125,14 @@ def quantize(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (states.float() / scale).to(EIGHT_BIT), scale[..., 0]
 
 
+def value_layout(values: torch.Tensor, back: bool = False) -> torch.Tensor:
+    """8-bit values [blocks, block, kv_heads, head_dim] as an 8-bit cache keeps them, [blocks, kv_heads, head_dim,
+    block] (back: the other way). The kernel sums values over tokens, so a matrix-product operand needs a
+    token's neighbours in a register: bf16 values get there by a transposing load (ldmatrix.trans), which
+    8-bit values lack on sm_90, so they are stored transposed."""
+    return values.permute(0, 3, 1, 2) if back else values.permute(0, 2, 3, 1).contiguous()
+
+
 def dequantize(states: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """What quantize() stored, back in `dtype`; states unchanged (but for the dtype) when scale is None."""
     return states.to(dtype) if scale is None else (states.float() * scale[..., None]).to(dtype)
@@ -130,10 +152,11 @@ def available(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit
 @functools.cache
 def verified(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: bool = False) -> bool:
     """The kernel against plain attention on a small cache (3 slots of two 80-token blocks, scattered; a
-    block ends inside a tile), from the same rounded inputs; False, and a warning, if it fails or differs."""
+    block ends inside a tile; 8-bit: 128-token blocks), from the same rounded inputs; False, and a warning, if
+    it fails or differs."""
     try:
         generator = torch.Generator(device=device).manual_seed(0)
-        slots, block, per_slot, kv_heads, heads = 3, 80, 2, 2, 12
+        slots, block, per_slot, kv_heads, heads = 3, 128 if eight_bit else 80, 2, 2, 12
         keys, values = (torch.randn(1 + slots * per_slot, block, kv_heads, head_dim, device=device,
                                     generator=generator).to(dtype) for _ in range(2))
         query = torch.randn(slots, heads, head_dim, device=device, generator=generator).to(dtype)
@@ -141,7 +164,8 @@ def verified(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit:
         positions = torch.tensor([0, block - 1, 2 * block - 1], device=device)
         scale = head_dim ** -0.5
         (keys, key_scales), (values, value_scales) = (quantize(t) if eight_bit else (t, None) for t in (keys, values))
-        result = paged_decode(query, keys, values, table, positions, scale, key_scales, value_scales).float()
+        stored = value_layout(values) if eight_bit else values
+        result = paged_decode(query, keys, stored, table, positions, scale, key_scales, value_scales).float()
         cached = [dequantize(tensor, scales, torch.float32)[table].flatten(1, 2).repeat_interleave(
             heads // kv_heads, dim=2) for tensor, scales in ((keys, key_scales), (values, value_scales))]
         # [slots, tokens, heads, head_dim]
@@ -163,8 +187,9 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                  value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """query [slots, heads, head_dim]; keys, values [blocks, block, kv_heads, head_dim]; table [slots, blocks
     a slot may hold]; positions [slots]: each slot attends to its tokens 0..position -> [slots, heads,
-    head_dim]. key_scales, value_scales [blocks, block, kv_heads] (float32) when the keys and values are 8-bit:
-    a token's key is its keys row times its scale. Opaque to torch.compile: its own kernels."""
+    head_dim]. key_scales, value_scales [blocks, block, kv_heads] (float32) when the keys and values are 8-bit
+    (a token's key is its keys row times its scale; values [blocks, kv_heads, head_dim, block]: see
+    value_layout; blocks of a multiple of TILE tokens). Opaque to torch.compile: its own kernels."""
     slots, heads, dim = query.shape
     _, block, kv_heads, _ = keys.shape
     per_slot = table.shape[1]
@@ -173,10 +198,13 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     out = torch.empty(slots, parts, heads, dim, device=query.device, dtype=torch.float32)
     lse = torch.empty(slots, parts, heads, device=query.device, dtype=torch.float32)
     scaled = key_scales is not None  # and value_scales, laid out alike
+    if scaled and block % TILE:
+        raise ValueError(f"an 8-bit cache's blocks must hold a multiple of {TILE} tokens, not {block}")
     partials[(slots, kv_heads, parts)](
         query, keys, values, key_scales if scaled else keys, value_scales if scaled else values, table, positions,
         out, lse, scale * 1.4426950408889634,
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        *(values.stride()[:3] if scaled else (0, 0, 0)),
         key_scales.stride(0) if scaled else 0, key_scales.stride(1) if scaled else 0, table.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         BLOCK=block, PER_PART=per_part, GROUPS=heads // kv_heads,

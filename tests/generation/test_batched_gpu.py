@@ -53,6 +53,7 @@ def test_the_triton_decode_kernel_over_scattered_blocks_matches_masked_sdpa_in_b
                                                                                      monkeypatch):
     monkeypatch.setattr(paged_attention, "PROGRAMS", programs)
     torch.manual_seed(0)
+    block = 64 if eight_bit and block % paged_attention.TILE else block  # 8-bit: whole tiles a block
     slots, per_slot, kv_heads, heads, head_dim = 16, 6, 2, 12, 128
     assert paged_attention.available(torch.device("cuda"), torch.bfloat16, head_dim, eight_bit)
     keys, values = (torch.randn(1 + slots * per_slot, block, kv_heads, head_dim, device="cuda",
@@ -60,7 +61,7 @@ def test_the_triton_decode_kernel_over_scattered_blocks_matches_masked_sdpa_in_b
     scales = None
     if eight_bit:
         (keys, key_scales), (values, value_scales) = paged_attention.quantize(keys), paged_attention.quantize(values)
-        scales = key_scales, value_scales
+        values, scales = paged_attention.value_layout(values), (key_scales, value_scales)
     table = (torch.randperm(slots * per_slot, device="cuda") + 1).view(slots, per_slot)
     query = torch.randn(slots, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
     positions = torch.randint(0, block * per_slot, (slots,), device="cuda")
