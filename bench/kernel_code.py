@@ -1,4 +1,5 @@
-"""Benchmark without a GPU: the top-p kernels (stages.generation.top_p) compiled for an H100 (sm_90) by the
+"""Benchmark without a GPU: the top-p kernels (stages.generation.top_p), and the decode attention kernel
+(stages.generation.paged_attention) over a bf16 and an 8-bit cache, compiled for an H100 (sm_90) by the
 installed Triton, as a launch on the real vocabulary compiles them (pointers and integer arguments
 specialized as the launch would specialize them), and their main loop counted: machine instructions per
 token, shared-memory barriers per tile (a round trip of the tokens between the threads' layouts), and
@@ -29,7 +30,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from stages.generation import top_p  # noqa: E402
+from stages.generation import paged_attention, top_p  # noqa: E402
 
 VOCAB = 151_936
 ROW_STRIDE = VOCAB  # logits rows are contiguous
@@ -89,6 +90,39 @@ def measure(name: str, kernel, flags: dict[str, bool], warps: int = 4) -> dict:
             "registers": registers(compiled.asm["cubin"])}
 
 
+# The attention kernel as a decode step launches it on the 1.5B shape: 2 KV heads of 128, groups of 6 query
+# heads, blocks of 512 tokens (8-bit values transposed), 17 blocks a slot, one block a partition.
+ATTENTION_TYPES = {"query": "*bf16", "table": "*i64", "positions": "*i64", "out": "*fp32", "lse": "*fp32",
+                   "scale_log2": "fp32"}
+ATTENTION_INTEGERS = {"q_slot": 12 * 128, "q_head": 128, "k_block": 512 * 256, "k_token": 256, "k_head": 128,
+                      "v_block": 512 * 256, "v_head": 128 * 512, "v_dim": 512, "s_block": 1024, "s_token": 2,
+                      "t_slot": 17, "o_slot": 17 * 12 * 128, "o_part": 12 * 128, "o_head": 128, "l_slot": 17 * 12,
+                      "l_part": 12}
+
+
+def measure_attention(eight_bit: bool, warps: int = 4, stages: int = 2) -> dict:
+    """The attention kernel's loop: instructions a tile of paged_attention.TILE tokens (its keys and values)."""
+    kernel = paged_attention.partials
+    names = list(inspect.signature(kernel.fn).parameters)
+    constants = {"BLOCK": 512, "PER_PART": 1, "GROUPS": 6, "ROWS": paged_attention.ROWS, "DIM": 128,
+                 "TILE": paged_attention.TILE, "SCALED": eight_bit, "FLOAT_DOTS": False}
+    cache = "*fp8e4nv" if eight_bit else "*bf16"
+    types = ATTENTION_TYPES | {"keys": cache, "values": cache, "key_scales": "*fp32" if eight_bit else cache,
+                               "value_scales": "*fp32" if eight_bit else cache}
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in names}
+    specialized = [name for name in names if signature[name].startswith("*")
+                   or ATTENTION_INTEGERS.get(name, 1) % 16 == 0]
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in specialized}
+    source = ASTSource(kernel, signature, constexprs={k: v for k, v in constants.items() if k in names}, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    loop = main_loop(compiled.asm["ptx"])
+    return {"kernel": "paged_attention.partials", "cache": "e4m3" if eight_bit else "bf16",
+            "tile": paged_attention.TILE, "warps": warps, "loop_instructions_per_tile": len(loop),
+            "byte_loads_per_tile": sum(bool(re.search(r"ld\.(global|shared)\.b8", line)) for line in loop),
+            "registers": registers(compiled.asm["cubin"])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commit", default="")
@@ -104,7 +138,8 @@ def main() -> None:
     results = {"target": "sm_90", "triton": triton.__version__, "date": datetime.date.today().isoformat(),
                "commit": args.commit, "command": "python -m bench.kernel_code", "vocab": VOCAB,
                "kernels": [measure("masses", top_p.masses, flags) for flags in passes]
-               + [measure("draw", top_p.draw, draw_flags)]}
+               + [measure("draw", top_p.draw, draw_flags)],
+               "attention": [measure_attention(eight_bit) for eight_bit in (False, True)]}
     print(json.dumps(results, indent=2))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
