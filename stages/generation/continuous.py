@@ -139,16 +139,16 @@ class BlockCache:
         self.blocks = tokens // block + 1
         if self.blocks - 1 < self.per_slot:
             raise CacheTooSmall(f"a KV cache of {tokens} tokens cannot hold one response of {length} tokens")
-        shape = (self.blocks, block, *token_kv_shape(config))
+        kv_heads, head_dim = token_kv_shape(config)
+        eight_bit = dtype == paged_attention.EIGHT_BIT
         layers = range(config.num_hidden_layers)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        self.scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: its keys' and values'
-        if dtype == paged_attention.EIGHT_BIT:
-            shape = (self.blocks, *token_kv_shape(config), block)
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        if dtype == paged_attention.EIGHT_BIT:
-            shape = (self.blocks, block, *token_kv_shape(config))
-            self.scales = [tuple(torch.zeros(shape[:-1], device=device) for _ in range(2)) for _ in layers]
+        self.keys = [torch.zeros(self.blocks, block, kv_heads, head_dim, dtype=dtype, device=device) for _ in layers]
+        values = (self.blocks, kv_heads, head_dim, block) if eight_bit else (self.blocks, block, kv_heads, head_dim)
+        self.values = [torch.zeros(values, dtype=dtype, device=device) for _ in layers]
+        # per layer, 8-bit: its keys' and values' scales
+        self.scales: list[tuple[torch.Tensor, torch.Tensor]] | None = [
+            (torch.zeros(self.blocks, block, kv_heads, device=device),
+             torch.zeros(self.blocks, block, kv_heads, device=device)) for _ in layers] if eight_bit else None
         self.table = torch.zeros(slots, self.per_slot, dtype=torch.long, device=device)
         self.held: list[list[int]] = [[] for _ in range(slots)]  # the blocks of each slot, in order
         self.free = list(range(self.blocks - 1, 0, -1))  # popped from the end: low blocks first
