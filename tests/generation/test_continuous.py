@@ -347,10 +347,12 @@ def test_the_compiled_decode_step_gives_the_eager_tokens_with_two_graphs_for_eve
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
 
 
-def test_the_compiled_decode_step_samples_the_eager_tokens(model, caplog):
-    eager, _ = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, temperature=0.6)
+@pytest.mark.parametrize("kv_dtype", [None, paged_attention.EIGHT_BIT])  # eval.kv_cache: model, fp8
+def test_the_compiled_decode_step_samples_the_eager_tokens(model, caplog, kv_dtype):
+    eager, _ = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, temperature=0.6, kv_dtype=kv_dtype)
     with caplog.at_level("INFO", logger="stages"):
-        compiled, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, temperature=0.6, compile=True)
+        compiled, engine = run_engine(model, COMPILE_PROMPTS, COMPILE_BUDGETS, temperature=0.6, compile=True,
+                                      kv_dtype=kv_dtype)
     assert engine.stats.compiled and compiled == eager
     assert "compiling the decode step" in caplog.text and "compiled the decode step in" in caplog.text
 
