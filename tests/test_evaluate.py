@@ -172,7 +172,7 @@ def test_a_change_of_generation_code_regenerates(project, generate_calls, monkey
     assert len(generate_calls) == 2  # one call per model, every set's prompts
 
 
-@pytest.mark.parametrize("change", [{"max_new_tokens": 6}, {"batching": "padded"}])
+@pytest.mark.parametrize("change", [{"max_new_tokens": 6}, {"batching": "padded"}, {"kv_cache": "fp8"}])
 def test_a_second_run_reuses_generations_unless_sampling_changes(project, caplog, change):
     evaluate.main(stage_args("evaluate"))
     with caplog.at_level(logging.INFO, logger="stages"):
