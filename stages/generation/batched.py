@@ -252,6 +252,9 @@ def generate(model, tokenizer, prompts: list[str], config: params.EvalParams, se
     longest = max(map(len, encoded), default=0)
     check_context(model, longest, config.max_new_tokens)
     route = generate_padded if config.batching == "padded" else generate_continuous
+    if route is generate_padded and config.kv_cache != "model":
+        log.warning("eval.kv_cache: %s applies to continuous batching; the padded route keeps the model's dtype",
+                    config.kv_cache)
     size = batch_size(config, model, longest, paged=route is generate_continuous and not reserved)
     eos = tokenizer.eos_token_id
     pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id

@@ -431,3 +431,11 @@ def test_an_eight_bit_cache_on_a_gpu_without_the_triton_kernel_is_one_line_namin
                 r"does not run here \(the log says why\); set eval\.kv_cache: model$")
     with pytest.raises(generation.GenerationError, match=expected):
         generation.generate(model, tokenizer, PROMPTS[:2], config, seed=0)
+
+
+def test_an_eight_bit_cache_asked_of_the_padded_route_is_said_to_apply_to_continuous_batching_only(
+        model, tokenizer, caplog):
+    config = eval_config(temperature=0.0, max_new_tokens=4, batch_size=2, batching="padded", kv_cache="fp8")
+    with caplog.at_level("WARNING", logger="stages"):
+        generation.generate(model, tokenizer, PROMPTS[:2], config, seed=0)
+    assert "eval.kv_cache: fp8 applies to continuous batching; the padded route keeps the model's dtype" in caplog.text
