@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import itertools
 import json
 import logging
@@ -227,6 +228,7 @@ def main() -> None:
         results["routes"][route] = run_route(route, model, tokenizer, texts, config, end_at, limits.get(route))
         print(json.dumps({route: results["routes"][route]}), flush=True)
         save(results, args.out)
+        gc.collect()  # a stopped route's engine (its cache) lives on in reference cycles of its traceback's frames
         torch.cuda.empty_cache()
     routes = list(results["routes"].values())
     if len(routes) > 1:
