@@ -179,9 +179,9 @@ class BlockCache:
         length = key_states.shape[2]
         positions = torch.arange(length, device=key_states.device)
         blocks = self.table[self.rows][:, positions // self.block]  # [rows, length]; beyond a slot's: scratch
-        return write(self.keys[layer_idx], self.values[layer_idx], self.scales and self.scales[layer_idx],
-                     (blocks, positions % self.block), key_states.transpose(1, 2), value_states.transpose(1, 2),
-                     returned=True)
+        keys, values = write(self.keys[layer_idx], self.values[layer_idx], self.scales and self.scales[layer_idx],
+                             (blocks, positions % self.block), key_states.transpose(1, 2), value_states.transpose(1, 2))
+        return keys.transpose(1, 2), values.transpose(1, 2)
 
     def compact(self, keep: list[int]) -> None:
         """Move the slots in `keep` to the front, in that order (their tables: no keys or values move)."""
@@ -192,21 +192,20 @@ class BlockCache:
 
 
 def write(keys: torch.Tensor, values: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None, where,
-          key_states: torch.Tensor, value_states: torch.Tensor, returned: bool = False):
+          key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Store keys and values [..., kv_heads, head_dim] at `where` (blocks, offsets in them), in 8-bit with
-    their scales when `scales` is given (the values transposed: BlockCache). returned: the states as stored
-    (in their dtype), else nothing."""
+    their scales when `scales` is given (the values transposed: BlockCache); returns them as stored, in their
+    dtype (8-bit: rounded). A decode step drops what it returns: the compiled step never computes it."""
     if scales is None:
         keys[where], values[where] = key_states, value_states
-        return (key_states.transpose(1, 2), value_states.transpose(1, 2)) if returned else None
+        return key_states, value_states
     blocks, offsets = where
     stored = []
     for cache, scale, states, at in ((keys, scales[0], key_states, where),
                                      (values, scales[1], value_states, (blocks, slice(None), slice(None), offsets))):
         cache[at], scale[where] = eight_bit = paged_attention.quantize(states)
-        if returned:
-            stored.append(paged_attention.dequantize(*eight_bit, states.dtype).transpose(1, 2))
-    return tuple(stored) if returned else None
+        stored.append(paged_attention.dequantize(*eight_bit, states.dtype))
+    return stored[0], stored[1]
 
 
 class LayerBlocks:
