@@ -104,7 +104,7 @@ def measure_attention(eight_bit: bool, warps: int = 4, stages: int = 2) -> dict:
     """The attention kernel's loop: instructions a tile of paged_attention.TILE tokens (its keys and values)."""
     kernel = paged_attention.partials
     names = list(inspect.signature(kernel.fn).parameters)
-    constants = {"BLOCK": 512, "PER_PART": 1, "GROUPS": 6, "ROWS": paged_attention.ROWS, "DIM": 128,
+    constants = {"BLOCK": 512, "PART": 512, "GROUPS": 6, "ROWS": paged_attention.ROWS, "DIM": 128,
                  "TILE": paged_attention.TILE, "SCALED": eight_bit, "FLOAT_DOTS": False}
     cache = "*fp8e4nv" if eight_bit else "*bf16"
     types = ATTENTION_TYPES | {"keys": cache, "values": cache, "key_scales": "*fp32" if eight_bit else cache,

@@ -6,8 +6,9 @@ Why not FlashAttention's variable-length kernel (the route before this one): it 
 head, so 95% of its matrix products were padding; on an H100 at 512 slots that made it half bound by
 arithmetic (2.2 TB/s of 3.35). Here a program pads the group to 16 rows (the smallest tensor-core tile).
 
-A slot's tokens are split into partitions of whole blocks, one program per (slot, KV head, partition), so
-that small batches still fill the GPU; a second kernel weighs the partitions' results by their log-sum-exps.
+A slot's tokens are split into partitions (whole blocks, or at small batches parts of one, down to two tiles),
+one program per (slot, KV head, partition), so that small batches still fill the GPU; a second kernel weighs
+the partitions' results by their log-sum-exps.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ else:
     @triton.jit
     def partials(query, keys, values, key_scales, value_scales, table, positions, out, lse, scale_log2,
                  q_slot, q_head, k_block, k_token, k_head, v_block, v_head, v_dim, s_block, s_token, t_slot,
-                 o_slot, o_part, o_head, l_slot, l_part, BLOCK: tl.constexpr, PER_PART: tl.constexpr,
+                 o_slot, o_part, o_head, l_slot, l_part, BLOCK: tl.constexpr, PART: tl.constexpr,
                  GROUPS: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr,
                  SCALED: tl.constexpr, FLOAT_DOTS: tl.constexpr):
         slot, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        first = part * PER_PART * BLOCK  # the partition's first token
-        count = tl.minimum(tl.load(positions + slot) + 1 - first, PER_PART * BLOCK)  # its tokens the slot holds
+        first = part * PART  # the partition's first token
+        count = tl.minimum(tl.load(positions + slot) + 1 - first, PART)  # its tokens the slot holds
         rows = tl.arange(0, ROWS)
         dims = tl.arange(0, DIM)
         heads = kv_head * GROUPS + rows
@@ -58,9 +59,9 @@ else:
         for start in range(0, count, TILE):
             tokens = start + offsets  # in the partition
             valid = tokens < count
-            if SCALED:  # 8-bit: a tile lies in one block (TILE divides BLOCK); values kept [dim, token] a block
-                block = tl.load(table + slot * t_slot + part * PER_PART + start // BLOCK).to(tl.int64)
-                within = start % BLOCK + offsets  # in the block
+            if SCALED:  # 8-bit: a tile lies in one block (TILE divides BLOCK and PART); values kept [dim, token]
+                block = tl.load(table + slot * t_slot + (first + start) // BLOCK).to(tl.int64)
+                within = (first + start) % BLOCK + offsets  # in the block
                 # Unmasked, so the loads are whole vectors: a held block's tokens past the slot's are stale
                 # numbers (never NaN: written by quantize, or zeros), and weigh 0 below.
                 k = tl.load(keys + block * k_block + within[:, None] * k_token + kv_head * k_head + dims[None, :])
@@ -70,8 +71,8 @@ else:
                 value_scale = tl.load(value_scales + scaled, mask=valid, other=0.0)
                 k, v = k.to(tl.float16), v.to(tl.float16)
             else:
-                blocks = tl.load(table + slot * t_slot + part * PER_PART + tokens // BLOCK, mask=valid, other=0)
-                at = (blocks.to(tl.int64)[:, None] * k_block + (tokens % BLOCK)[:, None] * k_token
+                blocks = tl.load(table + slot * t_slot + (first + tokens) // BLOCK, mask=valid, other=0)
+                at = (blocks.to(tl.int64)[:, None] * k_block + ((first + tokens) % BLOCK)[:, None] * k_token
                       + kv_head * k_head + dims[None, :])
                 k = tl.load(keys + at, mask=valid[:, None], other=0.0)
                 v = tl.load(values + at, mask=valid[:, None], other=0.0)
@@ -181,6 +182,16 @@ def verified(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit:
         return False
 
 
+def partition_tokens(slots: int, kv_heads: int, per_slot: int, block: int) -> int:
+    """Tokens of a slot one program reads: as few as give the GPU about PROGRAMS programs, whole blocks when
+    that is a block or more; else part of a block, whole tiles, at least two (a partition's fixed cost, its
+    result written and merged, against the tiles it reads), so a few slots still fill the GPU."""
+    wanted = slots * kv_heads * per_slot * block // PROGRAMS
+    if wanted >= block or block % TILE or block <= 2 * TILE:
+        return min(per_slot, max(1, wanted // block)) * block
+    return min(block, max(2 * TILE, -(-wanted // TILE) * TILE))
+
+
 @torch.library.custom_op("r1_math_lora::paged_decode", mutates_args=())
 def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
                  positions: torch.Tensor, scale: float, key_scales: torch.Tensor | None = None,
@@ -192,9 +203,8 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     value_layout; blocks of a multiple of TILE tokens). Opaque to torch.compile: its own kernels."""
     slots, heads, dim = query.shape
     _, block, kv_heads, _ = keys.shape
-    per_slot = table.shape[1]
-    per_part = max(1, min(per_slot, slots * kv_heads * per_slot // PROGRAMS))  # blocks a partition holds
-    parts = -(-per_slot // per_part)
+    part = partition_tokens(slots, kv_heads, table.shape[1], block)
+    parts = -(-table.shape[1] * block // part)
     out = torch.empty(slots, parts, heads, dim, device=query.device, dtype=torch.float32)
     lse = torch.empty(slots, parts, heads, device=query.device, dtype=torch.float32)
     scaled = key_scales is not None  # and value_scales, laid out alike
@@ -207,7 +217,7 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         *(values.stride()[:3] if scaled else (0, 0, 0)),
         key_scales.stride(0) if scaled else 0, key_scales.stride(1) if scaled else 0, table.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        BLOCK=block, PER_PART=per_part, GROUPS=heads // kv_heads,
+        BLOCK=block, PART=part, GROUPS=heads // kv_heads,
         ROWS=triton.next_power_of_2(max(ROWS, heads // kv_heads)), DIM=dim, TILE=TILE, SCALED=scaled,
         FLOAT_DOTS=INTERPRETED, num_warps=4, num_stages=2)
     result = torch.empty_like(query)

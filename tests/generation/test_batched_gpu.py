@@ -48,7 +48,8 @@ def test_greedy_continuous_batching_returns_the_tokens_of_generate_in_fp32(model
 
 @pytest.mark.parametrize("eight_bit", [False, True])  # eval.kv_cache: model, fp8
 @pytest.mark.parametrize("block", [512, 48])  # 48: a block's end inside a kernel's tile of keys
-@pytest.mark.parametrize("programs", [4096, 64, 1])  # a partition of one block, of 3, of all 6 (slots x 2 x 6 = 192)
+# partitions of 128 tokens (blocks of 512; one block of 48), of 3 blocks, of all 6 (slots x 2 x 6 = 192)
+@pytest.mark.parametrize("programs", [4096, 64, 1])
 def test_the_triton_decode_kernel_over_scattered_blocks_matches_masked_sdpa_in_bf16(block, programs, eight_bit,
                                                                                      monkeypatch):
     monkeypatch.setattr(paged_attention, "PROGRAMS", programs)

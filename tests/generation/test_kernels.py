@@ -13,15 +13,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("eight_bit", [False, True])  # eval.kv_cache: model, fp8
-@pytest.mark.parametrize("programs", [4096, 8])  # partitions of one block; of two, merged by their log-sum-exps
-def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_position(programs, eight_bit,
+# 48: a block ends inside a tile (8-bit: 64, a tile's tokens past the slot's read unmasked, weighed 0);
+# 256 with 4096 programs: partitions of half a block
+@pytest.mark.parametrize("block", [48, 256])
+@pytest.mark.parametrize("programs", [4096, 20])  # the smallest partitions; two blocks, merged by log-sum-exps
+def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_position(programs, block, eight_bit,
                                                                                       monkeypatch):
     """Against masked SDPA over the cache as it holds keys and values (8-bit: times their scales, the values
     transposed, blocks of a multiple of the kernel's tile)."""
     monkeypatch.setattr(paged_attention, "PROGRAMS", programs)
     torch.manual_seed(0)
-    # 48: a block ends inside a tile; 8-bit: 64, a tile's tokens past the slot's read unmasked, weighed 0
-    slots, block, per_slot, kv_heads, heads, head_dim = 5, 64 if eight_bit else 48, 4, 2, 12, 16
+    block = 64 if eight_bit and block % paged_attention.TILE else block
+    slots, per_slot, kv_heads, heads, head_dim = 5, 4, 2, 12, 16
     # each row of its own magnitude: an 8-bit row's scale must be its own
     keys, values = (torch.randn(1 + slots * per_slot, block, kv_heads, head_dim, device=DEVICE).bfloat16()
                     * torch.rand(1 + slots * per_slot, block, kv_heads, 1, device=DEVICE).bfloat16() * 4
@@ -34,6 +37,8 @@ def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_po
     query = torch.randn(slots, heads, 1, head_dim, device=DEVICE).bfloat16()
     # the first token, a block's last, the next one's first, all, one inside a tile
     positions = torch.tensor([0, block - 1, block, block * per_slot - 1, 100], device=DEVICE)
+    part = paged_attention.partition_tokens(slots, kv_heads, per_slot, block)
+    assert part == (128 if block == 256 and programs == 4096 else 2 * block if programs == 20 else block)
     kernel = continuous.DecodeStep(positions, table, "triton", scales).attend(query, keys, values, head_dim ** -0.5)
     masked = continuous.DecodeStep(positions, table, "sdpa", scales).attend(query.float(), keys, values,
                                                                             head_dim ** -0.5)
