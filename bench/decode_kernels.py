@@ -91,7 +91,7 @@ def sampling(rows: int, kind: str, temperature: float = 0.6, p: float = 0.95) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attention", default="512x2048,256x3000,64x4096,8x8192", help="slots x context, ...")
-    parser.add_argument("--sampling", default="512,64,8", help="rows, ...")
+    parser.add_argument("--sampling", default="512,64,8", help="rows, ... ('': none)")
     parser.add_argument("--logits", default="flat,peaked", help="kinds of logits to sample (flat, peaked)")
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", type=Path)
@@ -99,12 +99,12 @@ def main() -> None:
     assert top_p.available(torch.device("cuda"), torch.bfloat16), "the top-p kernels do not run here"
     results = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
                "commit": args.commit, "command": "python -m bench.decode_kernels", "attention": [], "sampling": []}
-    for case in args.attention.split(","):
+    for case in filter(None, args.attention.split(",")):
         slots, context = map(int, case.split("x"))
         results["attention"].append(attention(slots, context))
         print(json.dumps(results["attention"][-1]), flush=True)
-    for kind in args.logits.split(","):
-        for rows in args.sampling.split(","):
+    for kind in filter(None, args.logits.split(",")):
+        for rows in filter(None, args.sampling.split(",")):
             results["sampling"].append(sampling(int(rows), kind))
             print(json.dumps(results["sampling"][-1]), flush=True)
     if args.out:
