@@ -26,6 +26,7 @@ TILE = 64  # keys a program reads per iteration
 ROWS = 16  # a KV head's query rows, padded to the smallest tile tl.dot takes
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # on a CPU, in tests
 PROGRAMS = 4096  # partitions are as small as it takes to give the GPU about this many programs
+MERGE_CHUNK = 16  # partitions' results the merge kernel sums at a time
 EIGHT_BIT = torch.float8_e4m3fn  # eval.kv_cache: fp8 keeps keys and values so, a float32 scale per token and head
 EIGHT_BIT_MAX = torch.finfo(EIGHT_BIT).max
 
@@ -105,17 +106,21 @@ else:
 
     @triton.jit
     def merge(out, lse, result, parts, o_slot, o_part, o_head, l_slot, l_part, r_slot, r_head,
-              PARTS: tl.constexpr, DIM: tl.constexpr):
+              PARTS: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr):
         slot, head = tl.program_id(0), tl.program_id(1)
         each = tl.arange(0, PARTS)
-        used = each < parts
-        weights = tl.load(lse + slot * l_slot + each * l_part + head, mask=used, other=float("-inf"))
-        weights = tl.exp2(weights - tl.max(weights, 0))  # partition 0 always holds the slot's first token
-        used = used & (weights > 0)
+        sums = tl.load(lse + slot * l_slot + each * l_part + head, mask=each < parts, other=float("-inf"))
+        top = tl.max(sums, 0)  # partition 0 always holds the slot's first token
         dims = tl.arange(0, DIM)
-        partial = tl.load(out + slot * o_slot + each[:, None] * o_part + head * o_head + dims[None, :],
-                          mask=used[:, None], other=0.0)
-        merged = tl.sum(partial * weights[:, None], 0) / tl.sum(weights, 0)
+        merged = tl.zeros([DIM], tl.float32)
+        for first in range(0, parts, CHUNK):  # CHUNK partitions' results at a time: few registers
+            chunk = first + tl.arange(0, CHUNK)
+            weights = tl.exp2(tl.load(lse + slot * l_slot + chunk * l_part + head, mask=chunk < parts,
+                                      other=float("-inf")) - top)
+            partial = tl.load(out + slot * o_slot + chunk[:, None] * o_part + head * o_head + dims[None, :],
+                              mask=(weights > 0)[:, None], other=0.0)
+            merged += tl.sum(partial * weights[:, None], 0)
+        merged = merged / tl.sum(tl.exp2(sums - top), 0)
         tl.store(result + slot * r_slot + head * r_head + dims, merged.to(result.dtype.element_ty))
 
 
@@ -223,7 +228,8 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     result = torch.empty_like(query)
     merge[(slots, heads)](out, lse, result, parts, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
                           lse.stride(1), result.stride(0), result.stride(1),
-                          PARTS=triton.next_power_of_2(parts), DIM=dim, num_warps=4)
+                          PARTS=triton.next_power_of_2(parts), DIM=dim,
+                          CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(parts)), num_warps=4)
     return result
 
 

@@ -22,6 +22,7 @@ def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_po
     """Against masked SDPA over the cache as it holds keys and values (8-bit: times their scales, the values
     transposed, blocks of a multiple of the kernel's tile)."""
     monkeypatch.setattr(paged_attention, "PROGRAMS", programs)
+    monkeypatch.setattr(paged_attention, "MERGE_CHUNK", 2)  # the merge sums partitions' results in chunks
     torch.manual_seed(0)
     block = 64 if eight_bit and block % paged_attention.TILE else block
     slots, per_slot, kv_heads, heads, head_dim = 5, 4, 2, 12, 16
