@@ -10,7 +10,10 @@ layers, from bench.decode_kernels); a, b: least squares through `--steps` (size:
 bench.generate_speed --step-sizes) less that attention. `--bound` charges instead each step's bandwidth bound
 (the weights and every slot's keys and values read once at 3.35 TB/s). Prefills are not charged.
 
-    python -m bench.tail_model --prompts 400,2048 [--bound]
+    python -m bench.tail_model --prompts 400,2048 [--bound] [--order longest-first]
+
+`--order longest-first` admits the prompts longest response first, as if lengths were known beforehand: what
+ordering by a length predictor could at best do to the tail and the rate.
 
 Defaults: the H100 figures of commit b0935a2 (bench/results/generate-2026-12-07-h100-r1math500-400-b0935a2.json,
 decode-kernels-2026-12-07-h100-b0935a2.json), where 400 prompts measured 18,027 useful tokens/s and a 78.6 s
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--bound", action="store_true", help="every step at its bandwidth bound")
     parser.add_argument("--kv-bytes", type=int, default=KV_BYTES, help="--bound: a token's keys and values")
     parser.add_argument("--bandwidth", type=float, default=3.35e12)
+    parser.add_argument("--order", choices=["drawn", "longest-first"], default="drawn")
     args = parser.parse_args()
     if args.bound:
         def step_ms(size, tokens):
@@ -92,8 +96,11 @@ def main() -> None:
         print(json.dumps({"model": "fitted", **coefficients}))
     for prompts in map(int, args.prompts.split(",")):
         lengths = end_lengths(prompts, *WORKLOADS["r1-math500"], args.budget)
+        if args.order == "longest-first":
+            lengths.sort(reverse=True)
         for slots in map(int, args.slots.split(",")):
-            print(json.dumps({"prompts": prompts, "slots": slots, **replay(lengths, slots, step_ms)}))
+            print(json.dumps({"prompts": prompts, "slots": slots, "order": args.order,
+                              **replay(lengths, slots, step_ms)}))
 
 
 if __name__ == "__main__":
