@@ -109,10 +109,10 @@ else:
               PARTS: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr):
         slot, head = tl.program_id(0), tl.program_id(1)
         each = tl.arange(0, PARTS)
-        sums = tl.load(lse + slot * l_slot + each * l_part + head, mask=each < parts, other=float("-inf"))
-        top = tl.max(sums, 0)  # partition 0 always holds the slot's first token
-        dims = tl.arange(0, DIM)
+        top = tl.max(tl.load(lse + slot * l_slot + each * l_part + head, mask=each < parts, other=float("-inf")), 0)
+        dims = tl.arange(0, DIM)  # (partition 0 always holds the slot's first token: top is finite)
         merged = tl.zeros([DIM], tl.float32)
+        total = 0.0
         for first in range(0, parts, CHUNK):  # CHUNK partitions' results at a time: few registers
             chunk = first + tl.arange(0, CHUNK)
             weights = tl.exp2(tl.load(lse + slot * l_slot + chunk * l_part + head, mask=chunk < parts,
@@ -120,7 +120,8 @@ else:
             partial = tl.load(out + slot * o_slot + chunk[:, None] * o_part + head * o_head + dims[None, :],
                               mask=(weights > 0)[:, None], other=0.0)
             merged += tl.sum(partial * weights[:, None], 0)
-        merged = merged / tl.sum(tl.exp2(sums - top), 0)
+            total += tl.sum(weights, 0)
+        merged = merged / total
         tl.store(result + slot * r_slot + head * r_head + dims, merged.to(result.dtype.element_ty))
 
 
