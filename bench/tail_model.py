@@ -17,7 +17,8 @@ ordering by a length predictor could at best do to the tail and the rate.
 
 Defaults: the H100 figures of commit b0935a2 (bench/results/generate-2026-12-07-h100-r1math500-400-b0935a2.json,
 decode-kernels-2026-12-07-h100-b0935a2.json), where 400 prompts measured 18,027 useful tokens/s and a 78.6 s
-tail. `--kv-bytes 14784` models an 8-bit cache's bytes a token (--bound).
+tail. `--kv-bytes 14784` models an 8-bit cache's bytes a token (--bound): a byte a number and a float32
+scale per token and KV head.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import json
 
 import numpy as np
 
+from bench.decode_kernels import HEAD_DIM, KV_HEADS, LAYERS
 from bench.generate_speed import WORKLOADS, end_lengths
 from stages.generation.continuous import graph_sizes
 
-LAYERS = 28
 PROMPT_TOKENS = 164  # bench.generate_speed's prompts
 WEIGHT_BYTES = 3.09e9  # what a step reads of the 1.5B model in bf16: all but the embedding table
-KV_BYTES = 28_672  # keys and values of a token, 28 layers (bf16)
+KV_BYTES = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2  # keys and values of a token, every layer, bf16 (28,672)
 
 
 def replay(lengths: list[int], slots: int, step_ms) -> dict:
