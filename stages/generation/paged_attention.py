@@ -23,6 +23,9 @@ from stages.core.cli import cause
 
 log = logging.getLogger(__name__)
 TILE = 64  # keys a program reads per iteration
+WIDE_TILE = 128  # an 8-bit cache's, where partitions are whole blocks: its per-tile work (the scales, the softmax's
+# reductions) amortized over twice the keys; 0.32 ms a layer against 0.49 at 512 slots x 2,048 tokens, H100 (at
+# 8 slots x 8,192, partitions of part of a block, 64 stays faster: bench/results/decode-kernels-2026-12-07-*)
 ROWS = 16  # a KV head's query rows, padded to the smallest tile tl.dot takes
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # on a CPU, in tests
 PROGRAMS = 4096  # partitions are as small as it takes to give the GPU about this many programs
@@ -159,20 +162,22 @@ def available(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit
 @functools.cache
 def verified(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: bool = False) -> bool:
     """The kernel against plain attention on small caches (3 slots of two blocks, scattered: 80-token blocks,
-    one ending inside a tile; 256-token ones, partitions of half a block), from the same rounded inputs (8-bit:
-    only the 256-token blocks); False, and a warning, if it fails or differs."""
+    one ending inside a tile; 256-token ones, in partitions of half a block and of whole blocks, the two tile
+    widths of an 8-bit cache), from the same rounded inputs (8-bit: only the 256-token blocks); False, and a
+    warning, if it fails or differs."""
     try:
-        for block in (256,) if eight_bit else (80, 256):
-            error = _error(device, dtype, head_dim, eight_bit, block)
+        for block, part in ((256, 128), (256, 256)) if eight_bit else ((80, 80), (256, 128), (256, 256)):
+            error = _error(device, dtype, head_dim, eight_bit, block, part)
             if not error < 2e-2:  # bf16's rounding of the output is below 1e-2 here
-                raise ArithmeticError(f"it differs from plain attention by {error:.3g} (blocks of {block})")
+                raise ArithmeticError(f"it differs from plain attention by {error:.3g} (blocks of {block}, "
+                                      f"partitions of {part})")
         return True
     except Exception as e:  # no Triton, it cannot compile for this GPU, or it is wrong here: the fallbacks serve
         log.warning("decoding without the Triton attention kernel, which does not run right here (%s)", cause(e))
         return False
 
 
-def _error(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: bool, block: int) -> float:
+def _error(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: bool, block: int, part: int) -> float:
     """verified()'s case: the kernel's largest difference from plain attention."""
     generator = torch.Generator(device=device).manual_seed(0)
     slots, per_slot, kv_heads, heads = 3, 2, 2, 12
@@ -184,7 +189,7 @@ def _error(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: b
     scale = head_dim ** -0.5
     (keys, key_scales), (values, value_scales) = (quantize(t) if eight_bit else (t, None) for t in (keys, values))
     stored = value_layout(values) if eight_bit else values
-    result = paged_decode(query, keys, stored, table, positions, scale, key_scales, value_scales).float()
+    result = _attend(query, keys, stored, table, positions, scale, key_scales, value_scales, part).float()
     cached = [dequantize(tensor, scales, torch.float32)[table].flatten(1, 2).repeat_interleave(
         heads // kv_heads, dim=2) for tensor, scales in ((keys, key_scales), (values, value_scales))]
     # [slots, tokens, heads, head_dim]
@@ -213,15 +218,21 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     head_dim]. key_scales, value_scales [blocks, block, kv_heads] (float32) when the keys and values are 8-bit
     (a token's key is its keys row times its scale; values [blocks, kv_heads, head_dim, block]: see
     value_layout; blocks of a multiple of TILE tokens). Opaque to torch.compile: its own kernels."""
+    part = partition_tokens(query.shape[0], keys.shape[2], table.shape[1], keys.shape[1])
+    return _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part)
+
+
+def _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part: int) -> torch.Tensor:
+    """paged_decode with `part` tokens a partition (a multiple of TILE, or of the block)."""
     slots, heads, dim = query.shape
     _, block, kv_heads, _ = keys.shape
-    part = partition_tokens(slots, kv_heads, table.shape[1], block)
     parts = -(-table.shape[1] * block // part)
     out = torch.empty(slots, parts, heads, dim, device=query.device, dtype=torch.float32)
     lse = torch.empty(slots, parts, heads, device=query.device, dtype=torch.float32)
     scaled = key_scales is not None  # and value_scales, laid out alike
     if scaled and block % TILE:
         raise ValueError(f"an 8-bit cache's blocks must hold a multiple of {TILE} tokens, not {block}")
+    tile = WIDE_TILE if scaled and part % block == 0 and block % WIDE_TILE == 0 else TILE
     partials[(slots, kv_heads, parts)](
         query, keys, values, key_scales if scaled else keys, value_scales if scaled else values, table, positions,
         out, lse, scale * 1.4426950408889634,
@@ -230,7 +241,7 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         key_scales.stride(0) if scaled else 0, key_scales.stride(1) if scaled else 0, table.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         BLOCK=block, PART=part, GROUPS=heads // kv_heads,
-        ROWS=triton.next_power_of_2(max(ROWS, heads // kv_heads)), DIM=dim, TILE=TILE, SCALED=scaled,
+        ROWS=triton.next_power_of_2(max(ROWS, heads // kv_heads)), DIM=dim, TILE=tile, SCALED=scaled,
         FLOAT_DOTS=INTERPRETED, num_warps=4, num_stages=2)
     result = torch.empty_like(query)
     merge[(slots, heads)](out, lse, result, parts, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),

@@ -108,7 +108,7 @@ def test_the_kernels_are_used_only_where_they_match_their_references_on_a_small_
     assert paged_attention.verified.__wrapped__(device, torch.bfloat16, 16)
     assert paged_attention.verified.__wrapped__(device, torch.bfloat16, 16, eight_bit=True)
     assert top_p.verified.__wrapped__(device)
-    monkeypatch.setattr(paged_attention, "paged_decode", lambda query, *args: torch.zeros_like(query))
+    monkeypatch.setattr(paged_attention, "_attend", lambda query, *args: torch.zeros_like(query))
     assert not paged_attention.verified.__wrapped__(device, torch.bfloat16, 16)
     assert "differs from plain attention" in caplog.text
     cut = top_p._cut
