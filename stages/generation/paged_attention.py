@@ -23,9 +23,10 @@ from stages.core.cli import cause
 
 log = logging.getLogger(__name__)
 TILE = 64  # keys a program reads per iteration
-WIDE_TILE = 128  # an 8-bit cache's, where partitions are whole blocks: its per-tile work (the scales, the softmax's
-# reductions) amortized over twice the keys; 0.32 ms a layer against 0.49 at 512 slots x 2,048 tokens, H100 (at
-# 8 slots x 8,192, partitions of part of a block, 64 stays faster: bench/results/decode-kernels-2026-12-07-*)
+WIDE_TILE = 128  # an 8-bit cache's, where a partition holds 3 such tiles or more: its per-tile work (the scales,
+# the softmax's reductions) amortized over twice the keys. H100, ms a layer, 64- / 128-key tiles: 512 slots x 2,048
+# (whole blocks) 0.49 / 0.32, 64 x 4,096 (384-token partitions) 0.14 / 0.10; 8 x 8,192 (two 128-key tiles a
+# partition, or two 64-key ones) 0.06-0.15 / 0.04 the other way (docs/performance.md)
 ROWS = 16  # a KV head's query rows, padded to the smallest tile tl.dot takes
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # on a CPU, in tests
 PROGRAMS = 4096  # partitions are as small as it takes to give the GPU about this many programs
@@ -162,12 +163,13 @@ def available(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit
 @functools.cache
 def verified(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: bool = False) -> bool:
     """The kernel against plain attention on small caches (3 slots of two blocks, scattered: 80-token blocks,
-    one ending inside a tile; 256-token ones, in partitions of half a block and of whole blocks, the two tile
-    widths of an 8-bit cache), from the same rounded inputs (8-bit: only the 256-token blocks); False, and a
-    warning, if it fails or differs."""
+    one ending inside a tile; 256-token ones, in partitions of half a block and of whole blocks; 8-bit, with its
+    wide tiles too, over whole blocks and 384-token partitions across 512-token blocks), from the same rounded
+    inputs; False, and a warning, if it fails or differs."""
     try:
-        for block, part in ((256, 128), (256, 256)) if eight_bit else ((80, 80), (256, 128), (256, 256)):
-            error = _error(device, dtype, head_dim, eight_bit, block, part)
+        for block, part, tile in (((256, 128, TILE), (256, 512, WIDE_TILE), (512, 384, WIDE_TILE)) if eight_bit
+                                  else ((80, 80, TILE), (256, 128, TILE), (256, 256, TILE))):
+            error = _error(device, dtype, head_dim, eight_bit, block, part, tile)
             if not error < 2e-2:  # bf16's rounding of the output is below 1e-2 here
                 raise ArithmeticError(f"it differs from plain attention by {error:.3g} (blocks of {block}, "
                                       f"partitions of {part})")
@@ -177,7 +179,8 @@ def verified(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit:
         return False
 
 
-def _error(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: bool, block: int, part: int) -> float:
+def _error(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: bool, block: int, part: int,
+           tile: int) -> float:
     """verified()'s case: the kernel's largest difference from plain attention."""
     generator = torch.Generator(device=device).manual_seed(0)
     slots, per_slot, kv_heads, heads = 3, 2, 2, 12
@@ -189,7 +192,7 @@ def _error(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: b
     scale = head_dim ** -0.5
     (keys, key_scales), (values, value_scales) = (quantize(t) if eight_bit else (t, None) for t in (keys, values))
     stored = value_layout(values) if eight_bit else values
-    result = _attend(query, keys, stored, table, positions, scale, key_scales, value_scales, part).float()
+    result = _attend(query, keys, stored, table, positions, scale, key_scales, value_scales, part, tile).float()
     cached = [dequantize(tensor, scales, torch.float32)[table].flatten(1, 2).repeat_interleave(
         heads // kv_heads, dim=2) for tensor, scales in ((keys, key_scales), (values, value_scales))]
     # [slots, tokens, heads, head_dim]
@@ -199,14 +202,24 @@ def _error(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: b
     return (result - torch.einsum("sht,sthd->shd", scores.softmax(-1), cached[1])).abs().max().item()
 
 
-def partition_tokens(slots: int, kv_heads: int, per_slot: int, block: int) -> int:
+def partition_tokens(slots: int, kv_heads: int, per_slot: int, block: int, tile: int = TILE) -> int:
     """Tokens of a slot one program reads: as few as give the GPU about PROGRAMS programs, whole blocks when
     that is a block or more; else part of a block, whole tiles, at least two (a partition's fixed cost, its
     result written and merged, against the tiles it reads), so a few slots still fill the GPU."""
     wanted = slots * kv_heads * per_slot * block // PROGRAMS
-    if wanted >= block or block % TILE or block <= 2 * TILE:
+    if wanted >= block or block % tile or block <= 2 * tile:
         return min(per_slot, max(1, wanted // block)) * block
-    return min(block, max(2 * TILE, -(-wanted // TILE) * TILE))
+    return min(block, max(2 * tile, -(-wanted // tile) * tile))
+
+
+def launch_shape(slots: int, kv_heads: int, per_slot: int, block: int, eight_bit: bool = False) -> tuple[int, int]:
+    """(tokens a partition, keys a tile): an 8-bit cache's partitions in WIDE_TILE tiles where they hold three
+    or more (blocks of a multiple of WIDE_TILE), else TILE's."""
+    if eight_bit and block % WIDE_TILE == 0:
+        part = partition_tokens(slots, kv_heads, per_slot, block, WIDE_TILE)
+        if part >= 3 * WIDE_TILE:
+            return part, WIDE_TILE
+    return partition_tokens(slots, kv_heads, per_slot, block), TILE
 
 
 @torch.library.custom_op("r1_math_lora::paged_decode", mutates_args=())
@@ -218,12 +231,14 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     head_dim]. key_scales, value_scales [blocks, block, kv_heads] (float32) when the keys and values are 8-bit
     (a token's key is its keys row times its scale; values [blocks, kv_heads, head_dim, block]: see
     value_layout; blocks of a multiple of TILE tokens). Opaque to torch.compile: its own kernels."""
-    part = partition_tokens(query.shape[0], keys.shape[2], table.shape[1], keys.shape[1])
-    return _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part)
+    part, tile = launch_shape(query.shape[0], keys.shape[2], table.shape[1], keys.shape[1], key_scales is not None)
+    return _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part, tile)
 
 
-def _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part: int) -> torch.Tensor:
-    """paged_decode with `part` tokens a partition (a multiple of TILE, or of the block)."""
+def _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part: int,
+            tile: int) -> torch.Tensor:
+    """paged_decode with `part` tokens a partition (a multiple of the tile, or of the block) and `tile` keys a
+    tile (TILE, or for an 8-bit cache WIDE_TILE: a divisor of the block)."""
     slots, heads, dim = query.shape
     _, block, kv_heads, _ = keys.shape
     parts = -(-table.shape[1] * block // part)
@@ -232,7 +247,6 @@ def _attend(query, keys, values, table, positions, scale, key_scales, value_scal
     scaled = key_scales is not None  # and value_scales, laid out alike
     if scaled and block % TILE:
         raise ValueError(f"an 8-bit cache's blocks must hold a multiple of {TILE} tokens, not {block}")
-    tile = WIDE_TILE if scaled and part % block == 0 and block % WIDE_TILE == 0 else TILE
     partials[(slots, kv_heads, parts)](
         query, keys, values, key_scales if scaled else keys, value_scales if scaled else values, table, positions,
         out, lse, scale * 1.4426950408889634,

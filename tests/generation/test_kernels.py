@@ -12,11 +12,16 @@ from stages.generation import continuous, paged_attention, top_p  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# (block, programs): (tokens a partition, keys a tile) in bf16, in 8-bit. 48: a block ends inside a tile (8-bit:
+# 64, a tile's tokens past the slot's read unmasked, weighed 0); 4096 programs, the smallest partitions (of
+# 256-token blocks: half a block); 20, two blocks merged by log-sum-exps (8-bit: 128-key tiles where a block
+# holds them); 512-token blocks at 64 programs, partitions across blocks (8-bit: three 128-key tiles)
+SHAPES = {(48, 4096): ((48, 64), (64, 64)), (48, 20): ((96, 64), (128, 64)), (256, 4096): ((128, 64), (128, 64)),
+          (256, 20): ((512, 64), (512, 128)), (512, 64): ((320, 64), (384, 128))}
+
+
 @pytest.mark.parametrize("eight_bit", [False, True])  # eval.kv_cache: model, fp8
-# 48: a block ends inside a tile (8-bit: 64, a tile's tokens past the slot's read unmasked, weighed 0);
-# 256 with 4096 programs: partitions of half a block
-@pytest.mark.parametrize("block", [48, 256])
-@pytest.mark.parametrize("programs", [4096, 20])  # the smallest partitions; two blocks, merged by log-sum-exps
+@pytest.mark.parametrize(("block", "programs"), SHAPES)
 def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_position(programs, block, eight_bit,
                                                                                       monkeypatch):
     """Against masked SDPA over the cache as it holds keys and values (8-bit: times their scales, the values
@@ -24,6 +29,7 @@ def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_po
     monkeypatch.setattr(paged_attention, "PROGRAMS", programs)
     monkeypatch.setattr(paged_attention, "MERGE_CHUNK", 2)  # the merge sums partitions' results in chunks
     torch.manual_seed(0)
+    shape = SHAPES[block, programs][eight_bit]
     block = 64 if eight_bit and block % paged_attention.TILE else block
     slots, per_slot, kv_heads, heads, head_dim = 5, 4, 2, 12, 16
     # each row of its own magnitude: an 8-bit row's scale must be its own
@@ -38,8 +44,7 @@ def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_po
     query = torch.randn(slots, heads, 1, head_dim, device=DEVICE).bfloat16()
     # the first token, a block's last, the next one's first, all, one inside a tile
     positions = torch.tensor([0, block - 1, block, block * per_slot - 1, 100], device=DEVICE)
-    part = paged_attention.partition_tokens(slots, kv_heads, per_slot, block)
-    assert part == (128 if block == 256 and programs == 4096 else 2 * block if programs == 20 else block)
+    assert paged_attention.launch_shape(slots, kv_heads, per_slot, block, eight_bit) == shape
     kernel = continuous.DecodeStep(positions, table, "triton", scales).attend(query, keys, values, head_dim ** -0.5)
     masked = continuous.DecodeStep(positions, table, "sdpa", scales).attend(query.float(), keys, values,
                                                                             head_dim ** -0.5)
