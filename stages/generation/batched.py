@@ -32,9 +32,16 @@ from stages.generation.continuous import (
 log = logging.getLogger(__name__)
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so compiled shapes repeat
 MAX_SLOTS = 512  # the most responses a decode step carries
-# GPU memory left out of the paged KV cache: a 512-slot decode step's logits and sampler (~2.5 GiB), a
-# prefill's activations (~2 GiB at 32k tokens), the graphs' workspaces. On an H100: 92% of what is free.
-CACHE_HEADROOM = 6 * 2**30
+# GPU memory left out of the paged KV cache: a prefill's activations (~2 GiB at 32k tokens) and the graphs'
+# workspaces, and a share a slot for the decode step's logits and sampler (~2.5 GiB at 512 slots). At 512 slots
+# 6 GiB; on an H100, 92% of what is free goes to the cache.
+CACHE_HEADROOM = int(3.5 * 2**30)
+SLOT_HEADROOM = 5 * 2**20
+
+
+def headroom(slots: int) -> int:
+    """Bytes of free GPU memory the paged KV cache leaves to the rest of a run of `slots` responses at once."""
+    return CACHE_HEADROOM + slots * SLOT_HEADROOM
 ATTENTION = "sdpa_grouped"
 
 
@@ -176,12 +183,13 @@ def free_memory(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def cache_tokens(model, dtype: torch.dtype) -> int | None:
-    """The tokens of the paged KV cache in `dtype`: on a GPU, all free memory but CACHE_HEADROOM (the decode
-    step's logits and sampler, a prefill's activations, the graphs); None on CPU (every slot at full length)."""
+def cache_tokens(model, dtype: torch.dtype, slots: int) -> int | None:
+    """The tokens of the paged KV cache in `dtype` for `slots` responses at once: on a GPU, all free memory but
+    headroom(slots) (the decode step's logits and sampler, a prefill's activations, the graphs); None on CPU
+    (every slot at full length)."""
     if model.device.type != "cuda":
         return None
-    return max(0, free_memory(model.device) - CACHE_HEADROOM) // kv_bytes_per_token(model.config, dtype)
+    return max(0, free_memory(model.device) - headroom(slots)) // kv_bytes_per_token(model.config, dtype)
 
 
 def kv_dtype(config: params.EvalParams, model) -> torch.dtype:
@@ -291,13 +299,14 @@ def generate_continuous(model, request: Request, progress,
         paging = {"block": length, "kernels": False}
     else:
         dtype = kv_dtype(config, model)
-        paging = {"cache_tokens": cache_tokens(model, dtype), "kv_dtype": dtype}
+        paging = {"cache_tokens": cache_tokens(model, dtype, request.slots), "kv_dtype": dtype}
     try:
         engine = ContinuousBatcher(model, request.slots, length, eos, config.temperature, config.top_p,
                                    graphs=config.static_cache,
                                    compile=config.static_cache and model.device.type == "cuda", **paging)
     except CacheTooSmall as e:
-        raise GenerationError(f"evaluate: {e} (the GPU memory free at the start, less 6 GiB); free the GPU of other "
+        raise GenerationError(f"evaluate: {e} (the GPU memory free at the start, less "
+                              f"{round(headroom(request.slots) / 2**30, 1):g} GiB); free the GPU of other "
                               "processes or lower eval.max_new_tokens") from e
     except NoEightBitKernel as e:
         raise GenerationError(f"evaluate: eval.kv_cache is 'fp8', but {e}; set eval.kv_cache: model") from e

@@ -156,7 +156,7 @@ def test_the_cache_is_sized_with_the_memory_pytorch_holds_cached_from_freed_tens
     """An earlier model's cache or a test's tensors, freed, stay reserved by PyTorch's allocator: they are
     free for this process, and the KV cache counts them."""
     model = generation.load_model(params.ModelParams(str(model_dir), "main", 4096, ""), None)
-    before = generation.cache_tokens(model, model.dtype)
+    before = generation.cache_tokens(model, model.dtype, 512)
     held = torch.empty(8 * 2**30, dtype=torch.uint8, device="cuda")
     del held  # 8 GiB now cached by the allocator, not free to the device
-    assert generation.cache_tokens(model, model.dtype) >= 0.99 * before
+    assert generation.cache_tokens(model, model.dtype, 512) >= 0.99 * before

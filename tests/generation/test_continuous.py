@@ -3,6 +3,7 @@ sampling as transformers' top-p cuts it, forced ends for benchmarks."""
 
 import dataclasses
 import itertools
+import types
 from pathlib import Path
 
 import pytest
@@ -389,12 +390,23 @@ def test_a_decode_step_whose_graphs_cannot_be_captured_is_run_without_them_and_s
 
 
 def test_a_gpu_too_full_for_one_response_is_one_line_naming_what_to_do(model, tokenizer, monkeypatch):
-    monkeypatch.setattr(generation, "cache_tokens", lambda model, dtype: 8)  # as a GPU shared with another process
+    monkeypatch.setattr(generation, "cache_tokens", lambda model, dtype, slots: 8)  # a GPU shared with another process
     config = eval_config(temperature=0.0, max_new_tokens=24, batch_size=4, batching="continuous")
     expected = (r"^evaluate: a KV cache of 8 tokens cannot hold one response of \d+ tokens \(the GPU memory free at "
-                r"the start, less 6 GiB\); free the GPU of other processes or lower eval\.max_new_tokens$")
+                r"the start, less 3\.5 GiB\); free the GPU of other processes or lower eval\.max_new_tokens$")
     with pytest.raises(generation.GenerationError, match=expected):
         generation.generate(model, tokenizer, PROMPTS[:2], config, seed=0)
+
+
+def test_the_cache_leaves_each_slot_room_for_its_logits_so_more_slots_get_fewer_tokens(model, monkeypatch):
+    """6 GiB of the free memory left out at 512 slots (the default), as before; at 1,024 a step's logits and
+    sampler take twice theirs, 8.5 GiB (an eval.batch_size above the default must not run out of memory)."""
+    monkeypatch.setattr(generation, "free_memory", lambda device: 40 * 2**30)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda"), config=model.config)
+    per_token = continuous.kv_bytes_per_token(model.config, torch.bfloat16)
+    assert generation.cache_tokens(on_gpu, torch.bfloat16, 512) == 34 * 2**30 // per_token
+    assert generation.cache_tokens(on_gpu, torch.bfloat16, 1024) == int(31.5 * 2**30) // per_token
+    assert generation.cache_tokens(model, torch.bfloat16, 512) is None  # on a CPU: every slot at full length
 
 
 def test_an_eight_bit_cache_draws_the_same_tokens_in_any_batch_and_through_a_pause(model):
