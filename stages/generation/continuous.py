@@ -419,6 +419,10 @@ class Stats:
     # its last, longest responses. Every GPU of a multi-GPU run pays its own.
     tail_steps: int = 0
     tail_seconds: float = 0.0
+    # Tokens of context the decode steps attended over (each response's, every step, summed), in all and in the
+    # tail: with the steps, what they read (each step the weights, and these tokens' keys and values).
+    context_tokens: int = 0
+    tail_context_tokens: int = 0
     compiled: bool = False  # the decode step ran torch.compile's code
     compile_seconds: float = 0.0
     cache_tokens: int = 0  # tokens the KV cache holds (its blocks, scratch left out)
@@ -646,7 +650,7 @@ class ContinuousBatcher:
                         generated.setdefault(self.owner[slot], [])
                         take(slot, token)
                     if not waiting:
-                        tail_from = (self.stats.decode_steps, time.perf_counter())
+                        tail_from = (self.stats.decode_steps, time.perf_counter(), self.stats.context_tokens)
                     continue
             if not waiting:  # the tail: decode with the smallest graph that holds every response left
                 size = self._shrink(size)
@@ -656,6 +660,7 @@ class ContinuousBatcher:
             self._step(size)
             for slot, token in enumerate(self.tokens[:size].tolist()):
                 if self.owner[slot] is not None:
+                    self.stats.context_tokens += self.lengths[slot]  # what the step held of the response
                     self.lengths[slot] += 1
                     take(slot, token)
             if on_tokens and self.stats.decode_steps % PROGRESS_STEPS == 0:
@@ -665,6 +670,7 @@ class ContinuousBatcher:
         if prompts:
             self.stats.tail_steps = self.stats.decode_steps - tail_from[0]
             self.stats.tail_seconds = time.perf_counter() - tail_from[1]
+            self.stats.tail_context_tokens = self.stats.context_tokens - tail_from[2]
             self.stats.in_flight_mean = in_flight / max(self.stats.decode_steps, 1)
 
     def _admit(self, free: list[int], waiting: list[int], context: Callable[[int], list[int]]) -> list[int]:

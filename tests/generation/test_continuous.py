@@ -258,13 +258,15 @@ def test_progress_reports_the_tokens_generated_so_far_while_responses_run(model)
 
 def test_the_tail_counts_the_decode_steps_after_the_last_prompt_went_in(model):
     """2 slots, budgets 2, 6, 3 (first token from the prefill): prompts 0 and 1 go in; prompt 0 ends at
-    step 1 and prompt 2 takes its slot; prompt 2 ends at step 3 and prompt 1 at step 5: 4 steps of tail."""
+    step 1 and prompt 2 takes its slot; prompt 2 ends at step 3 and prompt 1 at step 5: 4 steps of tail.
+    The steps attend over 4 + 4 tokens (3 of prompt, 1 new), then 4 + 5, 5 + 6, 7, 8: 43, 35 in the tail."""
     engine = continuous.ContinuousBatcher(model, slots=2, length=64, eos=-1, temperature=0.0, top_p=1.0)
     ends = []
     engine.run([[5, 6, 7], [8, 9, 10], [10, 11, 12]], [2, 6, 3], lambda index, ids: ends.append((index, len(ids))))
     assert ends == [(0, 2), (2, 3), (1, 6)]
     assert engine.stats.decode_steps == 5 and engine.stats.tail_steps == 4
     assert engine.stats.tail_seconds >= 0
+    assert (engine.stats.context_tokens, engine.stats.tail_context_tokens) == (43, 35)
 
 
 def test_a_shrinking_batch_decodes_at_most_a_quarter_more_slots_than_it_holds(model, monkeypatch):
