@@ -26,11 +26,12 @@ TILE = 64  # keys a program reads per iteration
 WIDE_TILE = 128  # an 8-bit cache's, where a partition holds 3 such tiles or more: its per-tile work (the scales,
 # the softmax's reductions) amortized over twice the keys. H100, ms a layer, 64- / 128-key tiles: 512 slots x 2,048
 # (whole blocks) 0.49 / 0.32, 64 x 4,096 (384-token partitions) 0.14 / 0.10; 8 x 8,192 (two 128-key tiles a
-# partition, or two 64-key ones) 0.06-0.15 / 0.04 the other way (docs/performance.md)
+# partition, or two 64-key ones) 0.06-0.15 / 0.04 the other way (bench/results/kernel-launch-*)
 ROWS = 16  # a KV head's query rows, padded to the smallest tile tl.dot takes
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # on a CPU, in tests
 PROGRAMS = 4096  # partitions are as small as it takes to give the GPU about this many programs
 MERGE_CHUNK = 16  # partitions' results the merge kernel sums at a time
+WARPS, STAGES = 4, 2  # the partials kernel's launch (bench.kernel_launch sweeps them)
 EIGHT_BIT = torch.float8_e4m3fn  # eval.kv_cache: fp8 keeps keys and values so, a float32 scale per token and head
 EIGHT_BIT_MAX = torch.finfo(EIGHT_BIT).max
 
@@ -256,7 +257,7 @@ def _attend(query, keys, values, table, positions, scale, key_scales, value_scal
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         BLOCK=block, PART=part, GROUPS=heads // kv_heads,
         ROWS=triton.next_power_of_2(max(ROWS, heads // kv_heads)), DIM=dim, TILE=tile, SCALED=scaled,
-        FLOAT_DOTS=INTERPRETED, num_warps=4, num_stages=2)
+        FLOAT_DOTS=INTERPRETED, num_warps=WARPS, num_stages=STAGES)
     result = torch.empty_like(query)
     merge[(slots, heads)](out, lse, result, parts, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
                           lse.stride(1), result.stride(0), result.stride(1),

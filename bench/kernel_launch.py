@@ -1,0 +1,68 @@
+"""Benchmark: the decode attention kernel's launch swept on a GPU, one call: keys a tile (64, 128), warps (4,
+8) and pipeline stages (1-4), over a bf16 and an 8-bit cache of the real 1.5B shape, per (slots x context),
+partitions as stages.generation.paged_attention sizes them for that tile. Each launch (the partials and the
+merge) is timed as a CUDA graph (triton.testing.do_bench_cudagraph); its bytes read make a bandwidth. How
+paged_attention.WIDE_TILE was chosen.
+
+    python -m bench.kernel_launch --shapes 512x2048,64x4096,8x8192 --out bench/results/kernel-launch-DATE-GPU-SHA.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+from stages.generation import paged_attention
+
+BLOCK, PER_SLOT, KV_HEADS, HEADS, HEAD_DIM = 512, 17, 2, 12, 128
+
+
+def cache(slots: int, eight_bit: bool, generator: torch.Generator):
+    """keys, values, table, query, and for 8-bit the scales: as bench.decode_kernels builds them."""
+    keys, values = (torch.randn(1 + slots * PER_SLOT, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", generator=generator,
+                                dtype=torch.bfloat16) for _ in range(2))
+    table = (torch.randperm(slots * PER_SLOT, device="cuda", generator=generator) + 1).view(slots, PER_SLOT)
+    query = torch.randn(slots, HEADS, HEAD_DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
+    if not eight_bit:
+        return keys, values, table, query, None, None
+    (keys, key_scales), (values, value_scales) = paged_attention.quantize(keys), paged_attention.quantize(values)
+    return keys, paged_attention.value_layout(values), table, query, key_scales, value_scales
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="512x2048,64x4096,8x8192", help="slots x context, ...")
+    parser.add_argument("--commit", default="")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    results = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+               "commit": args.commit, "command": f"python -m bench.kernel_launch --shapes {args.shapes}",
+               "launches": []}
+    for shape, eight_bit in itertools.product(args.shapes.split(","), (False, True)):
+        slots, context = map(int, shape.split("x"))
+        keys, values, table, query, key_scales, value_scales = cache(slots, eight_bit,
+                                                                     torch.Generator("cuda").manual_seed(0))
+        positions = torch.full((slots,), context - 1, device="cuda")
+        read = slots * context * 2 * KV_HEADS * (HEAD_DIM + 4 if eight_bit else 2 * HEAD_DIM)
+        for tile, warps, stages in itertools.product((64, 128), (4, 8), (1, 2, 3, 4)):
+            part = paged_attention.partition_tokens(slots, KV_HEADS, PER_SLOT, BLOCK, tile)
+            paged_attention.WARPS, paged_attention.STAGES = warps, stages
+            inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part, tile)
+            ms = do_bench_cudagraph(lambda inputs=inputs: paged_attention._attend(*inputs), rep=30)
+            row = {"slots": slots, "context": context, "kv_cache": "fp8" if eight_bit else "bfloat16", "tile": tile,
+                   "partition": part, "warps": warps, "stages": stages, "ms": round(ms, 4),
+                   "tb_per_s": round(read / ms / 1e9, 2)}
+            results["launches"].append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
