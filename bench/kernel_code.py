@@ -100,12 +100,13 @@ ATTENTION_INTEGERS = {"q_slot": 12 * 128, "q_head": 128, "k_block": 512 * 256, "
                       "l_part": 12}
 
 
-def measure_attention(eight_bit: bool, warps: int = 4, stages: int = 2) -> dict:
-    """The attention kernel's loop: instructions a tile of paged_attention.TILE tokens (its keys and values)."""
+def measure_attention(eight_bit: bool, tile: int = paged_attention.TILE, warps: int = paged_attention.WARPS,
+                      stages: int = paged_attention.STAGES) -> dict:
+    """The attention kernel's loop: instructions a tile of `tile` tokens (their keys and values)."""
     kernel = paged_attention.partials
     names = list(inspect.signature(kernel.fn).parameters)
     constants = {"BLOCK": 512, "PART": 512, "GROUPS": 6, "ROWS": paged_attention.ROWS, "DIM": 128,
-                 "TILE": paged_attention.TILE, "SCALED": eight_bit, "FLOAT_DOTS": False}
+                 "TILE": tile, "SCALED": eight_bit, "FLOAT_DOTS": False}
     cache = "*fp8e4nv" if eight_bit else "*bf16"
     types = ATTENTION_TYPES | {"keys": cache, "values": cache, "key_scales": "*fp32" if eight_bit else cache,
                                "value_scales": "*fp32" if eight_bit else cache}
@@ -118,7 +119,7 @@ def measure_attention(eight_bit: bool, warps: int = 4, stages: int = 2) -> dict:
                               options={"num_warps": warps, "num_stages": stages})
     loop = main_loop(compiled.asm["ptx"])
     return {"kernel": "paged_attention.partials", "cache": "e4m3" if eight_bit else "bf16",
-            "tile": paged_attention.TILE, "warps": warps, "loop_instructions_per_tile": len(loop),
+            "tile": tile, "warps": warps, "loop_instructions_per_tile": len(loop),
             "byte_loads_per_tile": sum(bool(re.search(r"ld\.(global|shared)\.b8", line)) for line in loop),
             "registers": registers(compiled.asm["cubin"])}
 
@@ -139,7 +140,8 @@ def main() -> None:
                "commit": args.commit, "command": "python -m bench.kernel_code", "vocab": VOCAB,
                "kernels": [measure("masses", top_p.masses, flags) for flags in passes]
                + [measure("draw", top_p.draw, draw_flags)],
-               "attention": [measure_attention(eight_bit) for eight_bit in (False, True)]}
+               "attention": [measure_attention(False), measure_attention(True),
+                             measure_attention(True, paged_attention.WIDE_TILE)]}
     print(json.dumps(results, indent=2))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
