@@ -32,6 +32,7 @@ from stages.generation.continuous import (
 log = logging.getLogger(__name__)
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so compiled shapes repeat
 MAX_SLOTS = 512  # the most responses a decode step carries
+ATTENTION = "sdpa_grouped"
 # GPU memory left out of the paged KV cache: a prefill's activations (~2 GiB at 32k tokens) and the graphs'
 # workspaces, and a share a slot for the decode step's logits and sampler (~2.5 GiB at 512 slots). At 512 slots
 # 6 GiB; on an H100, 92% of what is free goes to the cache.
@@ -42,7 +43,6 @@ SLOT_HEADROOM = 5 * 2**20
 def headroom(slots: int) -> int:
     """Bytes of free GPU memory the paged KV cache leaves to the rest of a run of `slots` responses at once."""
     return CACHE_HEADROOM + slots * SLOT_HEADROOM
-ATTENTION = "sdpa_grouped"
 
 
 class GenerationError(StageError):
