@@ -24,6 +24,7 @@ import torch
 from stages.generation import continuous, paged_attention, top_p
 
 LAYERS, KV_HEADS, HEADS, HEAD_DIM, VOCAB, BLOCK = 28, 2, 12, 128, 151_936, 512
+PER_SLOT = 17  # blocks a slot may hold: 8,192 new tokens and a prompt, in blocks of 512
 
 
 def replay_ms(step, repeats: int = 4) -> float:
@@ -44,14 +45,33 @@ def replay_ms(step, repeats: int = 4) -> float:
     return (time.perf_counter() - start) / (repeats * LAYERS) * 1e3
 
 
-def attention(slots: int, context: int, per_slot: int = 17) -> dict:
+def paged_cache(slots: int, per_slot: int = PER_SLOT) -> tuple[torch.Tensor, ...]:
+    """A bf16 cache of random keys and values, `per_slot` scattered blocks a slot: keys, values [blocks, BLOCK,
+    KV_HEADS, HEAD_DIM], table [slots, per_slot], a query [slots, HEADS, HEAD_DIM] (seeded: the same each call)."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     keys, values = (torch.randn(1 + slots * per_slot, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", generator=generator,
                                 dtype=torch.bfloat16) for _ in range(2))
     table = (torch.randperm(slots * per_slot, device="cuda", generator=generator) + 1).view(slots, per_slot)
-    query = torch.randn(slots, HEADS, 1, HEAD_DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
+    query = torch.randn(slots, HEADS, HEAD_DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
+    return keys, values, table, query
+
+
+def as_eight_bit(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A bf16 cache as an 8-bit cache keeps it: keys, values (transposed a block), key scales, value scales."""
+    (keys, key_scales), (values, value_scales) = paged_attention.quantize(keys), paged_attention.quantize(values)
+    return keys, paged_attention.value_layout(values), key_scales, value_scales
+
+
+def bytes_read(slots: int, context: int, eight_bit: bool = False) -> int:
+    """Keys and values of every slot's context, one layer: bf16, or 8-bit with a float32 scale a token and head."""
+    return slots * context * 2 * KV_HEADS * (HEAD_DIM + 4 if eight_bit else 2 * HEAD_DIM)
+
+
+def attention(slots: int, context: int) -> dict:
+    keys, values, table, query = paged_cache(slots)
+    query = query[:, :, None]  # [slots, heads, 1, head_dim], as the decode step attends
     positions = torch.full((slots,), context - 1, device="cuda")
-    read = slots * context * 2 * KV_HEADS * HEAD_DIM * 2  # keys and values, bf16
+    read = bytes_read(slots, context)
     row = {"slots": slots, "context": context, "mb_read": round(read / 1e6, 1)}
     for kernel in ("flash", "triton"):
         step = continuous.DecodeStep(positions, table, kernel)
@@ -60,12 +80,11 @@ def attention(slots: int, context: int, per_slot: int = 17) -> dict:
         row[kernel] = {"ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
     row["speedup"] = round(row["flash"]["ms"] / row["triton"]["ms"], 2)
     # eval.kv_cache: fp8: the Triton kernel over 8-bit keys and values and their float32 scales
-    (keys, key_scales), (values, value_scales) = paged_attention.quantize(keys), paged_attention.quantize(values)
-    values = paged_attention.value_layout(values)  # as the cache keeps 8-bit values
+    keys, values, key_scales, value_scales = as_eight_bit(keys, values)
     step = continuous.DecodeStep(positions, table, "triton", (key_scales, value_scales))
     attend = torch.compile(lambda q, k, v, step=step: step.attend(q, k, v, HEAD_DIM ** -0.5), fullgraph=True)
     ms = replay_ms(lambda attend=attend: attend(query, keys, values))
-    read_fp8 = slots * context * 2 * KV_HEADS * (HEAD_DIM + 4)
+    read_fp8 = bytes_read(slots, context, eight_bit=True)
     row["triton_fp8"] = {"ms": round(ms, 4), "mb_read": round(read_fp8 / 1e6, 1),
                          "tb_per_s": round(read_fp8 / ms / 1e9, 2)}
     return row

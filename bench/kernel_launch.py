@@ -18,21 +18,9 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench_cudagraph
 
+from bench import decode_kernels
+from bench.decode_kernels import BLOCK, HEAD_DIM, KV_HEADS, PER_SLOT, bytes_read, paged_cache
 from stages.generation import paged_attention
-
-BLOCK, PER_SLOT, KV_HEADS, HEADS, HEAD_DIM = 512, 17, 2, 12, 128
-
-
-def cache(slots: int, eight_bit: bool, generator: torch.Generator):
-    """keys, values, table, query, and for 8-bit the scales: as bench.decode_kernels builds them."""
-    keys, values = (torch.randn(1 + slots * PER_SLOT, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", generator=generator,
-                                dtype=torch.bfloat16) for _ in range(2))
-    table = (torch.randperm(slots * PER_SLOT, device="cuda", generator=generator) + 1).view(slots, PER_SLOT)
-    query = torch.randn(slots, HEADS, HEAD_DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
-    if not eight_bit:
-        return keys, values, table, query, None, None
-    (keys, key_scales), (values, value_scales) = paged_attention.quantize(keys), paged_attention.quantize(values)
-    return keys, paged_attention.value_layout(values), table, query, key_scales, value_scales
 
 
 def main() -> None:
@@ -46,10 +34,12 @@ def main() -> None:
                "launches": []}
     for shape, eight_bit in itertools.product(args.shapes.split(","), (False, True)):
         slots, context = map(int, shape.split("x"))
-        keys, values, table, query, key_scales, value_scales = cache(slots, eight_bit,
-                                                                     torch.Generator("cuda").manual_seed(0))
+        keys, values, table, query = paged_cache(slots)
+        key_scales = value_scales = None
+        if eight_bit:
+            keys, values, key_scales, value_scales = decode_kernels.as_eight_bit(keys, values)
         positions = torch.full((slots,), context - 1, device="cuda")
-        read = slots * context * 2 * KV_HEADS * (HEAD_DIM + 4 if eight_bit else 2 * HEAD_DIM)
+        read = bytes_read(slots, context, eight_bit)
         for tile, warps, stages in itertools.product((64, 128), (4, 8), (1, 2, 3, 4)):
             part = paged_attention.partition_tokens(slots, KV_HEADS, PER_SLOT, BLOCK, tile)
             paged_attention.WARPS, paged_attention.STAGES = warps, stages
