@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,7 @@ def main() -> None:
     parser.add_argument("--routes", default="reserved,continuous",
                         help="comma-separated, run in this order; ROUTE@N: with --batch-size N (e.g. fp8@1024)")
     parser.add_argument("--step-sizes", default="", help="e.g. 8,64,256,512: time a decode step at these sizes")
+    parser.add_argument("--step-profile", action="store_true", help="--step-sizes: also each step's kernels")
     parser.add_argument("--step-context", type=int, default=2048, help="--step-sizes: tokens of each context")
     parser.add_argument("--bandwidth", type=float, default=3.35e12, help="GPU memory bytes/s (H100 SXM)")
     parser.add_argument("--processes", default="", help="e.g. 1,2: instead of --routes, the continuous route "
@@ -248,7 +250,7 @@ def main() -> None:
     model = generation.load_model(model_params, adapter)
     if args.step_sizes:
         results["decode_steps"] = step_times(model, [int(n) for n in args.step_sizes.split(",")],
-                                             args.step_context, args.bandwidth)
+                                             args.step_context, args.bandwidth, profile=args.step_profile)
         save(results, args.out)
     limits = {route: float(seconds) for route, seconds in (item.split("=") for item in args.limit.split(",") if item)}
     for route in [r for r in args.routes.split(",") if r]:
@@ -269,11 +271,12 @@ def main() -> None:
     save(results, args.out)
 
 
-def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats: int = 20) -> list[dict]:
+def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats: int = 20,
+               profile: bool = False) -> list[dict]:
     """Milliseconds of one compiled, graph-replayed decode step (sampling as the model card says) with every
     slot at `context` tokens, per batch size: without the Triton kernels (attention, top-p), with them, and
     with them over an 8-bit cache; against the step's bandwidth bound: the weights plus each slot's keys and
-    values, read once, at `bandwidth` bytes/s."""
+    values, read once, at `bandwidth` bytes/s. profile: also where a step's GPU time goes (kernel_profile)."""
     config = params.load("eval", ROOT / "params.yaml")
     weights = weight_bytes(model)
     rows = []
@@ -295,17 +298,36 @@ def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats:
             for _ in range(repeats):
                 engine.graphs[size].replay()
             torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / repeats
+            seconds = (time.perf_counter() - start) / repeats
+            profiled = kernel_profile(engine.graphs[size].replay, repeats) if profile else {}
         read = weights + size * (context + 1) * kv_bytes_per_token(model.config, dtype)
         rows.append({"slots": size, "context": context, "attention": engine.attention,
                      "kv_cache": engine.stats.kv_cache,
                      "top_p_kernels": engine.stats.top_p_kernels,
                      "fused_projections": engine.stats.fused_projections, "ms": round(1e3 * seconds, 2),
-                     "bound_ms": round(1e3 * read / bandwidth, 2), "tokens_per_second": round(size / seconds)})
+                     "bound_ms": round(1e3 * read / bandwidth, 2), "tokens_per_second": round(size / seconds),
+                     **profiled})
         print(json.dumps(rows[-1]), flush=True)
         del engine
         torch.cuda.empty_cache()
     return rows
+
+
+def kernel_profile(step: Callable[[], None], repeats: int, top: int = 12) -> dict:
+    """Where one step's GPU time goes (torch.profiler over `repeats` steps): the sum of its kernels' times
+    (`kernel_ms`; the step's milliseconds less this is time the GPU ran no kernel) and its `top` kernels by
+    time, each with its microseconds and launches a step."""
+    from torch.autograd import DeviceType
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in profiler.key_averages() if e.device_type == DeviceType.CUDA),
+                     key=lambda e: -e.self_device_time_total)
+    return {"kernel_ms": round(sum(e.self_device_time_total for e in kernels) / repeats / 1e3, 3),
+            "kernels": [{"name": e.key[:90], "us": round(e.self_device_time_total / repeats, 1),
+                         "launches": round(e.count / repeats, 1)} for e in kernels[:top]]}
 
 
 def save(results: dict, out: Path | None) -> None:
