@@ -290,6 +290,7 @@ def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats:
             engine._capture()
             for slot in range(size):
                 assert engine.cache.grow(slot, context + 1)
+            random_cache(engine.cache)
             engine.positions.fill_(context)
             engine.active.fill_(1)
             engine.graphs[size].replay()
@@ -311,6 +312,16 @@ def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats:
         del engine
         torch.cuda.empty_cache()
     return rows
+
+
+def random_cache(cache) -> None:
+    """Fill a block cache with random keys and values (8-bit: with scales as a model's give), as a run's cache
+    holds: an empty one's zero scales send an 8-bit kernel through 0/0 (NaN weights), not a run's path."""
+    for tensor in (*cache.keys, *cache.values):
+        for block in tensor:  # a block at a time: no cache-sized temporary
+            block.copy_(torch.randn(block.shape, device=block.device))
+    for tensor in itertools.chain(*cache.scales or ()):
+        tensor.uniform_(1e-3, 1e-2)
 
 
 def kernel_profile(step: Callable[[], None], repeats: int, top: int = 12) -> dict:

@@ -91,12 +91,12 @@ def measure(name: str, kernel, flags: dict[str, bool], warps: int = 4) -> dict:
 
 
 # The attention kernel as a decode step launches it on the 1.5B shape: 2 KV heads of 128, groups of 6 query
-# heads, blocks of 512 tokens (8-bit values transposed), 17 blocks a slot, one block a partition.
+# heads, blocks of 512 tokens (8-bit values transposed), 17 blocks a slot, two blocks a partition (9 a slot).
 ATTENTION_TYPES = {"query": "*bf16", "table": "*i64", "positions": "*i64", "out": "*fp32", "lse": "*fp32",
                    "scale_log2": "fp32"}
 ATTENTION_INTEGERS = {"q_slot": 12 * 128, "q_head": 128, "k_block": 512 * 256, "k_token": 256, "k_head": 128,
                       "v_block": 512 * 256, "v_head": 128 * 512, "v_dim": 512, "s_block": 1024, "s_token": 2,
-                      "t_slot": 17, "o_slot": 17 * 12 * 128, "o_part": 12 * 128, "o_head": 128, "l_slot": 17 * 12,
+                      "t_slot": 17, "o_slot": 9 * 12 * 128, "o_part": 12 * 128, "o_head": 128, "l_slot": 9 * 12,
                       "l_part": 12}
 
 
@@ -105,7 +105,7 @@ def measure_attention(eight_bit: bool, tile: int = paged_attention.TILE, warps: 
     """The attention kernel's loop: instructions a tile of `tile` tokens (their keys and values)."""
     kernel = paged_attention.partials
     names = list(inspect.signature(kernel.fn).parameters)
-    constants = {"BLOCK": 512, "PART": 512, "GROUPS": 6, "ROWS": paged_attention.ROWS, "DIM": 128,
+    constants = {"BLOCK": 512, "PART": 1024, "GROUPS": 6, "ROWS": paged_attention.ROWS, "DIM": 128,
                  "TILE": tile, "SCALED": eight_bit, "FLOAT_DOTS": False}
     cache = "*fp8e4nv" if eight_bit else "*bf16"
     types = ATTENTION_TYPES | {"keys": cache, "values": cache, "key_scales": "*fp32" if eight_bit else cache,

@@ -1,8 +1,8 @@
 """Benchmark: the decode attention kernel's launch swept on a GPU, one call: keys a tile (64, 128), warps (4,
-8) and pipeline stages (1-4), over a bf16 and an 8-bit cache of the real 1.5B shape, per (slots x context),
-partitions as stages.generation.paged_attention sizes them for that tile. Each launch (the partials and the
-merge) is timed as a CUDA graph (triton.testing.do_bench_cudagraph); its bytes read make a bandwidth. How
-paged_attention.WIDE_TILE was chosen.
+8) and pipeline stages (1-4) unless told others, over a bf16 and an 8-bit cache of the real 1.5B shape, per
+(slots x context), partitions as stages.generation.paged_attention sizes them for that tile. Each launch (the
+partials and the merge) is timed as a CUDA graph (triton.testing.do_bench_cudagraph); its bytes read make a
+bandwidth. How paged_attention.WIDE_TILE was chosen.
 
     python -m bench.kernel_launch --shapes 512x2048,64x4096,8x8192 --out bench/results/kernel-launch-DATE-GPU-SHA.json
 """
@@ -13,6 +13,7 @@ import argparse
 import datetime
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -26,13 +27,19 @@ from stages.generation import paged_attention
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="512x2048,64x4096,8x8192", help="slots x context, ...")
+    parser.add_argument("--tiles", default="64,128", help="keys a tile, ...")
+    parser.add_argument("--warps", default="4,8")
+    parser.add_argument("--stages", default="1,2,3,4")
+    parser.add_argument("--caches", default="bf16,fp8", help="bf16, fp8 or both")
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
-               "commit": args.commit, "command": f"python -m bench.kernel_launch --shapes {args.shapes}",
+               "commit": args.commit, "command": " ".join(["python -m bench.kernel_launch", *sys.argv[1:]]),
                "launches": []}
-    for shape, eight_bit in itertools.product(args.shapes.split(","), (False, True)):
+    numbers = {name: [int(n) for n in getattr(args, name).split(",")] for name in ("tiles", "warps", "stages")}
+    caches = [cache == "fp8" for cache in args.caches.split(",")]
+    for shape, eight_bit in itertools.product(args.shapes.split(","), caches):
         slots, context = map(int, shape.split("x"))
         keys, values, table, query = paged_cache(slots)
         key_scales = value_scales = None
@@ -40,7 +47,7 @@ def main() -> None:
             keys, values, key_scales, value_scales = decode_kernels.as_eight_bit(keys, values)
         positions = torch.full((slots,), context - 1, device="cuda")
         read = bytes_read(slots, context, eight_bit)
-        for tile, warps, stages in itertools.product((64, 128), (4, 8), (1, 2, 3, 4)):
+        for tile, warps, stages in itertools.product(numbers["tiles"], numbers["warps"], numbers["stages"]):
             part = paged_attention.partition_tokens(slots, KV_HEADS, PER_SLOT, BLOCK, tile)
             paged_attention.WARPS, paged_attention.STAGES = warps, stages
             inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part, tile)

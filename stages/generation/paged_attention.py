@@ -205,11 +205,15 @@ def _error(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: b
 
 def partition_tokens(slots: int, kv_heads: int, per_slot: int, block: int, tile: int = TILE) -> int:
     """Tokens of a slot one program reads: as few as give the GPU about PROGRAMS programs, whole blocks when
-    that is a block or more; else part of a block, whole tiles, at least two (a partition's fixed cost, its
-    result written and merged, against the tiles it reads), so a few slots still fill the GPU."""
+    that is a block or more, two at least (H100, 512-token blocks: partitions of one ran 2.6x slower over an
+    8-bit cache than of two or more, 1.09x over bf16; bench/results/kernel-partitions-*); else part of a
+    block, whole tiles, at least two (a partition's fixed cost, its result written and merged, against the
+    tiles it reads), so a few slots still fill the GPU."""
     wanted = slots * kv_heads * per_slot * block // PROGRAMS
-    if wanted >= block or block % tile or block <= 2 * tile:
-        return min(per_slot, max(1, wanted // block)) * block
+    if wanted >= block:
+        return min(per_slot, max(2, wanted // block)) * block
+    if block % tile or block <= 2 * tile:
+        return block
     return min(block, max(2 * tile, -(-wanted // tile) * tile))
 
 

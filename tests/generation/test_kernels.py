@@ -15,9 +15,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (block, programs): (tokens a partition, keys a tile) in bf16, in 8-bit. 48: a block ends inside a tile (8-bit:
 # 64, a tile's tokens past the slot's read unmasked, weighed 0); 4096 programs, the smallest partitions (of
 # 256-token blocks: half a block); 20, two blocks merged by log-sum-exps (8-bit: 128-key tiles where a block
-# holds them); 512-token blocks at 64 programs, partitions across blocks (8-bit: three 128-key tiles)
+# holds them); 512-token blocks at 64 programs, partitions across blocks (8-bit: three 128-key tiles); at 32,
+# where one block would give the programs wanted, two
 SHAPES = {(48, 4096): ((48, 64), (64, 64)), (48, 20): ((96, 64), (128, 64)), (256, 4096): ((128, 64), (128, 64)),
-          (256, 20): ((512, 64), (512, 128)), (512, 64): ((320, 64), (384, 128))}
+          (256, 20): ((512, 64), (512, 128)), (512, 64): ((320, 64), (384, 128)),
+          (512, 32): ((1024, 64), (1024, 128))}
 
 
 @pytest.mark.parametrize("eight_bit", [False, True])  # eval.kv_cache: model, fp8

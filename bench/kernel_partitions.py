@@ -1,0 +1,87 @@
+"""Benchmark: the decode attention kernel at the contexts a real run holds, per partition size. A run's slots
+hold contexts from a few tokens to the whole budget, where bench.decode_kernels and bench.kernel_launch give
+every slot the same; and a fresh 8-bit cache holds zero scales (what a decode step's benchmark on an empty
+cache reads). Per (slots, spread, cache, partition tokens): ms a layer and the bandwidth of the bytes the slots'
+contexts hold (each slot's tokens up to its position, once). Spreads: `uniform:N` (every slot at N tokens) or
+`r1-math500` (each slot at a uniform point of a response drawn as bench.generate_speed's workload draws them,
+prompt included). Partition `auto`: what the stage launches (paged_attention.launch_shape).
+
+    python -m bench.kernel_partitions --slots 512,1024 --spreads uniform:3000,r1-math500
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from triton.testing import do_bench_cudagraph
+
+from bench.decode_kernels import BLOCK, HEAD_DIM, KV_HEADS, PER_SLOT, as_eight_bit, paged_cache
+from bench.generate_speed import WORKLOADS, end_lengths
+from stages.generation import paged_attention
+
+PROMPT_TOKENS = 164  # bench.generate_speed's prompts
+
+
+def positions_of(slots: int, spread: str, budget: int = 8192) -> torch.Tensor:
+    """Each slot's last position: all at N - 1 (uniform:N), or a uniform point of a drawn response."""
+    if spread.startswith("uniform:"):
+        return torch.full((slots,), int(spread.split(":")[1]) - 1, device="cuda")
+    lengths = np.array(end_lengths(slots, *WORKLOADS[spread], budget, seed=1)) + PROMPT_TOKENS
+    points = np.random.default_rng(2).uniform(0, 1, slots) * lengths
+    return torch.tensor(points.astype(int), device="cuda")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slots", default="512,1024")
+    parser.add_argument("--spreads", default="uniform:3000,r1-math500")
+    parser.add_argument("--parts", default="auto,512,1024,2048,4096", help="tokens a partition, or auto")
+    parser.add_argument("--zero-scales", action="store_true", help="also an 8-bit cache whose scales are 0")
+    parser.add_argument("--commit", default="")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    results = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+               "commit": args.commit, "launches": []}
+    caches = ["bfloat16", "fp8"] + (["fp8-zero-scales"] if args.zero_scales else [])
+    for slots, spread in itertools.product(map(int, args.slots.split(",")), args.spreads.split(",")):
+        positions = positions_of(slots, spread)
+        tokens = int((positions + 1).sum())
+        bf16 = paged_cache(slots)
+        for cache in caches:
+            keys, values, table, query = bf16
+            key_scales = value_scales = None
+            if cache != "bfloat16":
+                keys, values, key_scales, value_scales = as_eight_bit(keys, values)
+                if cache == "fp8-zero-scales":
+                    key_scales.zero_(), value_scales.zero_()
+            eight_bit = key_scales is not None
+            read = tokens * 2 * KV_HEADS * (HEAD_DIM + 4 if eight_bit else 2 * HEAD_DIM)
+            for part in args.parts.split(","):
+                if part == "auto":
+                    part, tile = paged_attention.launch_shape(slots, KV_HEADS, PER_SLOT, BLOCK, eight_bit)
+                else:
+                    part = int(part)
+                    tile = paged_attention.WIDE_TILE if eight_bit and part >= 3 * paged_attention.WIDE_TILE \
+                        else paged_attention.TILE
+                inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part,
+                          tile)
+                ms = do_bench_cudagraph(lambda inputs=inputs: paged_attention._attend(*inputs), rep=30)
+                row = {"slots": slots, "spread": spread, "mean_context": round(tokens / slots), "kv_cache": cache,
+                       "partition": part, "tile": tile, "ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
+                results["launches"].append(row)
+                print(json.dumps(row), flush=True)
+            del keys, values, key_scales, value_scales
+        del bf16
+        torch.cuda.empty_cache()
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
