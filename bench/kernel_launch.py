@@ -51,6 +51,7 @@ def main() -> None:
             part = paged_attention.partition_tokens(slots, KV_HEADS, PER_SLOT, BLOCK, tile)
             paged_attention.WARPS, paged_attention.STAGES = warps, stages
             inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part, tile)
+            torch.cuda.synchronize()  # do_bench_cudagraph runs on a stream of its own, which does not wait
             ms = do_bench_cudagraph(lambda inputs=inputs: paged_attention._attend(*inputs), rep=30)
             row = {"slots": slots, "context": context, "kv_cache": "fp8" if eight_bit else "bfloat16", "tile": tile,
                    "partition": part, "warps": warps, "stages": stages, "ms": round(ms, 4),

@@ -71,6 +71,7 @@ def main() -> None:
                         else paged_attention.TILE
                 inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part,
                           tile)
+                torch.cuda.synchronize()  # do_bench_cudagraph runs on a stream of its own, which does not wait
                 ms = do_bench_cudagraph(lambda inputs=inputs: paged_attention._attend(*inputs), rep=30)
                 row = {"slots": slots, "spread": spread, "mean_context": round(tokens / slots), "kv_cache": cache,
                        "partition": part, "tile": tile, "ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
