@@ -8,8 +8,10 @@ registers. The loop is the part that runs once per tile of every chunk of every 
 
     python -m bench.kernel_code --commit SHA --out bench/results/kernel-code-DATE-sm90-SHA.json
 
-It reads the PTX, which Triton emits on any machine, and the registers from the cubin (cuobjdump, which
-Triton's CUDA backend brings); no GPU runs.
+It reads the PTX, which Triton emits on any machine, and the registers and, for the attention kernel, the
+machine code's loop (SASS) from the cubin (cuobjdump, which Triton's CUDA backend brings); no GPU runs. The
+SASS loop's warp-instructions a key (a tile's instructions, times the warps, over its keys) against a
+kernel's measured rate says whether issuing them bounds it (an H100 issues ~0.9T warp-instructions a second).
 """
 
 from __future__ import annotations
@@ -70,14 +72,34 @@ def main_loop(ptx: str) -> list[str]:
     return [line.strip() for line in body if INSTRUCTION.match(line)]
 
 
-def registers(cubin: bytes) -> int:
+def cuobjdump(cubin: bytes, option: str) -> str:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        usage = subprocess.run([str(tool), "--dump-resource-usage", file.name], capture_output=True, text=True,
-                               check=True).stdout
-    return int(re.search(r"REG:(\d+)", usage).group(1))
+        return subprocess.run([str(tool), option, file.name], capture_output=True, text=True, check=True).stdout
+
+
+def registers(cubin: bytes) -> int:
+    return int(re.search(r"REG:(\d+)", cuobjdump(cubin, "--dump-resource-usage")).group(1))
+
+
+SASS = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)")  # address, opcode, operands
+SASS_KINDS = {"conversions": ("F2FP.F16.E4M3",), "moves": ("MOV", "IMAD.MOV"), "tensor_core": ("HMMA",),
+              "shared_loads": ("LDS", "LDSM"), "barriers": ("BAR.SYNC",)}
+
+
+def sass_loop(cubin: bytes) -> dict[str, int]:
+    """The machine code's main loop (the longest backward branch's body), counted: instructions, and those of
+    each kind in SASS_KINDS (by opcode prefix)."""
+    code = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(SASS.match, cuobjdump(cubin, "-sass")
+                                                                         .splitlines()) if m]
+    loops = [(int(target.group(1), 16), address) for address, opcode, operands in code if opcode == "BRA"
+             and (target := re.search(r"(0x[0-9a-f]+)", operands)) and int(target.group(1), 16) < address]
+    first, last = max(loops, key=lambda loop: loop[1] - loop[0])
+    body = [opcode for address, opcode, _ in code if first <= address <= last]
+    return {"instructions": len(body)} | {kind: sum(opcode.startswith(prefixes) for opcode in body)
+                                          for kind, prefixes in SASS_KINDS.items()}
 
 
 def measure(name: str, kernel, flags: dict[str, bool], warps: int = 4) -> dict:
@@ -118,10 +140,14 @@ def measure_attention(eight_bit: bool, tile: int = paged_attention.TILE, warps: 
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})
     loop = main_loop(compiled.asm["ptx"])
+    sass = sass_loop(compiled.asm["cubin"])
     return {"kernel": "paged_attention.partials", "cache": "e4m3" if eight_bit else "bf16",
             "tile": tile, "warps": warps, "loop_instructions_per_tile": len(loop),
             "byte_loads_per_tile": sum(bool(re.search(r"ld\.(global|shared)\.b8", line)) for line in loop),
-            "registers": registers(compiled.asm["cubin"])}
+            "registers": registers(compiled.asm["cubin"]), "shared_bytes": compiled.metadata.shared,
+            # a thread's (each of the program's warps runs it): all the warps' a key of one KV head
+            "sass_loop_per_tile": sass,
+            "sass_warp_instructions_per_key": round(sass["instructions"] * warps / tile, 1)}
 
 
 def main() -> None:
