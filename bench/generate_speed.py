@@ -317,9 +317,8 @@ def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats:
 def random_cache(cache) -> None:
     """Fill a block cache with random keys and values (8-bit: with scales as a model's give), as a run's cache
     holds: an empty one's zero scales send an 8-bit kernel through 0/0 (NaN weights), not a run's path."""
-    for tensor in (*cache.keys, *cache.values):
-        for block in tensor:  # a block at a time: no cache-sized temporary
-            block.copy_(torch.randn(block.shape, device=block.device))
+    for tensor in (*cache.keys, *cache.values):  # a layer at a time
+        tensor.copy_(torch.randn(tensor.shape, device=tensor.device, dtype=torch.bfloat16))
     for tensor in itertools.chain(*cache.scales or ()):
         tensor.uniform_(1e-3, 1e-2)
 
