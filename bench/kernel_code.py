@@ -167,7 +167,9 @@ def main() -> None:
                "kernels": [measure("masses", top_p.masses, flags) for flags in passes]
                + [measure("draw", top_p.draw, draw_flags)],
                "attention": [measure_attention(False), measure_attention(True),
-                             measure_attention(True, paged_attention.WIDE_TILE)]}
+                             measure_attention(True, paged_attention.WIDE_TILE)]
+               # fewer warps a program, fewer exchanged between (not launched by the stage: candidates)
+               + [measure_attention(True, tile, warps) for tile, warps in ((32, 1), (64, 1), (64, 2))]}
     print(json.dumps(results, indent=2))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
