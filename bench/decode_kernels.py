@@ -62,6 +62,14 @@ def as_eight_bit(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor
     return keys, paged_attention.value_layout(values), key_scales, value_scales
 
 
+def launch_ms(inputs: tuple) -> float:
+    """Milliseconds of one paged_attention._attend(*inputs) launch (partials and merge), as a CUDA graph."""
+    from triton.testing import do_bench_cudagraph
+
+    torch.cuda.synchronize()  # do_bench_cudagraph runs on a stream of its own, which does not wait
+    return do_bench_cudagraph(lambda: paged_attention._attend(*inputs), rep=30)
+
+
 def bytes_read(slots: int, context: int, eight_bit: bool = False) -> int:
     """Keys and values of every slot's context, one layer: bf16, or 8-bit with a float32 scale a token and head."""
     return slots * context * 2 * KV_HEADS * (HEAD_DIM + 4 if eight_bit else 2 * HEAD_DIM)

@@ -17,10 +17,9 @@ import sys
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench_cudagraph
 
 from bench import decode_kernels
-from bench.decode_kernels import BLOCK, HEAD_DIM, KV_HEADS, PER_SLOT, bytes_read, paged_cache
+from bench.decode_kernels import BLOCK, HEAD_DIM, KV_HEADS, PER_SLOT, bytes_read, launch_ms, paged_cache
 from stages.generation import paged_attention
 
 
@@ -51,8 +50,7 @@ def main() -> None:
             part = paged_attention.partition_tokens(slots, KV_HEADS, PER_SLOT, BLOCK, tile)
             paged_attention.WARPS, paged_attention.STAGES = warps, stages
             inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part, tile)
-            torch.cuda.synchronize()  # do_bench_cudagraph runs on a stream of its own, which does not wait
-            ms = do_bench_cudagraph(lambda inputs=inputs: paged_attention._attend(*inputs), rep=30)
+            ms = launch_ms(inputs)
             row = {"slots": slots, "context": context, "kv_cache": "fp8" if eight_bit else "bfloat16", "tile": tile,
                    "partition": part, "warps": warps, "stages": stages, "ms": round(ms, 4),
                    "tb_per_s": round(read / ms / 1e9, 2)}

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from triton.testing import do_bench_cudagraph
 
-from bench.decode_kernels import BLOCK, HEAD_DIM, KV_HEADS, PER_SLOT, as_eight_bit, paged_cache
+from bench.decode_kernels import BLOCK, HEAD_DIM, KV_HEADS, PER_SLOT, as_eight_bit, bytes_read, launch_ms, paged_cache
 from bench.generate_speed import WORKLOADS, end_lengths
 from stages.generation import paged_attention
 
@@ -61,18 +60,16 @@ def main() -> None:
                 if cache == "fp8-zero-scales":
                     key_scales.zero_(), value_scales.zero_()
             eight_bit = key_scales is not None
-            read = tokens * 2 * KV_HEADS * (HEAD_DIM + 4 if eight_bit else 2 * HEAD_DIM)
+            read = bytes_read(1, tokens, eight_bit)  # the slots' contexts, end to end
             for part in args.parts.split(","):
                 if part == "auto":
                     part, tile = paged_attention.launch_shape(slots, KV_HEADS, PER_SLOT, BLOCK, eight_bit)
                 else:
                     part = int(part)
-                    tile = paged_attention.WIDE_TILE if eight_bit and part >= 3 * paged_attention.WIDE_TILE \
-                        else paged_attention.TILE
+                    tile = paged_attention.tile_for(part, BLOCK, eight_bit)
                 inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part,
                           tile)
-                torch.cuda.synchronize()  # do_bench_cudagraph runs on a stream of its own, which does not wait
-                ms = do_bench_cudagraph(lambda inputs=inputs: paged_attention._attend(*inputs), rep=30)
+                ms = launch_ms(inputs)
                 row = {"slots": slots, "spread": spread, "mean_context": round(tokens / slots), "kv_cache": cache,
                        "partition": part, "tile": tile, "ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
                 results["launches"].append(row)

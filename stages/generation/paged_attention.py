@@ -217,13 +217,18 @@ def partition_tokens(slots: int, kv_heads: int, per_slot: int, block: int, tile:
     return min(block, max(2 * tile, -(-wanted // tile) * tile))
 
 
+def tile_for(part: int, block: int, eight_bit: bool) -> int:
+    """Keys a tile for partitions of `part` tokens: an 8-bit cache's WIDE_TILE where a partition holds three or
+    more (blocks of a multiple of WIDE_TILE), else TILE."""
+    return WIDE_TILE if eight_bit and block % WIDE_TILE == 0 and part >= 3 * WIDE_TILE else TILE
+
+
 def launch_shape(slots: int, kv_heads: int, per_slot: int, block: int, eight_bit: bool = False) -> tuple[int, int]:
-    """(tokens a partition, keys a tile): an 8-bit cache's partitions in WIDE_TILE tiles where they hold three
-    or more (blocks of a multiple of WIDE_TILE), else TILE's."""
-    if eight_bit and block % WIDE_TILE == 0:
-        part = partition_tokens(slots, kv_heads, per_slot, block, WIDE_TILE)
-        if part >= 3 * WIDE_TILE:
-            return part, WIDE_TILE
+    """(tokens a partition, keys a tile): partitions sized for WIDE_TILE tiles where tile_for takes them, else
+    for TILE's."""
+    part = partition_tokens(slots, kv_heads, per_slot, block, WIDE_TILE)
+    if tile_for(part, block, eight_bit) == WIDE_TILE:
+        return part, WIDE_TILE
     return partition_tokens(slots, kv_heads, per_slot, block), TILE
 
 
