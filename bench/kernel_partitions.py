@@ -22,9 +22,8 @@ import torch
 
 from bench.decode_kernels import BLOCK, HEAD_DIM, KV_HEADS, PER_SLOT, as_eight_bit, bytes_read, launch_ms, paged_cache
 from bench.generate_speed import WORKLOADS, end_lengths
+from bench.tail_model import PROMPT_TOKENS
 from stages.generation import paged_attention
-
-PROMPT_TOKENS = 164  # bench.generate_speed's prompts
 
 
 def positions_of(slots: int, spread: str, budget: int = 8192) -> torch.Tensor:
