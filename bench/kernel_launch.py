@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--tiles", default="64,128", help="keys a tile, ...")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="1,2,3,4")
+    parser.add_argument("--registers", default="0", help="registers a thread at most (maxnreg), 0: the compiler's")
     parser.add_argument("--caches", default="bf16,fp8", help="bf16, fp8 or both")
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", type=Path)
@@ -36,7 +37,8 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
                "commit": args.commit, "command": " ".join(["python -m bench.kernel_launch", *sys.argv[1:]]),
                "launches": []}
-    numbers = {name: [int(n) for n in getattr(args, name).split(",")] for name in ("tiles", "warps", "stages")}
+    numbers = {name: [int(n) for n in getattr(args, name).split(",")]
+               for name in ("tiles", "warps", "stages", "registers")}
     caches = [cache == "fp8" for cache in args.caches.split(",")]
     for shape, eight_bit in itertools.product(args.shapes.split(","), caches):
         slots, context = map(int, shape.split("x"))
@@ -46,13 +48,15 @@ def main() -> None:
             keys, values, key_scales, value_scales = decode_kernels.as_eight_bit(keys, values)
         positions = torch.full((slots,), context - 1, device="cuda")
         read = bytes_read(slots, context, eight_bit)
-        for tile, warps, stages in itertools.product(numbers["tiles"], numbers["warps"], numbers["stages"]):
+        for tile, warps, stages, registers in itertools.product(*numbers.values()):
             part = paged_attention.partition_tokens(slots, KV_HEADS, PER_SLOT, BLOCK, tile)
             paged_attention.WARPS, paged_attention.STAGES = warps, stages
+            paged_attention.REGISTERS = registers or None
             inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part, tile)
             ms = launch_ms(inputs)
             row = {"slots": slots, "context": context, "kv_cache": "fp8" if eight_bit else "bfloat16", "tile": tile,
-                   "partition": part, "warps": warps, "stages": stages, "ms": round(ms, 4),
+                   "partition": part, "warps": warps, "stages": stages,
+                   "registers": registers or None, "ms": round(ms, 4),
                    "tb_per_s": round(read / ms / 1e9, 2)}
             results["launches"].append(row)
             print(json.dumps(row), flush=True)

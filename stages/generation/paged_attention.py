@@ -32,6 +32,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # on a CPU, in tests
 PROGRAMS = 4096  # partitions are as small as it takes to give the GPU about this many programs
 MERGE_CHUNK = 16  # partitions' results the merge kernel sums at a time
 WARPS, STAGES = 4, 2  # the partials kernel's launch (bench.kernel_launch sweeps them)
+REGISTERS = None  # its registers a thread at most (maxnreg), None: the compiler's choice
 EIGHT_BIT = torch.float8_e4m3fn  # eval.kv_cache: fp8 keeps keys and values so, a float32 scale per token and head
 EIGHT_BIT_MAX = torch.finfo(EIGHT_BIT).max
 
@@ -67,7 +68,8 @@ else:
             valid = tokens < count
             if SCALED:  # 8-bit: a tile lies in one block (TILE divides BLOCK and PART); values kept [dim, token]
                 block = tl.load(table + slot * t_slot + (first + start) // BLOCK).to(tl.int64)
-                within = (first + start) % BLOCK + offsets  # in the block
+                within = tl.multiple_of((first + start) % BLOCK, TILE) + offsets  # in the block (a hint Triton
+                # 3.6 needs to load the values' rows whole: else a byte a load, 2x slower)
                 # Unmasked, so the loads are whole vectors: a held block's tokens past the slot's are stale
                 # numbers (never NaN: written by quantize, or zeros), and weigh 0 below.
                 k = tl.load(keys + block * k_block + within[:, None] * k_token + kv_head * k_head + dims[None, :])
@@ -266,7 +268,8 @@ def _attend(query, keys, values, table, positions, scale, key_scales, value_scal
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         BLOCK=block, PART=part, GROUPS=heads // kv_heads,
         ROWS=triton.next_power_of_2(max(ROWS, heads // kv_heads)), DIM=dim, TILE=tile, SCALED=scaled,
-        FLOAT_DOTS=INTERPRETED, num_warps=WARPS, num_stages=STAGES)
+        FLOAT_DOTS=INTERPRETED, num_warps=WARPS, num_stages=STAGES,
+        **({} if REGISTERS is None else {"maxnreg": REGISTERS}))
     result = torch.empty_like(query)
     merge[(slots, heads)](out, lse, result, parts, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
                           lse.stride(1), result.stride(0), result.stride(1),
