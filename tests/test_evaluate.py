@@ -358,6 +358,16 @@ def test_batch_size_on_cpu_is_at_most_16():
     assert generation.batch_size(fixed, model=None, longest_prompt=100) == 4
 
 
+def test_auto_batch_size_on_a_gpu_carries_twice_the_responses_over_an_eight_bit_cache(monkeypatch):
+    monkeypatch.setattr(generation.torch.cuda, "is_available", lambda: True)
+    config = params.load("eval", ROOT / "params.yaml")
+    assert generation.batch_size(config, model=None, longest_prompt=100, paged=True) == 512
+    eight_bit = params.EvalParams(**{**config.__dict__, "kv_cache": "fp8"})
+    assert generation.batch_size(eight_bit, model=None, longest_prompt=100, paged=True) == 1024
+    fixed = params.EvalParams(**{**eight_bit.__dict__, "batch_size": 256})
+    assert generation.batch_size(fixed, model=None, longest_prompt=100, paged=True) == 256
+
+
 def test_a_change_of_model_directive_regenerates_with_the_new_prompts(project, generate_calls):
     evaluate.main(stage_args("evaluate"))
     assert all(prompt.count("\\boxed{}") == 1 for call in generate_calls for prompt in call)  # the default

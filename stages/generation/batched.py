@@ -32,6 +32,8 @@ from stages.generation.continuous import (
 log = logging.getLogger(__name__)
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, so compiled shapes repeat
 MAX_SLOTS = 512  # the most responses a decode step carries
+EIGHT_BIT_SLOTS = 1024  # with eval.kv_cache: fp8, whose cache holds twice the tokens (H100, 2,048 prompts of the
+# r1-math500 spread: 29,312 useful tokens/s; bench/results/generate-2026-12-07-h100-r1math500-2048-fp8at1024-*)
 ATTENTION = "sdpa_grouped"
 # GPU memory left out of the paged KV cache: a prefill's activations (~2 GiB at 32k tokens) and the graphs'
 # workspaces, and a share a slot for the decode step's logits and sampler (~2.5 GiB at 512 slots). At 512 slots
@@ -163,14 +165,15 @@ def _bucket(length: int) -> int:
 
 def batch_size(config: params.EvalParams, model, longest_prompt: int, paged: bool = False) -> int:
     """eval.batch_size, or for 'auto' on a GPU: with a paged cache (continuous batching), 512 (beyond that a
-    step no longer gets cheaper per token; the cache's blocks bound the responses in flight); else the most
+    step no longer gets cheaper per token; the cache's blocks bound the responses in flight), 1,024 with an
+    8-bit cache (as many tokens in half the bytes: more responses in flight per step read); else the most
     sequences whose KV cache at full length fits in 60% of free GPU memory, at most 512. 16 on CPU."""
     if config.batch_size != "auto":
         return config.batch_size if torch.cuda.is_available() else min(config.batch_size, 16)
     if not torch.cuda.is_available():
         return 16
     if paged:
-        return MAX_SLOTS
+        return EIGHT_BIT_SLOTS if config.kv_cache == "fp8" else MAX_SLOTS
     free = free_memory(torch.device("cuda"))
     sequence_bytes = kv_bytes_per_token(model.config, model.dtype) * (_bucket(longest_prompt) + config.max_new_tokens)
     return max(8, min(MAX_SLOTS, int(0.6 * free // sequence_bytes) // 8 * 8))

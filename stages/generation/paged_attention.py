@@ -69,7 +69,7 @@ else:
             if SCALED:  # 8-bit: a tile lies in one block (TILE divides BLOCK and PART); values kept [dim, token]
                 block = tl.load(table + slot * t_slot + (first + start) // BLOCK).to(tl.int64)
                 within = tl.multiple_of((first + start) % BLOCK, TILE) + offsets  # in the block (a hint Triton
-                # 3.6 needs to load the values' rows whole: else a byte a load, 2x slower)
+                # 3.6 needs to load the values' rows whole: else a byte a load, 1.4-1.8x slower on an H100)
                 # Unmasked, so the loads are whole vectors: a held block's tokens past the slot's are stale
                 # numbers (never NaN: written by quantize, or zeros), and weigh 0 below.
                 k = tl.load(keys + block * k_block + within[:, None] * k_token + kv_head * k_head + dims[None, :])
