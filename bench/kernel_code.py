@@ -12,6 +12,10 @@ It reads the PTX, which Triton emits on any machine, and the registers and, for 
 machine code's loop (SASS) from the cubin (cuobjdump, which Triton's CUDA backend brings); no GPU runs. The
 SASS loop's warp-instructions a key (a tile's instructions, times the warps, over its keys) against a
 kernel's measured rate says whether issuing them bounds it (an H100 issues ~0.9T warp-instructions a second).
+Its loads to registers (LDG; cp.async's LDGSTS apart) show a tile's keys or values read a byte at a time.
+
+The code is the installed Triton's, and versions differ: compile with the GPU's (torch 2.11 brings Triton 3.6,
+torch 2.13 3.9; `pip install triton==3.6.0` into a separate venv) before reading a GPU timing from it.
 """
 
 from __future__ import annotations
@@ -86,7 +90,8 @@ def registers(cubin: bytes) -> int:
 
 SASS = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)")  # address, opcode, operands
 SASS_KINDS = {"conversions": ("F2FP.F16.E4M3",), "moves": ("MOV", "IMAD.MOV"), "tensor_core": ("HMMA",),
-              "shared_loads": ("LDS", "LDSM"), "barriers": ("BAR.SYNC",)}
+              "shared_loads": ("LDS", "LDSM"), "barriers": ("BAR.SYNC",),
+              "global_loads": ("LDG.E",)}  # to registers: cp.async's (LDGSTS) not counted
 
 
 def sass_loop(cubin: bytes) -> dict[str, int]:
