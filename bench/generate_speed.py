@@ -195,6 +195,8 @@ def main() -> None:
     parser.add_argument("--step-sizes", default="", help="e.g. 8,64,256,512: time a decode step at these sizes")
     parser.add_argument("--step-profile", action="store_true", help="--step-sizes: also each step's kernels")
     parser.add_argument("--step-context", type=int, default=2048, help="--step-sizes: tokens of each context")
+    parser.add_argument("--step-caches", default="flash,bf16,fp8", help="--step-sizes: the steps timed: flash (no "
+                        "Triton kernels), bf16 (kernels), fp8 (kernels over an 8-bit cache)")
     parser.add_argument("--bandwidth", type=float, default=3.35e12, help="GPU memory bytes/s (H100 SXM)")
     parser.add_argument("--processes", default="", help="e.g. 1,2: instead of --routes, the continuous route "
                         "through the stage's worker processes (one per GPU), each count in turn; speedup: last/first")
@@ -250,7 +252,8 @@ def main() -> None:
     model = generation.load_model(model_params, adapter)
     if args.step_sizes:
         results["decode_steps"] = step_times(model, [int(n) for n in args.step_sizes.split(",")],
-                                             args.step_context, args.bandwidth, profile=args.step_profile)
+                                             args.step_context, args.bandwidth, profile=args.step_profile,
+                                             caches=args.step_caches.split(","))
         save(results, args.out)
     limits = {route: float(seconds) for route, seconds in (item.split("=") for item in args.limit.split(",") if item)}
     for route in [r for r in args.routes.split(",") if r]:
@@ -272,16 +275,21 @@ def main() -> None:
 
 
 def step_times(model, sizes: list[int], context: int, bandwidth: float, repeats: int = 20,
-               profile: bool = False) -> list[dict]:
+               profile: bool = False, caches: list[str] = ("flash", "bf16", "fp8")) -> list[dict]:
     """Milliseconds of one compiled, graph-replayed decode step (sampling as the model card says) with every
     slot at `context` tokens, per batch size: without the Triton kernels (attention, top-p), with them, and
     with them over an 8-bit cache; against the step's bandwidth bound: the weights plus each slot's keys and
-    values, read once, at `bandwidth` bytes/s. profile: also where a step's GPU time goes (kernel_profile)."""
+    values, read once, at `bandwidth` bytes/s. profile: also where a step's GPU time goes (kernel_profile).
+    caches: which of the three ("flash", "bf16", "fp8") to time."""
     config = params.load("eval", ROOT / "params.yaml")
     weights = weight_bytes(model)
     rows = []
     # the route before the Triton kernels; the stage's with eval.kv_cache model; with fp8
-    variants = [(False, model.dtype), (True, model.dtype), (True, paged_attention.EIGHT_BIT)]
+    variants = {"flash": (False, model.dtype), "bf16": (True, model.dtype), "fp8": (True, paged_attention.EIGHT_BIT)}
+    unknown = set(caches) - set(variants)
+    if unknown:
+        raise SystemExit(f"--step-caches: {', '.join(sorted(unknown))} unknown; choose among {', '.join(variants)}")
+    variants = [variants[name] for name in caches]
     for size, (kernels, dtype) in itertools.product(sizes, variants):
         engine = ContinuousBatcher(model, size, context + 1, eos=-1, temperature=config.temperature,
                                    top_p=config.top_p, compile=True, kernels=kernels, kv_dtype=dtype)
