@@ -40,6 +40,10 @@ def main() -> None:
     parser.add_argument("--slots", default="512,1024")
     parser.add_argument("--spreads", default="uniform:3000,r1-math500")
     parser.add_argument("--parts", default="auto,512,1024,2048,4096", help="tokens a partition, or auto")
+    parser.add_argument("--layouts", default="scattered", help="scattered (blocks in random order, as a run's "
+                        "cache comes to hold them), contiguous (each slot's blocks one after another), or both")
+    parser.add_argument("--orders", default="longest-first", help="the programs' order: longest-first (the "
+                        "stage's: paged_attention.longest_first), drawn (the slots' own), or both")
     parser.add_argument("--zero-scales", action="store_true", help="also an 8-bit cache whose scales are 0")
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", type=Path)
@@ -47,10 +51,14 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
                "commit": args.commit, "launches": []}
     caches = ["bfloat16", "fp8"] + (["fp8-zero-scales"] if args.zero_scales else [])
-    for slots, spread in itertools.product(map(int, args.slots.split(",")), args.spreads.split(",")):
+    for slots, spread, layout, order in itertools.product(map(int, args.slots.split(",")), args.spreads.split(","),
+                                                         args.layouts.split(","), args.orders.split(",")):
         positions = positions_of(slots, spread)
+        ordered = paged_attention.longest_first(positions) if order == "longest-first" else None
         tokens = int((positions + 1).sum())
         bf16 = paged_cache(slots)
+        if layout == "contiguous":
+            bf16 = (*bf16[:2], bf16[2].flatten().sort().values.view_as(bf16[2]), bf16[3])
         for cache in caches:
             keys, values, table, query = bf16
             key_scales = value_scales = None
@@ -67,10 +75,11 @@ def main() -> None:
                     part = int(part)
                     tile = paged_attention.tile_for(part, BLOCK, eight_bit)
                 inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part,
-                          tile)
+                          tile, ordered)
                 ms = launch_ms(inputs)
-                row = {"slots": slots, "spread": spread, "mean_context": round(tokens / slots), "kv_cache": cache,
-                       "partition": part, "tile": tile, "ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
+                row = {"slots": slots, "spread": spread, "layout": layout, "order": order,
+                       "mean_context": round(tokens / slots), "kv_cache": cache, "partition": part, "tile": tile,
+                       "ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
                 results["launches"].append(row)
                 print(json.dumps(row), flush=True)
             del keys, values, key_scales, value_scales

@@ -37,11 +37,12 @@ class DecodeStep:
     so transformers hands it, untouched, to the attention function (stages.generation.batched)."""
 
     def __init__(self, positions: torch.Tensor, table: torch.Tensor, kernel: Attention,
-                 scales: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 scales: tuple[torch.Tensor, torch.Tensor] | None = None, order: torch.Tensor | None = None):
         self.positions = positions  # per slot: where this step's token is written (= tokens before it)
         self.table = table  # per slot: the cache blocks holding its tokens, in order [slots, blocks a slot may hold]
         self.kernel = kernel
         self.scales = scales  # an 8-bit cache's key and value scales [blocks, block, kv_heads]; None: not 8-bit
+        self.order = order  # the Triton kernel's: the slots longest first (paged_attention.longest_first), or None
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None):
         """query [slots, heads, 1, head_dim] against the block cache [blocks, block, kv_heads, head_dim] ->
@@ -51,7 +52,7 @@ class DecodeStep:
         scaling = head_dim ** -0.5 if scaling is None else scaling
         if self.kernel == "triton":  # reads only the blocks each slot holds, once for all the heads of a group
             return paged_attention.paged_decode(query[:, :, 0], keys, values, self.table, self.positions,
-                                                scaling, *(self.scales or ()))[:, None]
+                                                scaling, *(self.scales or (None, None)), self.order)[:, None]
         per_slot = self.table.shape[1]
         if self.kernel == "flash":  # (not for an 8-bit cache: ContinuousBatcher refuses the pair)
             # (The route before the Triton kernel, kept where Triton does not run: it computes a query tile of
@@ -230,12 +231,13 @@ DECODER_PARTS = ("embed_tokens", "rotary_emb", "layers", "norm")  # what a decod
 
 
 def layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-               table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               table: torch.Tensor, order: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
                scales: tuple[torch.Tensor, torch.Tensor] | None, kernel: Attention) -> torch.Tensor:
     """One decoder layer of a decode step: hidden [slots, 1, hidden] of the slots' last tokens, written to
     and attending over the layer's block cache (keys, values; an 8-bit cache's scales) up to each slot's
-    position."""
-    return layer(hidden, attention_mask=DecodeStep(positions, table, kernel, scales), position_ids=positions[:, None],
+    position (order: DecodeStep's)."""
+    return layer(hidden, attention_mask=DecodeStep(positions, table, kernel, scales, order),
+                 position_ids=positions[:, None],
                  past_key_values=LayerBlocks(keys, values, positions, table, scales), use_cache=True,
                  position_embeddings=(cos, sin))
 
@@ -270,7 +272,7 @@ def fuse_projections(layer) -> Fused | None:
 
 
 def fused_layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                     table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     table: torch.Tensor, order: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
                      scales: tuple[torch.Tensor, torch.Tensor] | None, kernel: Attention,
                      qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """layer_step for a layer fuse_projections fused: Qwen2DecoderLayer's forward, with q/k/v and gate/up
@@ -285,7 +287,7 @@ def fused_layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.
                          torch.nn.functional.linear(normed, qkv_weight, qkv_bias).split(sizes, dim=-1))
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     keys, values = LayerBlocks(keys, values, positions, table, scales).update(key, value, 0)  # any layer: one graph
-    attended = DecodeStep(positions, table, kernel, scales).attend(query, keys, values, attn.scaling)
+    attended = DecodeStep(positions, table, kernel, scales, order).attend(query, keys, values, attn.scaling)
     hidden = hidden + attn.o_proj(attended.reshape(*normed.shape[:-1], -1))
     gate, up = torch.nn.functional.linear(layer.post_attention_layernorm(hidden), gate_up).chunk(2, dim=-1)
     return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
@@ -502,11 +504,13 @@ class ContinuousBatcher:
         hidden = self.decoder.embed_tokens(tokens[:, None])
         cos, sin = self.decoder.rotary_emb(hidden, positions[:, None])
         table = self.cache.table[:len(tokens)]
+        # sorted once for the 28 layers: the Triton kernel starts the longest contexts first
+        order = self._any_slots(paged_attention.longest_first(positions))[0] if self.attention == "triton" else None
         layers = len(self.layers)
         for layer, fused, layer_keys, layer_values, scales in zip(
                 self.layers, self.fused or [()] * layers, self.cache.keys, self.cache.values,
                 self.cache.scales or [None] * layers, strict=True):
-            hidden = self.layer_step(layer, *self._any_slots(hidden, cos, sin, positions, table), layer_keys,
+            hidden = self.layer_step(layer, *self._any_slots(hidden, cos, sin, positions, table), order, layer_keys,
                                      layer_values, scales, self.attention, *fused)
         return self.last_step(self.decoder.norm, self.head, self.sample, *self._any_slots(hidden, keys, positions))
 

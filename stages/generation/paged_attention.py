@@ -8,7 +8,11 @@ arithmetic (2.2 TB/s of 3.35). Here a program pads the group to 16 rows (the sma
 
 A slot's tokens are split into partitions (whole blocks, or at small batches parts of one, down to two tiles),
 one program per (slot, KV head, partition), so that small batches still fill the GPU; a second kernel weighs
-the partitions' results by their log-sum-exps.
+the partitions' results by their log-sum-exps. Given the slots' order by context, longest first (the decode
+step sorts them once for its 28 layers), the programs start in that order, a slot's partitions and KV heads
+together: the longest start first and the short ones fill in at the end, where in the slots' own order a long
+one starting last kept the GPU waiting (H100, 1,024 slots at a run's spread of contexts, 8-bit cache: 7% less
+time a layer; bench/results/kernel-partitions-*).
 """
 
 from __future__ import annotations
@@ -44,12 +48,16 @@ except ImportError:
     triton = None
 else:
     @triton.jit
-    def partials(query, keys, values, key_scales, value_scales, table, positions, out, lse, scale_log2,
+    def partials(query, keys, values, key_scales, value_scales, table, positions, order, out, lse, scale_log2,
                  q_slot, q_head, k_block, k_token, k_head, v_block, v_head, v_dim, s_block, s_token, t_slot,
                  o_slot, o_part, o_head, l_slot, l_part, BLOCK: tl.constexpr, PART: tl.constexpr,
                  GROUPS: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr,
-                 SCALED: tl.constexpr, FLOAT_DOTS: tl.constexpr):
-        slot, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                 SCALED: tl.constexpr, FLOAT_DOTS: tl.constexpr, ORDERED: tl.constexpr):
+        if ORDERED:  # programs in the slots' given order, partition fastest, then KV head
+            part, kv_head = tl.program_id(0), tl.program_id(1)
+            slot = tl.load(order + tl.program_id(2))
+        else:
+            slot, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         first = part * PART  # the partition's first token
         count = tl.minimum(tl.load(positions + slot) + 1 - first, PART)  # its tokens the slot holds
         rows = tl.arange(0, ROWS)
@@ -195,7 +203,8 @@ def _error(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: b
     scale = head_dim ** -0.5
     (keys, key_scales), (values, value_scales) = (quantize(t) if eight_bit else (t, None) for t in (keys, values))
     stored = value_layout(values) if eight_bit else values
-    result = _attend(query, keys, stored, table, positions, scale, key_scales, value_scales, part, tile).float()
+    result = _attend(query, keys, stored, table, positions, scale, key_scales, value_scales, part, tile,
+                     longest_first(positions)).float()  # the order a decode step gives it
     cached = [dequantize(tensor, scales, torch.float32)[table].flatten(1, 2).repeat_interleave(
         heads // kv_heads, dim=2) for tensor, scales in ((keys, key_scales), (values, value_scales))]
     # [slots, tokens, heads, head_dim]
@@ -237,18 +246,24 @@ def launch_shape(slots: int, kv_heads: int, per_slot: int, block: int, eight_bit
 @torch.library.custom_op("r1_math_lora::paged_decode", mutates_args=())
 def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
                  positions: torch.Tensor, scale: float, key_scales: torch.Tensor | None = None,
-                 value_scales: torch.Tensor | None = None) -> torch.Tensor:
+                 value_scales: torch.Tensor | None = None, order: torch.Tensor | None = None) -> torch.Tensor:
     """query [slots, heads, head_dim]; keys, values [blocks, block, kv_heads, head_dim]; table [slots, blocks
     a slot may hold]; positions [slots]: each slot attends to its tokens 0..position -> [slots, heads,
     head_dim]. key_scales, value_scales [blocks, block, kv_heads] (float32) when the keys and values are 8-bit
     (a token's key is its keys row times its scale; values [blocks, kv_heads, head_dim, block]: see
-    value_layout; blocks of a multiple of TILE tokens). Opaque to torch.compile: its own kernels."""
+    value_layout; blocks of a multiple of TILE tokens). order [slots]: the slots in the order their programs
+    start (longest_first), or None: their own. Opaque to torch.compile: its own kernels."""
     part, tile = launch_shape(query.shape[0], keys.shape[2], table.shape[1], keys.shape[1], key_scales is not None)
-    return _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part, tile)
+    return _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part, tile, order)
+
+
+def longest_first(positions: torch.Tensor) -> torch.Tensor:
+    """The slots by context, longest first: paged_decode's order."""
+    return positions.argsort(descending=True).to(torch.int32)
 
 
 def _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part: int,
-            tile: int) -> torch.Tensor:
+            tile: int, order: torch.Tensor | None = None) -> torch.Tensor:
     """paged_decode with `part` tokens a partition (a multiple of the tile, or of the block) and `tile` keys a
     tile (TILE, or for an 8-bit cache WIDE_TILE: a divisor of the block)."""
     slots, heads, dim = query.shape
@@ -259,16 +274,17 @@ def _attend(query, keys, values, table, positions, scale, key_scales, value_scal
     scaled = key_scales is not None  # and value_scales, laid out alike
     if scaled and block % TILE:
         raise ValueError(f"an 8-bit cache's blocks must hold a multiple of {TILE} tokens, not {block}")
-    partials[(slots, kv_heads, parts)](
+    ordered = order is not None
+    partials[(parts, kv_heads, slots) if ordered else (slots, kv_heads, parts)](
         query, keys, values, key_scales if scaled else keys, value_scales if scaled else values, table, positions,
-        out, lse, scale * 1.4426950408889634,
+        order if ordered else positions, out, lse, scale * 1.4426950408889634,
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         *(values.stride()[:3] if scaled else (0, 0, 0)),
         key_scales.stride(0) if scaled else 0, key_scales.stride(1) if scaled else 0, table.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         BLOCK=block, PART=part, GROUPS=heads // kv_heads,
         ROWS=triton.next_power_of_2(max(ROWS, heads // kv_heads)), DIM=dim, TILE=tile, SCALED=scaled,
-        FLOAT_DOTS=INTERPRETED, num_warps=WARPS, num_stages=STAGES,
+        FLOAT_DOTS=INTERPRETED, ORDERED=ordered, num_warps=WARPS, num_stages=STAGES,
         **({} if REGISTERS is None else {"maxnreg": REGISTERS}))
     result = torch.empty_like(query)
     merge[(slots, heads)](out, lse, result, parts, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
@@ -279,5 +295,5 @@ def _attend(query, keys, values, table, positions, scale, key_scales, value_scal
 
 
 @paged_decode.register_fake
-def _(query, keys, values, table, positions, scale, key_scales=None, value_scales=None):
+def _(query, keys, values, table, positions, scale, key_scales=None, value_scales=None, order=None):
     return torch.empty_like(query)

@@ -22,12 +22,13 @@ SHAPES = {(48, 4096): ((48, 64), (64, 64)), (48, 20): ((96, 64), (128, 64)), (25
           (512, 32): ((1024, 64), (1024, 128))}
 
 
+@pytest.mark.parametrize("ordered", [True, False])  # the decode step's order (longest first), the slots' own
 @pytest.mark.parametrize("eight_bit", [False, True])  # eval.kv_cache: model, fp8
 @pytest.mark.parametrize(("block", "programs"), SHAPES)
 def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_position(programs, block, eight_bit,
-                                                                                      monkeypatch):
+                                                                                      ordered, monkeypatch):
     """Against masked SDPA over the cache as it holds keys and values (8-bit: times their scales, the values
-    transposed, blocks of a multiple of the kernel's tile)."""
+    transposed, blocks of a multiple of the kernel's tile); its programs in the slots' order or longest first."""
     monkeypatch.setattr(paged_attention, "PROGRAMS", programs)
     monkeypatch.setattr(paged_attention, "MERGE_CHUNK", 2)  # the merge sums partitions' results in chunks
     torch.manual_seed(0)
@@ -47,7 +48,12 @@ def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_po
     # the first token, a block's last, the next one's first, all, one inside a tile
     positions = torch.tensor([0, block - 1, block, block * per_slot - 1, 100], device=DEVICE)
     assert paged_attention.launch_shape(slots, kv_heads, per_slot, block, eight_bit) == shape
-    kernel = continuous.DecodeStep(positions, table, "triton", scales).attend(query, keys, values, head_dim ** -0.5)
+    order = paged_attention.longest_first(positions) if ordered else None
+    if ordered:  # a permutation other than the slots' own
+        assert sorted(order.tolist()) == list(range(slots)) != order.tolist()
+        assert (positions[order].diff() <= 0).all()
+    kernel = continuous.DecodeStep(positions, table, "triton", scales, order).attend(query, keys, values,
+                                                                                     head_dim ** -0.5)
     masked = continuous.DecodeStep(positions, table, "sdpa", scales).attend(query.float(), keys, values,
                                                                             head_dim ** -0.5)
     torch.testing.assert_close(kernel.float(), masked, atol=2e-2, rtol=2e-2)  # bf16's rounding of the output
