@@ -44,6 +44,8 @@ def main() -> None:
                         "cache comes to hold them), contiguous (each slot's blocks one after another), or both")
     parser.add_argument("--orders", default="longest-first", help="the programs' order: longest-first (the "
                         "stage's: paged_attention.longest_first), drawn (the slots' own), or both")
+    parser.add_argument("--merges", default="merged", help="a slot's partitions merged by its last program "
+                        "(merged: the stage's, paged_attention.MERGED), by a kernel of their own (separate), or both")
     parser.add_argument("--zero-scales", action="store_true", help="also an 8-bit cache whose scales are 0")
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", type=Path)
@@ -76,12 +78,14 @@ def main() -> None:
                     tile = paged_attention.tile_for(part, BLOCK, eight_bit)
                 inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part,
                           tile, ordered)
-                ms = launch_ms(inputs)
-                row = {"slots": slots, "spread": spread, "layout": layout, "order": order,
-                       "mean_context": round(tokens / slots), "kv_cache": cache, "partition": part, "tile": tile,
-                       "ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
-                results["launches"].append(row)
-                print(json.dumps(row), flush=True)
+                for merge in args.merges.split(","):
+                    paged_attention.MERGED = merge == "merged"
+                    ms = launch_ms(inputs)
+                    row = {"slots": slots, "spread": spread, "layout": layout, "order": order, "merge": merge,
+                           "mean_context": round(tokens / slots), "kv_cache": cache, "partition": part, "tile": tile,
+                           "ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
+                    results["launches"].append(row)
+                    print(json.dumps(row), flush=True)
             del keys, values, key_scales, value_scales
         del bf16
         torch.cuda.empty_cache()

@@ -37,6 +37,7 @@ PROGRAMS = 4096  # partitions are as small as it takes to give the GPU about thi
 MERGE_CHUNK = 16  # partitions' results the merge kernel sums at a time
 WARPS, STAGES = 4, 2  # the partials kernel's launch (bench.kernel_launch sweeps them)
 REGISTERS = None  # its registers a thread at most (maxnreg), None: the compiler's choice
+MERGED = True  # the partials kernel merges a slot's partitions itself (its last program), no merge kernel
 EIGHT_BIT = torch.float8_e4m3fn  # eval.kv_cache: fp8 keeps keys and values so, a float32 scale per token and head
 EIGHT_BIT_MAX = torch.finfo(EIGHT_BIT).max
 
@@ -48,11 +49,14 @@ except ImportError:
     triton = None
 else:
     @triton.jit
-    def partials(query, keys, values, key_scales, value_scales, table, positions, order, out, lse, scale_log2,
-                 q_slot, q_head, k_block, k_token, k_head, v_block, v_head, v_dim, s_block, s_token, t_slot,
-                 o_slot, o_part, o_head, l_slot, l_part, BLOCK: tl.constexpr, PART: tl.constexpr,
-                 GROUPS: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr,
-                 SCALED: tl.constexpr, FLOAT_DOTS: tl.constexpr, ORDERED: tl.constexpr):
+    def partials(query, keys, values, key_scales, value_scales, table, positions, order, out, lse, result, tickets,
+                 scale_log2, q_slot, q_head, k_block, k_token, k_head, v_block, v_head, v_dim, s_block, s_token,
+                 t_slot, o_slot, o_part, o_head, l_slot, l_part, r_slot, r_head, BLOCK: tl.constexpr,
+                 PART: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
+                 TILE: tl.constexpr, SCALED: tl.constexpr, FLOAT_DOTS: tl.constexpr, ORDERED: tl.constexpr,
+                 MERGED: tl.constexpr, KV_HEADS: tl.constexpr):
+        """MERGED: each program of a slot with one partition writes its result; of one with several, the
+        last of them to finish (counted in tickets, zeros before, left zeros) merges theirs."""
         if ORDERED:  # programs in the slots' given order, partition fastest, then KV head
             part, kv_head = tl.program_id(0), tl.program_id(1)
             slot = tl.load(order + tl.program_id(2))
@@ -112,11 +116,37 @@ else:
                 acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
             best = new_best
         keep = rows < GROUPS
+        parts = tl.cdiv(tl.load(positions + slot) + 1, PART)  # the slot's partitions that hold tokens
         if count > 0:
-            tl.store(out + slot * o_slot + part * o_part + heads[:, None] * o_head + dims[None, :],
-                     acc / total[:, None], mask=keep[:, None])
-            tl.store(lse + slot * l_slot + part * l_part + heads, best + tl.log2(total), mask=keep)
-        else:
+            if MERGED and parts == 1:
+                tl.store(result + slot * r_slot + heads[:, None] * r_head + dims[None, :],
+                         (acc / total[:, None]).to(result.dtype.element_ty), mask=keep[:, None])
+            else:
+                tl.store(out + slot * o_slot + part * o_part + heads[:, None] * o_head + dims[None, :],
+                         acc / total[:, None], mask=keep[:, None])
+                tl.store(lse + slot * l_slot + part * l_part + heads, best + tl.log2(total), mask=keep)
+            if MERGED and parts > 1:
+                tl.debug_barrier()  # every thread's stores before the ticket (released with it)
+                ticket = tl.atomic_add(tickets + slot * KV_HEADS + kv_head, 1, sem="acq_rel")
+                if ticket == parts - 1:  # the last: the others' results are visible (acquired)
+                    tl.store(tickets + slot * KV_HEADS + kv_head, 0)
+                    top = tl.full([ROWS], float("-inf"), tl.float32)
+                    merged = tl.zeros([ROWS, DIM], tl.float32)
+                    weight = tl.zeros([ROWS], tl.float32)
+                    for each in range(0, parts):  # an online sum of the partitions' results by their lse,
+                        # read past the L1 cache (.cg), which may hold another layer's numbers at these addresses
+                        part_lse = tl.load(lse + slot * l_slot + each * l_part + heads, mask=keep, other=0.0,
+                                           cache_modifier=".cg")
+                        part_out = tl.load(out + slot * o_slot + each * o_part + heads[:, None] * o_head
+                                           + dims[None, :], mask=keep[:, None], other=0.0, cache_modifier=".cg")
+                        new_top = tl.maximum(top, part_lse)
+                        shrink, grow = tl.exp2(top - new_top), tl.exp2(part_lse - new_top)
+                        merged = merged * shrink[:, None] + part_out * grow[:, None]
+                        weight = weight * shrink + grow
+                        top = new_top
+                    tl.store(result + slot * r_slot + heads[:, None] * r_head + dims[None, :],
+                             (merged / weight[:, None]).to(result.dtype.element_ty), mask=keep[:, None])
+        elif not MERGED:
             tl.store(lse + slot * l_slot + part * l_part + heads, float("-inf"), mask=keep)
 
     @triton.jit
@@ -275,22 +305,24 @@ def _attend(query, keys, values, table, positions, scale, key_scales, value_scal
     if scaled and block % TILE:
         raise ValueError(f"an 8-bit cache's blocks must hold a multiple of {TILE} tokens, not {block}")
     ordered = order is not None
+    result = torch.empty_like(query)
+    tickets = torch.zeros(slots * kv_heads if MERGED else 1, device=query.device, dtype=torch.int32)
     partials[(parts, kv_heads, slots) if ordered else (slots, kv_heads, parts)](
         query, keys, values, key_scales if scaled else keys, value_scales if scaled else values, table, positions,
-        order if ordered else positions, out, lse, scale * 1.4426950408889634,
+        order if ordered else positions, out, lse, result, tickets, scale * 1.4426950408889634,
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         *(values.stride()[:3] if scaled else (0, 0, 0)),
         key_scales.stride(0) if scaled else 0, key_scales.stride(1) if scaled else 0, table.stride(0),
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        BLOCK=block, PART=part, GROUPS=heads // kv_heads,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), result.stride(0),
+        result.stride(1), BLOCK=block, PART=part, GROUPS=heads // kv_heads,
         ROWS=triton.next_power_of_2(max(ROWS, heads // kv_heads)), DIM=dim, TILE=tile, SCALED=scaled,
-        FLOAT_DOTS=INTERPRETED, ORDERED=ordered, num_warps=WARPS, num_stages=STAGES,
-        **({} if REGISTERS is None else {"maxnreg": REGISTERS}))
-    result = torch.empty_like(query)
-    merge[(slots, heads)](out, lse, result, parts, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
-                          lse.stride(1), result.stride(0), result.stride(1),
-                          PARTS=triton.next_power_of_2(parts), DIM=dim,
-                          CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(parts)), num_warps=4)
+        FLOAT_DOTS=INTERPRETED, ORDERED=ordered, MERGED=MERGED, KV_HEADS=kv_heads, num_warps=WARPS,
+        num_stages=STAGES, **({} if REGISTERS is None else {"maxnreg": REGISTERS}))
+    if not MERGED:
+        merge[(slots, heads)](out, lse, result, parts, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
+                              lse.stride(1), result.stride(0), result.stride(1),
+                              PARTS=triton.next_power_of_2(parts), DIM=dim,
+                              CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(parts)), num_warps=4)
     return result
 
 

@@ -22,14 +22,17 @@ SHAPES = {(48, 4096): ((48, 64), (64, 64)), (48, 20): ((96, 64), (128, 64)), (25
           (512, 32): ((1024, 64), (1024, 128))}
 
 
-@pytest.mark.parametrize("ordered", [True, False])  # the decode step's order (longest first), the slots' own
+# the decode step's order (longest first) or the slots' own; a slot's partitions merged by its last program (the
+# stage's) or by the merge kernel
+@pytest.mark.parametrize(("ordered", "merged"), [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("eight_bit", [False, True])  # eval.kv_cache: model, fp8
 @pytest.mark.parametrize(("block", "programs"), SHAPES)
 def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_position(programs, block, eight_bit,
-                                                                                      ordered, monkeypatch):
+                                                                                      ordered, merged, monkeypatch):
     """Against masked SDPA over the cache as it holds keys and values (8-bit: times their scales, the values
     transposed, blocks of a multiple of the kernel's tile); its programs in the slots' order or longest first."""
     monkeypatch.setattr(paged_attention, "PROGRAMS", programs)
+    monkeypatch.setattr(paged_attention, "MERGED", merged)
     monkeypatch.setattr(paged_attention, "MERGE_CHUNK", 2)  # the merge sums partitions' results in chunks
     torch.manual_seed(0)
     shape = SHAPES[block, programs][eight_bit]
