@@ -140,7 +140,9 @@ def run_route(route: str, model, tokenizer, texts: list[str], config: params.Eva
                                                             stats["kv_cache"], bandwidth), 1),
                 "tail_bound_seconds": round(bound_seconds(model, stats["tail_steps"], stats["tail_context_tokens"],
                                                           stats["kv_cache"], bandwidth), 1),
-                "decode_steps": stats["decode_steps"], "in_flight_mean": round(stats["in_flight_mean"], 1),
+                "decode_steps": stats["decode_steps"], "decode_seconds": round(stats["decode_seconds"], 1),
+                "prefill_seconds": round(stats["prefill_seconds"], 1),
+                "in_flight_mean": round(stats["in_flight_mean"], 1),
                 "in_flight_max": stats["in_flight_max"], "preempted": stats["preempted"],
                 "cache_tokens": stats["cache_tokens"], "block_tokens": stats["block_tokens"],
                 "kv_cache": stats["kv_cache"], "cache_gib": round(stats["cache_tokens"] * kv_bytes_per_token(

@@ -425,6 +425,10 @@ class Stats:
     # tail: with the steps, what they read (each step the weights, and these tokens' keys and values).
     context_tokens: int = 0
     tail_context_tokens: int = 0
+    # Wall seconds from each decode step's launch to its tokens read back, and of the prefills: the rest of a
+    # run's time is the engine's bookkeeping between steps, when the GPU waits.
+    decode_seconds: float = 0.0
+    prefill_seconds: float = 0.0
     compiled: bool = False  # the decode step ran torch.compile's code
     compile_seconds: float = 0.0
     cache_tokens: int = 0  # tokens the KV cache holds (its blocks, scratch left out)
@@ -648,7 +652,9 @@ class ContinuousBatcher:
                 group = self._admit(free, waiting, context)
                 if group:
                     contexts = [context(self.owner[slot]) for slot in group]
+                    began = time.perf_counter()
                     first = self._prefill(group, contexts, [keys[self.owner[slot]] for slot in group])
+                    self.stats.prefill_seconds += time.perf_counter() - began
                     for slot, token in zip(group, first, strict=True):
                         admitted[self.owner[slot]] = next(admissions)
                         generated.setdefault(self.owner[slot], [])
@@ -661,8 +667,11 @@ class ContinuousBatcher:
             self._grow(size, waiting, admitted)
             in_flight += len(admitted)
             self.stats.in_flight_max = max(self.stats.in_flight_max, len(admitted))
+            began = time.perf_counter()
             self._step(size)
-            for slot, token in enumerate(self.tokens[:size].tolist()):
+            tokens = self.tokens[:size].tolist()  # waits for the step
+            self.stats.decode_seconds += time.perf_counter() - began
+            for slot, token in enumerate(tokens):
                 if self.owner[slot] is not None:
                     self.stats.context_tokens += self.lengths[slot]  # what the step held of the response
                     self.lengths[slot] += 1

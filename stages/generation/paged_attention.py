@@ -7,8 +7,9 @@ head, so 95% of its matrix products were padding; on an H100 at 512 slots that m
 arithmetic (2.2 TB/s of 3.35). Here a program pads the group to 16 rows (the smallest tensor-core tile).
 
 A slot's tokens are split into partitions (whole blocks, or at small batches parts of one, down to two tiles),
-one program per (slot, KV head, partition), so that small batches still fill the GPU; a second kernel weighs
-the partitions' results by their log-sum-exps. Given the slots' order by context, longest first (the decode
+one program per (slot, KV head, partition), so that small batches still fill the GPU; the last of a slot's
+programs to finish weighs their results by their log-sum-exps (a slot of one partition writes its own): no
+second kernel a layer to launch and wait for. Given the slots' order by context, longest first (the decode
 step sorts them once for its 28 layers), the programs start in that order, a slot's partitions and KV heads
 together: the longest start first and the short ones fill in at the end, where in the slots' own order a long
 one starting last kept the GPU waiting (H100, 1,024 slots at a run's spread of contexts, 8-bit cache: 7% less
