@@ -44,14 +44,16 @@ def main() -> None:
                         "cache comes to hold them), contiguous (each slot's blocks one after another), or both")
     parser.add_argument("--orders", default="longest-first", help="the programs' order: longest-first (the "
                         "stage's: paged_attention.longest_first), drawn (the slots' own), or both")
-    parser.add_argument("--merges", default="merged", help="a slot's partitions merged by its last program "
-                        "(merged: the stage's, paged_attention.MERGED), by a kernel of their own (separate), or both")
+    parser.add_argument("--merges", default="auto", help="a slot's partitions merged by its last program "
+                        "(merged), by a kernel of their own (separate), as the stage chooses (auto: "
+                        "paged_attention.MERGED_PARTS), or several")
     parser.add_argument("--zero-scales", action="store_true", help="also an 8-bit cache whose scales are 0")
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
                "commit": args.commit, "launches": []}
+    merge_parts = paged_attention.MERGED_PARTS
     caches = ["bfloat16", "fp8"] + (["fp8-zero-scales"] if args.zero_scales else [])
     for slots, spread, layout, order in itertools.product(map(int, args.slots.split(",")), args.spreads.split(","),
                                                          args.layouts.split(","), args.orders.split(",")):
@@ -79,9 +81,11 @@ def main() -> None:
                 inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part,
                           tile, ordered)
                 for merge in args.merges.split(","):
-                    paged_attention.MERGED = merge == "merged"
+                    paged_attention.MERGED_PARTS = {"merged": PER_SLOT * BLOCK, "separate": 0}.get(merge, merge_parts)
                     ms = launch_ms(inputs)
-                    row = {"slots": slots, "spread": spread, "layout": layout, "order": order, "merge": merge,
+                    in_place = -(-PER_SLOT * BLOCK // part) <= paged_attention.MERGED_PARTS
+                    row = {"slots": slots, "spread": spread, "layout": layout, "order": order,
+                           "merge": "merged" if in_place else "separate",
                            "mean_context": round(tokens / slots), "kv_cache": cache, "partition": part, "tile": tile,
                            "ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
                     results["launches"].append(row)

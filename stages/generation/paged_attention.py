@@ -38,7 +38,12 @@ PROGRAMS = 4096  # partitions are as small as it takes to give the GPU about thi
 MERGE_CHUNK = 16  # partitions' results the merge kernel sums at a time
 WARPS, STAGES = 4, 2  # the partials kernel's launch (bench.kernel_launch sweeps them)
 REGISTERS = None  # its registers a thread at most (maxnreg), None: the compiler's choice
-MERGED = True  # the partials kernel merges a slot's partitions itself (its last program), no merge kernel
+# The partials kernel merges a slot's partitions itself (its last program; no merge kernel) where a slot may hold
+# this many or fewer; more (small batches: partitions of part of a block) go to the merge kernel, which sums them
+# 16 at a time in parallel over heads where the last program would sum them one after another. H100, ms a layer,
+# merge kernel / merged in place, longest first, 8-bit: 1,024 slots (3 partitions) 0.442 / 0.401, 256 (9) 0.115 /
+# 0.105, 64 (23) 0.044 / 0.040, 8 (68) 0.016 / 0.019 (bench/results/kernel-partitions-*)
+MERGED_PARTS = 32
 EIGHT_BIT = torch.float8_e4m3fn  # eval.kv_cache: fp8 keeps keys and values so, a float32 scale per token and head
 EIGHT_BIT_MAX = torch.finfo(EIGHT_BIT).max
 
@@ -305,9 +310,9 @@ def _attend(query, keys, values, table, positions, scale, key_scales, value_scal
     scaled = key_scales is not None  # and value_scales, laid out alike
     if scaled and block % TILE:
         raise ValueError(f"an 8-bit cache's blocks must hold a multiple of {TILE} tokens, not {block}")
-    ordered = order is not None
+    ordered, merged = order is not None, parts <= MERGED_PARTS
     result = torch.empty_like(query)
-    tickets = torch.zeros(slots * kv_heads if MERGED else 1, device=query.device, dtype=torch.int32)
+    tickets = torch.zeros(slots * kv_heads if merged else 1, device=query.device, dtype=torch.int32)
     partials[(parts, kv_heads, slots) if ordered else (slots, kv_heads, parts)](
         query, keys, values, key_scales if scaled else keys, value_scales if scaled else values, table, positions,
         order if ordered else positions, out, lse, result, tickets, scale * 1.4426950408889634,
@@ -317,9 +322,9 @@ def _attend(query, keys, values, table, positions, scale, key_scales, value_scal
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), result.stride(0),
         result.stride(1), BLOCK=block, PART=part, GROUPS=heads // kv_heads,
         ROWS=triton.next_power_of_2(max(ROWS, heads // kv_heads)), DIM=dim, TILE=tile, SCALED=scaled,
-        FLOAT_DOTS=INTERPRETED, ORDERED=ordered, MERGED=MERGED, KV_HEADS=kv_heads, num_warps=WARPS,
+        FLOAT_DOTS=INTERPRETED, ORDERED=ordered, MERGED=merged, KV_HEADS=kv_heads, num_warps=WARPS,
         num_stages=STAGES, **({} if REGISTERS is None else {"maxnreg": REGISTERS}))
-    if not MERGED:
+    if not merged:
         merge[(slots, heads)](out, lse, result, parts, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
                               lse.stride(1), result.stride(0), result.stride(1),
                               PARTS=triton.next_power_of_2(parts), DIM=dim,

@@ -32,7 +32,7 @@ def test_the_decode_kernel_attends_over_each_slots_scattered_blocks_up_to_its_po
     """Against masked SDPA over the cache as it holds keys and values (8-bit: times their scales, the values
     transposed, blocks of a multiple of the kernel's tile); its programs in the slots' order or longest first."""
     monkeypatch.setattr(paged_attention, "PROGRAMS", programs)
-    monkeypatch.setattr(paged_attention, "MERGED", merged)
+    monkeypatch.setattr(paged_attention, "MERGED_PARTS", 1000 if merged else 0)
     monkeypatch.setattr(paged_attention, "MERGE_CHUNK", 2)  # the merge sums partitions' results in chunks
     torch.manual_seed(0)
     shape = SHAPES[block, programs][eight_bit]
