@@ -61,9 +61,10 @@ def compile_kernel(kernel, flags: dict[str, bool], warps: int = 4):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-def main_loop(ptx: str) -> list[str]:
+def main_loop(ptx: str, containing: str = "") -> list[str]:
     """The instructions of the innermost loop: from a label to the branch back to it, the shortest such (in
-    the passes that skip tiles, the path of a skipped tile)."""
+    the passes that skip tiles, the path of a skipped tile) among those with an instruction starting
+    `containing` (the attention kernel's: "mma", not its merge's loop)."""
     lines = ptx.splitlines()
     labels = {line.strip().split(":")[0]: i for i, line in enumerate(lines)
               if re.match(r"^\$L__BB\d+_\d+:", line.strip())}
@@ -72,7 +73,7 @@ def main_loop(ptx: str) -> list[str]:
         back = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
         if back and labels.get(back.group(1), i) < i:
             loops.append(lines[labels[back.group(1)] + 1:i + 1])
-    body = min(loops, key=len)
+    body = min((loop for loop in loops if any(line.strip().startswith(containing) for line in loop)), key=len)
     return [line.strip() for line in body if INSTRUCTION.match(line)]
 
 
@@ -119,12 +120,12 @@ def measure(name: str, kernel, flags: dict[str, bool], warps: int = 4) -> dict:
 
 # The attention kernel as a decode step launches it on the 1.5B shape: 2 KV heads of 128, groups of 6 query
 # heads, blocks of 512 tokens (8-bit values transposed), 17 blocks a slot, two blocks a partition (9 a slot).
-ATTENTION_TYPES = {"query": "*bf16", "table": "*i64", "positions": "*i64", "out": "*fp32", "lse": "*fp32",
-                   "scale_log2": "fp32"}
+ATTENTION_TYPES = {"query": "*bf16", "table": "*i64", "positions": "*i64", "order": "*i32", "out": "*fp32",
+                   "lse": "*fp32", "result": "*bf16", "tickets": "*i32", "scale_log2": "fp32"}
 ATTENTION_INTEGERS = {"q_slot": 12 * 128, "q_head": 128, "k_block": 512 * 256, "k_token": 256, "k_head": 128,
                       "v_block": 512 * 256, "v_head": 128 * 512, "v_dim": 512, "s_block": 1024, "s_token": 2,
                       "t_slot": 17, "o_slot": 9 * 12 * 128, "o_part": 12 * 128, "o_head": 128, "l_slot": 9 * 12,
-                      "l_part": 12}
+                      "l_part": 12, "r_slot": 12 * 128, "r_head": 128}
 
 
 def measure_attention(eight_bit: bool, tile: int = paged_attention.TILE, warps: int = paged_attention.WARPS,
@@ -133,7 +134,8 @@ def measure_attention(eight_bit: bool, tile: int = paged_attention.TILE, warps: 
     kernel = paged_attention.partials
     names = list(inspect.signature(kernel.fn).parameters)
     constants = {"BLOCK": 512, "PART": 1024, "GROUPS": 6, "ROWS": paged_attention.ROWS, "DIM": 128,
-                 "TILE": tile, "SCALED": eight_bit, "FLOAT_DOTS": False}
+                 "TILE": tile, "SCALED": eight_bit, "FLOAT_DOTS": False, "ORDERED": True, "MERGED": True,
+                 "KV_HEADS": 2}
     cache = "*fp8e4nv" if eight_bit else "*bf16"
     types = ATTENTION_TYPES | {"keys": cache, "values": cache, "key_scales": "*fp32" if eight_bit else cache,
                                "value_scales": "*fp32" if eight_bit else cache}
@@ -144,7 +146,7 @@ def measure_attention(eight_bit: bool, tile: int = paged_attention.TILE, warps: 
     source = ASTSource(kernel, signature, constexprs={k: v for k, v in constants.items() if k in names}, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})
-    loop = main_loop(compiled.asm["ptx"])
+    loop = main_loop(compiled.asm["ptx"], "mma")
     sass = sass_loop(compiled.asm["cubin"])
     return {"kernel": "paged_attention.partials", "cache": "e4m3" if eight_bit else "bf16",
             "tile": tile, "warps": warps, "loop_instructions_per_tile": len(loop),

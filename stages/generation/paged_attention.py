@@ -66,6 +66,8 @@ else:
         if ORDERED:  # programs in the slots' given order, partition fastest, then KV head
             part, kv_head = tl.program_id(0), tl.program_id(1)
             slot = tl.load(order + tl.program_id(2))
+            tl.assume(part >= 0)  # a first-axis program id may be any int32: else a token's block is figured
+            tl.assume(part < 65536)  # in 64-bit signed division (40 more instructions a tile over a bf16 cache)
         else:
             slot, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         first = part * PART  # the partition's first token
@@ -310,7 +312,10 @@ def _attend(query, keys, values, table, positions, scale, key_scales, value_scal
     scaled = key_scales is not None  # and value_scales, laid out alike
     if scaled and block % TILE:
         raise ValueError(f"an 8-bit cache's blocks must hold a multiple of {TILE} tokens, not {block}")
-    ordered, merged = order is not None, parts <= MERGED_PARTS
+    # in the given order where the partitions are merged in place; where they are many and short (a few slots),
+    # the order buys nothing and its lookup delays each program (H100, 8 slots: 0.016 against 0.015 ms a layer)
+    merged = parts <= MERGED_PARTS
+    ordered = order is not None and merged
     result = torch.empty_like(query)
     tickets = torch.zeros(slots * kv_heads if merged else 1, device=query.device, dtype=torch.int32)
     partials[(parts, kv_heads, slots) if ordered else (slots, kv_heads, parts)](
