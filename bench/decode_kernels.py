@@ -79,17 +79,18 @@ def attention(slots: int, context: int) -> dict:
     keys, values, table, query = paged_cache(slots)
     query = query[:, :, None]  # [slots, heads, 1, head_dim], as the decode step attends
     positions = torch.full((slots,), context - 1, device="cuda")
+    order = paged_attention.longest_first(positions)  # as the decode step gives the Triton kernel
     read = bytes_read(slots, context)
     row = {"slots": slots, "context": context, "mb_read": round(read / 1e6, 1)}
     for kernel in ("flash", "triton"):
-        step = continuous.DecodeStep(positions, table, kernel)
+        step = continuous.DecodeStep(positions, table, kernel, order=order)
         attend = torch.compile(lambda q, k, v, step=step: step.attend(q, k, v, HEAD_DIM ** -0.5), fullgraph=True)
         ms = replay_ms(lambda attend=attend: attend(query, keys, values))
         row[kernel] = {"ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
     row["speedup"] = round(row["flash"]["ms"] / row["triton"]["ms"], 2)
     # eval.kv_cache: fp8: the Triton kernel over 8-bit keys and values and their float32 scales
     keys, values, key_scales, value_scales = as_eight_bit(keys, values)
-    step = continuous.DecodeStep(positions, table, "triton", (key_scales, value_scales))
+    step = continuous.DecodeStep(positions, table, "triton", (key_scales, value_scales), order)
     attend = torch.compile(lambda q, k, v, step=step: step.attend(q, k, v, HEAD_DIM ** -0.5), fullgraph=True)
     ms = replay_ms(lambda attend=attend: attend(query, keys, values))
     read_fp8 = bytes_read(slots, context, eight_bit=True)

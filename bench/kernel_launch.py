@@ -52,7 +52,8 @@ def main() -> None:
             part = paged_attention.partition_tokens(slots, KV_HEADS, PER_SLOT, BLOCK, tile)
             paged_attention.WARPS, paged_attention.STAGES = warps, stages
             paged_attention.REGISTERS = registers or None
-            inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part, tile)
+            inputs = (query, keys, values, table, positions, HEAD_DIM ** -0.5, key_scales, value_scales, part, tile,
+                      paged_attention.longest_first(positions))  # the order the decode step gives
             ms = launch_ms(inputs)
             row = {"slots": slots, "context": context, "kv_cache": "fp8" if eight_bit else "bfloat16", "tile": tile,
                    "partition": part, "warps": warps, "stages": stages,
