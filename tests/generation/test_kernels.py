@@ -2,6 +2,12 @@
 Triton's interpreter on a CPU (tests/conftest.py sets TRITON_INTERPRET=1 there): small cases, each kernel
 program run as NumPy. The GPU's own runs are in tests/generation/test_batched_gpu.py."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -136,3 +142,17 @@ def test_the_kernels_are_used_only_where_they_match_their_references_on_a_small_
     monkeypatch.setattr(top_p, "_cut", ties_all_kept)
     assert not top_p.verified.__wrapped__(device)
     assert "differ from the sorted reference" in caplog.text
+
+
+def test_the_kernel_code_benchmark_compiles_the_decode_steps_attention_kernel():
+    """bench.kernel_code compiles the stage's attention kernel for an H100 (sm_90) as the step launches it, its
+    arguments kept in step with the kernel's, and counts the loop with the tensor-core products (not the
+    in-place merge's). In a process of its own: here the kernels are interpreted (TRITON_INTERPRET=1)."""
+    code = "import json, bench.kernel_code as k; print(json.dumps(k.measure_attention(True, 128)))"
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(done.stdout.splitlines()[-1])
+    assert row["sass_loop_per_tile"]["tensor_core"] > 0 and row["byte_loads_per_tile"] == 0
+    assert row["loop_instructions_per_tile"] > 2 * row["tile"]  # the main loop (hundreds), not the merge's (dozens)
