@@ -9,13 +9,15 @@ useful tokens/s (tokens up to and including EOS), the share of decode slots that
 responses in flight, the tail and peak GPU memory, per route; speedup = the last route over the first. A
 continuous route also reports its decode steps' bandwidth bound, all and the tail's (`decode_bound_seconds`,
 `tail_bound_seconds`: each step reads the weights, the embedding table but its rows left out, and every
-response's keys and values so far, at --bandwidth): how far the steps are from what the GPU allows.
+response's keys and values so far, at --bandwidth): how far the steps are from what the GPU allows; and
+its wall seconds decoding (each step's launch to its tokens read back) and prefilling (`decode_seconds`,
+`prefill_seconds`): the rest of its time is compiling, capturing graphs and the engine's bookkeeping.
 Routes: `padded`, `reserved` (continuous batching with every slot's cache at full length, as before
 paging, and without the Triton kernels: FlashAttention, top-p by sorting), `continuous` (the stage's
 route: the paged cache, the kernels) and `fp8` (that with `eval.kv_cache: fp8`: 8-bit keys and values).
 --step-sizes also times one decode step per batch size at --step-context tokens of context, without the
-kernels, with them, and with them over an 8-bit cache, against its bandwidth bound (bytes read /
---bandwidth).
+kernels, with them, and with them over an 8-bit cache (--step-caches picks among them), against its bandwidth
+bound (bytes read / --bandwidth); --step-profile adds each step's kernels by GPU time.
 
     python -m tests.random_model /tmp/r1
     python -m bench.generate_speed /tmp/r1 --workload r1-math500 --prompts 2048 --step-sizes 8,64,256,512
