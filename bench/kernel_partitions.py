@@ -83,9 +83,9 @@ def main() -> None:
                 for merge in args.merges.split(","):
                     paged_attention.MERGED_PARTS = {"merged": PER_SLOT * BLOCK, "separate": 0}.get(merge, merge_parts)
                     ms = launch_ms(inputs)
-                    in_place = -(-PER_SLOT * BLOCK // part) <= paged_attention.MERGED_PARTS
-                    row = {"slots": slots, "spread": spread, "layout": layout, "order": order,
-                           "merge": "merged" if in_place else "separate",
+                    in_place = paged_attention.in_place(PER_SLOT, BLOCK, part)  # the order only then
+                    row = {"slots": slots, "spread": spread, "layout": layout,
+                           "order": order if in_place else "drawn", "merge": "merged" if in_place else "separate",
                            "mean_context": round(tokens / slots), "kv_cache": cache, "partition": part, "tile": tile,
                            "ms": round(ms, 4), "tb_per_s": round(read / ms / 1e9, 2)}
                     results["launches"].append(row)

@@ -62,7 +62,7 @@ else:
                  TILE: tl.constexpr, SCALED: tl.constexpr, FLOAT_DOTS: tl.constexpr, ORDERED: tl.constexpr,
                  MERGED: tl.constexpr, KV_HEADS: tl.constexpr):
         """MERGED: each program of a slot with one partition writes its result; of one with several, the
-        last of them to finish (counted in tickets, zeros before, left zeros) merges theirs."""
+        last of them to finish (counted in tickets, zeros before) merges theirs."""
         if ORDERED:  # programs in the slots' given order, partition fastest, then KV head
             part, kv_head = tl.program_id(0), tl.program_id(1)
             slot = tl.load(order + tl.program_id(2))
@@ -71,7 +71,8 @@ else:
         else:
             slot, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         first = part * PART  # the partition's first token
-        count = tl.minimum(tl.load(positions + slot) + 1 - first, PART)  # its tokens the slot holds
+        held = tl.load(positions + slot) + 1  # the slot's tokens
+        count = tl.minimum(held - first, PART)  # those in the partition
         rows = tl.arange(0, ROWS)
         dims = tl.arange(0, DIM)
         heads = kv_head * GROUPS + rows
@@ -124,7 +125,7 @@ else:
                 acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
             best = new_best
         keep = rows < GROUPS
-        parts = tl.cdiv(tl.load(positions + slot) + 1, PART)  # the slot's partitions that hold tokens
+        parts = tl.cdiv(held, PART)  # the slot's partitions that hold tokens
         if count > 0:
             if MERGED and parts == 1:
                 tl.store(result + slot * r_slot + heads[:, None] * r_head + dims[None, :],
@@ -137,7 +138,6 @@ else:
                 tl.debug_barrier()  # every thread's stores before the ticket (released with it)
                 ticket = tl.atomic_add(tickets + slot * KV_HEADS + kv_head, 1, sem="acq_rel")
                 if ticket == parts - 1:  # the last: the others' results are visible (acquired)
-                    tl.store(tickets + slot * KV_HEADS + kv_head, 0)
                     top = tl.full([ROWS], float("-inf"), tl.float32)
                     merged = tl.zeros([ROWS, DIM], tl.float32)
                     weight = tl.zeros([ROWS], tl.float32)
@@ -295,6 +295,12 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part, tile, order)
 
 
+def in_place(per_slot: int, block: int, part: int) -> bool:
+    """Whether a slot's partitions (of `part` tokens, over `per_slot` blocks) are merged by its last program,
+    which then follow the slots' given order: where it may hold MERGED_PARTS or fewer."""
+    return -(-per_slot * block // part) <= MERGED_PARTS
+
+
 def longest_first(positions: torch.Tensor) -> torch.Tensor:
     """The slots by context, longest first: paged_decode's order."""
     return positions.argsort(descending=True).to(torch.int32)
@@ -314,7 +320,7 @@ def _attend(query, keys, values, table, positions, scale, key_scales, value_scal
         raise ValueError(f"an 8-bit cache's blocks must hold a multiple of {TILE} tokens, not {block}")
     # in the given order where the partitions are merged in place; where they are many and short (a few slots),
     # the order buys nothing and its lookup delays each program (H100, 8 slots: 0.016 against 0.015 ms a layer)
-    merged = parts <= MERGED_PARTS
+    merged = in_place(table.shape[1], block, part)
     ordered = order is not None and merged
     result = torch.empty_like(query)
     tickets = torch.zeros(slots * kv_heads if merged else 1, device=query.device, dtype=torch.int32)
