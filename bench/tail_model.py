@@ -39,12 +39,14 @@ KV_BYTES = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2  # keys and values of a token, e
 
 
 def replay(lengths: list[int], slots: int, step_ms) -> dict:
-    """Decode steps of the engine's schedule; step_ms(graph size, context tokens in flight)."""
+    """Decode steps of the engine's schedule; step_ms(graph size, context tokens in flight). tail_by_size: the
+    tail's steps and seconds by graph size, largest first."""
     waiting = lengths[::-1]
     left, context = np.zeros(0, int), np.zeros(0, int)
     sizes = graph_sizes(slots)
     ms = tokens = 0.0
     tail_from = None
+    tail = {}  # graph size -> [steps, ms]
     while len(waiting) or len(left):
         free = slots - len(left)
         if waiting and (free >= min(max(1, slots // 16), len(waiting)) or not len(left)):
@@ -54,13 +56,20 @@ def replay(lengths: list[int], slots: int, step_ms) -> dict:
             if not waiting:
                 tail_from = ms
         size = slots if waiting else min(n for n in sizes if n >= len(left))
-        ms += step_ms(size, int(context.sum()))
+        step = step_ms(size, int(context.sum()))
+        ms += step
+        if tail_from is not None:
+            tail.setdefault(size, [0, 0.0])
+            tail[size][0] += 1
+            tail[size][1] += step
         tokens += len(left)
         left, context = left - 1, context + 1
         keep = left > 0
         left, context = left[keep], context[keep]
     return {"useful_tokens_per_second": round(tokens / ms * 1e3),
-            "tail_seconds": round(float(ms - tail_from) / 1e3, 1), "seconds": round(float(ms) / 1e3, 1)}
+            "tail_seconds": round(float(ms - tail_from) / 1e3, 1), "seconds": round(float(ms) / 1e3, 1),
+            "tail_by_size": {size: {"steps": steps, "seconds": round(float(spent) / 1e3, 2)}
+                             for size, (steps, spent) in sorted(tail.items(), reverse=True)}}
 
 
 def fitted(steps: dict[int, float], context: int, attention_ms: float, case: tuple[int, int],
