@@ -8,7 +8,8 @@ sizes) over the lengths bench.generate_speed draws, and charges each decode step
 c: the attention kernel's cost a token of context (`--attention-ms` a layer at --attention-case, times 28
 layers, from bench.decode_kernels); a, b: least squares through `--steps` (size:ms at --context tokens, from
 bench.generate_speed --step-sizes) less that attention. `--bound` charges instead each step's bandwidth bound
-(the weights and every slot's keys and values read once at 3.35 TB/s). Prefills are not charged.
+(the weights and every slot's keys and values read once at 3.35 TB/s). Prefills are not charged. Each line
+also gives the tail's steps and seconds by graph size (`tail_by_size`): how many responses its steps carry.
 
     python -m bench.tail_model --prompts 400,2048 [--bound] [--order longest-first]
 
