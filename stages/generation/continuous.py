@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ PREFILL_TOKENS = 32_768  # prompt tokens per prefill forward: bounds its activat
 PROGRESS_STEPS = 64  # decode steps between progress reports
 BLOCK_TOKENS = 512  # tokens of a KV-cache block: a response wastes half of one on average (H100: 512 steps
 # fastest of 256-2048 at 8 slots x 8k tokens, within 3% of 1024-2048 at 256-512 slots)
+# Threads compiling the attention kernel's variants (a partition size per graph size: 10-12, ~0.5-1 s each) before
+# the first step; 0: each compiled at its first launch, one after another
+COMPILE_THREADS = min(16, len(os.sched_getaffinity(0)))
 SMALLEST_GRAPH = 8  # slots of the smallest decode graph; once no prompt waits, the batch shrinks to fit
 
 
@@ -431,6 +435,10 @@ class Stats:
     prefill_seconds: float = 0.0
     compiled: bool = False  # the decode step ran torch.compile's code
     compile_seconds: float = 0.0
+    # Wall seconds compiling the attention kernel's variants (COMPILE_THREADS at a time), and capturing the
+    # graphs (a warm-up step each: kernels not compiled before compile there)
+    kernels_seconds: float = 0.0
+    capture_seconds: float = 0.0
     cache_tokens: int = 0  # tokens the KV cache holds (its blocks, scratch left out)
     block_tokens: int = 0
     in_flight_mean: float = 0.0  # responses in the cache during a decode step, on average
@@ -458,7 +466,7 @@ class ContinuousBatcher:
         matrix products a layer), the benchmarks' baseline. kv_dtype: the KV cache's (default: the model's;
         paged_attention.EIGHT_BIT: 8-bit keys and values with their scales, half the bytes a token)."""
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
-        config, self.device = model.config, model.device
+        config, self.device, self.dtype = model.config, model.device, model.dtype
         if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
             raise ValueError("continuous batching supports full attention only (this model has sliding layers)")
         if not all(hasattr(self.decoder, part) for part in DECODER_PARTS):
@@ -496,6 +504,7 @@ class ContinuousBatcher:
             self.layer_step = torch.compile(self.eager_layer_step, fullgraph=True)
             self.last_step = torch.compile(last_step, fullgraph=True)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.heads, self.kernels_compiled = config.num_attention_heads, False
         self.owner: list[int | None] = [None] * slots  # the prompt (index) each slot is answering
         self.lengths = [0] * slots  # tokens in each slot's cache after its next decode step
         self.stats = Stats(cache_tokens=(self.cache.blocks - 1) * block, block_tokens=block, attention=self.attention,
@@ -553,6 +562,22 @@ class ContinuousBatcher:
             log.info("compiled the decode step in %.1f s", self.stats.compile_seconds)
         self._clear_warm_up()
 
+    def _compile_kernels(self) -> None:
+        """The attention kernel for every graph size, compiled COMPILE_THREADS at a time (Triton releases the
+        GIL while it compiles): else each at its size's first step, one after another. If this fails, the
+        steps compile them (and fail, or fall back, as they would have)."""
+        start = time.perf_counter()
+        try:
+            compiled = paged_attention.precompile(
+                self.graph_sizes, self.heads, self.dtype,
+                self.cache.keys[0], self.cache.values[0], self.cache.table, self.positions,
+                *(self.cache.scales[0] if self.cache.scales else (None, None)), threads=COMPILE_THREADS)
+        except Exception as e:  # any compile error: the launch meets it again, and says so where it is handled
+            log.warning("the attention kernels were not compiled ahead of the steps (%s)", cause(e))
+        else:
+            log.info("compiled %d attention kernels in %.1f s", compiled, time.perf_counter() - start)
+        self.kernels_compiled, self.stats.kernels_seconds = True, time.perf_counter() - start
+
     def _clear_warm_up(self) -> None:
         """After warm-up steps (they wrote only into the scratch block): every slot back at position 0."""
         self.positions.zero_()
@@ -561,7 +586,7 @@ class ContinuousBatcher:
     def _capture(self) -> None:
         """One graph per decode size (slots, slots/2, ...), captured before any prompt is in the cache:
         the warm-up steps write only into the scratch block."""
-        pool = None
+        pool, start = None, time.perf_counter()
         for size in self.graph_sizes:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -575,6 +600,7 @@ class ContinuousBatcher:
             self.graphs[size] = graph
         self._clear_warm_up()
         self.stats.graph_sizes = sorted(self.graphs)
+        self.stats.capture_seconds = time.perf_counter() - start
 
     def _step(self, size: int) -> None:
         if self.use_graphs:
@@ -612,6 +638,8 @@ class ContinuousBatcher:
         tokens so far) every PROGRESS_STEPS decode steps and at the end (responses finish late: progress).
         keys: each prompt's sampling key, below 2^63 (default: its index)."""
         keys = list(range(len(prompts))) if keys is None else keys
+        if self.attention == "triton" and not self.kernels_compiled:
+            self._compile_kernels()
         if self.compiled and not self.stats.compiled:
             self._compile()
         if self.use_graphs and not self.graphs:

@@ -307,9 +307,10 @@ def longest_first(positions: torch.Tensor) -> torch.Tensor:
 
 
 def _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part: int,
-            tile: int, order: torch.Tensor | None = None) -> torch.Tensor:
+            tile: int, order: torch.Tensor | None = None, warm: bool = False) -> torch.Tensor:
     """paged_decode with `part` tokens a partition (a multiple of the tile, or of the block) and `tile` keys a
-    tile (TILE, or for an 8-bit cache WIDE_TILE: a divisor of the block)."""
+    tile (TILE, or for an 8-bit cache WIDE_TILE: a divisor of the block). warm: compile the kernels these
+    arguments launch (Triton's warmup: their specialization is the launch's), launch nothing."""
     slots, heads, dim = query.shape
     _, block, kv_heads, _ = keys.shape
     parts = -(-table.shape[1] * block // part)
@@ -324,7 +325,8 @@ def _attend(query, keys, values, table, positions, scale, key_scales, value_scal
     ordered = order is not None and merged
     result = torch.empty_like(query)
     tickets = torch.zeros(slots * kv_heads if merged else 1, device=query.device, dtype=torch.int32)
-    partials[(parts, kv_heads, slots) if ordered else (slots, kv_heads, parts)](
+    grid = (parts, kv_heads, slots) if ordered else (slots, kv_heads, parts)
+    (functools.partial(partials.warmup, grid=grid) if warm else partials[grid])(
         query, keys, values, key_scales if scaled else keys, value_scales if scaled else values, table, positions,
         order if ordered else positions, out, lse, result, tickets, scale * 1.4426950408889634,
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
@@ -336,11 +338,35 @@ def _attend(query, keys, values, table, positions, scale, key_scales, value_scal
         FLOAT_DOTS=INTERPRETED, ORDERED=ordered, MERGED=merged, KV_HEADS=kv_heads, num_warps=WARPS,
         num_stages=STAGES, **({} if REGISTERS is None else {"maxnreg": REGISTERS}))
     if not merged:
-        merge[(slots, heads)](out, lse, result, parts, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
-                              lse.stride(1), result.stride(0), result.stride(1),
-                              PARTS=triton.next_power_of_2(parts), DIM=dim,
-                              CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(parts)), num_warps=4)
+        grid = (slots, heads)
+        (functools.partial(merge.warmup, grid=grid) if warm else merge[grid])(
+            out, lse, result, parts, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            result.stride(0), result.stride(1), PARTS=triton.next_power_of_2(parts), DIM=dim,
+            CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(parts)), num_warps=4)
     return result
+
+
+def precompile(sizes: list[int], heads: int, dtype: torch.dtype, keys: torch.Tensor, values: torch.Tensor,
+               table: torch.Tensor, positions: torch.Tensor, key_scales: torch.Tensor | None = None,
+               value_scales: torch.Tensor | None = None, threads: int = 8) -> int:
+    """Compile the kernels paged_decode launches at each of `sizes` slots (a decode step's graph sizes: one
+    partition size each, ~0.5-1 s a compile), `threads` at a time, with the cache, table and positions the
+    steps pass (their first `size` rows): the launches then find them compiled. Triton's AsyncCompileMode;
+    without it (older Triton) or with threads < 1, nothing: the launches compile them one after another.
+    Returns how many kernels it compiled."""
+    if triton is None or not hasattr(triton, "AsyncCompileMode") or threads < 1:
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    dim, eight_bit = keys.shape[-1], key_scales is not None
+    with ThreadPoolExecutor(threads) as pool, triton.AsyncCompileMode(pool) as compiling:
+        for size in sizes:  # the arguments as _attend gets them: the same specialization (dtypes, alignments)
+            query = torch.empty(size, heads, dim, dtype=dtype, device=keys.device)
+            order = torch.empty(size, dtype=torch.int32, device=keys.device)  # as longest_first gives it
+            part, tile = launch_shape(size, keys.shape[2], table.shape[1], keys.shape[1], eight_bit)
+            _attend(query, keys, values, table[:size], positions[:size], 1.0, key_scales, value_scales, part, tile,
+                    order, warm=True)
+        return len(getattr(compiling, "future_kernels", ()))  # the compiles it asked for (Triton 3.6's name)
 
 
 @paged_decode.register_fake

@@ -160,3 +160,33 @@ def test_the_cache_is_sized_with_the_memory_pytorch_holds_cached_from_freed_tens
     held = torch.empty(8 * 2**30, dtype=torch.uint8, device="cuda")
     del held  # 8 GiB now cached by the allocator, not free to the device
     assert generation.cache_tokens(model, model.dtype, 512) >= 0.99 * before
+
+
+@pytest.mark.parametrize("kv_cache", ["model", "fp8"])
+def test_the_attention_kernels_every_graph_size_launches_are_compiled_before_the_first_step(model_dir, kv_cache):
+    """ContinuousBatcher compiles the attention kernel's variants (a partition size per graph size) in threads
+    before its first step; compiling the step and capturing its graphs then finds each one compiled: Triton's
+    cache of them does not grow. Blocks of a size no other test uses: the variants are new here."""
+    from stages.generation.paged_attention import merge, partials
+
+    model = generation.load_model(params.ModelParams(str(model_dir), "main", 4096, ""), None)
+    eight_bit = kv_cache == "fp8"
+    # 72 slots of up to 8,192 tokens in blocks of 576: partitions of 128 to 320 tokens among the graph sizes
+    engine = continuous.ContinuousBatcher(
+        model, 72, 8192, eos=-1, temperature=0.6, top_p=0.95, compile=True, block=576, cache_tokens=64 * 576,
+        kv_dtype=paged_attention.EIGHT_BIT if eight_bit else None)
+    assert engine.attention == "triton" and engine.use_graphs
+
+    def compiled() -> int:
+        device = torch.cuda.current_device()
+        return len(partials.device_caches[device][0]) + len(merge.device_caches[device][0])
+
+    before = compiled()
+    engine._compile_kernels()
+    ahead = compiled()
+    done = {}
+    with torch.inference_mode():
+        engine.run([[1, 2, 3]] * 5, [3] * 5, done.__setitem__)
+    assert engine.stats.compiled and len(engine.stats.graph_sizes) > 5 and len(done) == 5
+    assert ahead > before + 2  # partition sizes differ among the graph sizes
+    assert compiled() == ahead
