@@ -27,8 +27,8 @@ PREFILL_TOKENS = 32_768  # prompt tokens per prefill forward: bounds its activat
 PROGRESS_STEPS = 64  # decode steps between progress reports
 BLOCK_TOKENS = 512  # tokens of a KV-cache block: a response wastes half of one on average (H100: 512 steps
 # fastest of 256-2048 at 8 slots x 8k tokens, within 3% of 1024-2048 at 256-512 slots)
-# Threads compiling the attention kernel's variants (a partition size per graph size: 10-12, ~0.5-1 s each) before
-# the first step; 0: each compiled at its first launch, one after another
+# Threads compiling the attention kernel's variants (a partition size per graph size: 13 at 1,024 slots, ~0.5-1 s
+# each) before the first step; 0: each compiled at its first launch, one after another
 COMPILE_THREADS = min(16, len(os.sched_getaffinity(0)))
 SMALLEST_GRAPH = 8  # slots of the smallest decode graph; once no prompt waits, the batch shrinks to fit
 

@@ -291,8 +291,14 @@ def paged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     (a token's key is its keys row times its scale; values [blocks, kv_heads, head_dim, block]: see
     value_layout; blocks of a multiple of TILE tokens). order [slots]: the slots in the order their programs
     start (longest_first), or None: their own. Opaque to torch.compile: its own kernels."""
+    return _decode(query, keys, values, table, positions, scale, key_scales, value_scales, order)
+
+
+def _decode(query, keys, values, table, positions, scale, key_scales, value_scales, order,
+            warm: bool = False) -> torch.Tensor:
+    """paged_decode, its partitions and tiles as launch_shape gives them (warm: _attend's)."""
     part, tile = launch_shape(query.shape[0], keys.shape[2], table.shape[1], keys.shape[1], key_scales is not None)
-    return _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part, tile, order)
+    return _attend(query, keys, values, table, positions, scale, key_scales, value_scales, part, tile, order, warm)
 
 
 def in_place(per_slot: int, block: int, part: int) -> bool:
@@ -358,14 +364,12 @@ def precompile(sizes: list[int], heads: int, dtype: torch.dtype, keys: torch.Ten
         return 0
     from concurrent.futures import ThreadPoolExecutor
 
-    dim, eight_bit = keys.shape[-1], key_scales is not None
     with ThreadPoolExecutor(threads) as pool, triton.AsyncCompileMode(pool) as compiling:
-        for size in sizes:  # the arguments as _attend gets them: the same specialization (dtypes, alignments)
-            query = torch.empty(size, heads, dim, dtype=dtype, device=keys.device)
+        for size in sizes:  # the arguments as a step passes them: the same specialization (dtypes, alignments)
+            query = torch.empty(size, heads, keys.shape[-1], dtype=dtype, device=keys.device)
             order = torch.empty(size, dtype=torch.int32, device=keys.device)  # as longest_first gives it
-            part, tile = launch_shape(size, keys.shape[2], table.shape[1], keys.shape[1], eight_bit)
-            _attend(query, keys, values, table[:size], positions[:size], 1.0, key_scales, value_scales, part, tile,
-                    order, warm=True)
+            _decode(query, keys, values, table[:size], positions[:size], 1.0, key_scales, value_scales, order,
+                    warm=True)
         return len(getattr(compiling, "future_kernels", ()))  # the compiles it asked for (Triton 3.6's name)
 
 
