@@ -20,7 +20,8 @@ lengths were known beforehand: what ordering by a length predictor could at best
 Defaults: the H100 figures of commit b0935a2 (bench/results/generate-2026-12-07-h100-r1math500-400-b0935a2.json,
 decode-kernels-2026-12-07-h100-b0935a2.json), where 400 prompts measured 18,027 useful tokens/s and a 78.6 s
 tail. `--kv-bytes 14784` models an 8-bit cache's bytes a token (--bound): a byte a number and a float32
-scale per token and KV head.
+scale per token and KV head. `peak_cache_tokens` says whether a slot count would pause responses: it must
+stay within the cache (on an H100: ~2.59M tokens in bf16, ~4.8M in 8 bits; the run's `cache_tokens`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 
 from bench.decode_kernels import HEAD_DIM, KV_HEADS, LAYERS
 from bench.generate_speed import WORKLOADS, end_lengths
-from stages.generation.continuous import graph_sizes
+from stages.generation.continuous import BLOCK_TOKENS, graph_sizes
 
 PROMPT_TOKENS = 164  # bench.generate_speed's prompts
 WEIGHT_BYTES = 3.09e9  # what a step reads of the 1.5B model in bf16: all but the embedding table
@@ -41,11 +42,13 @@ KV_BYTES = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2  # keys and values of a token, e
 
 def replay(lengths: list[int], slots: int, step_ms) -> dict:
     """Decode steps of the engine's schedule; step_ms(graph size, context tokens in flight). tail_by_size: the
-    tail's steps and seconds by graph size, largest first."""
+    tail's steps and seconds by graph size, largest first; peak_cache_tokens: the most tokens the responses in
+    flight held in whole blocks (the engine pauses responses where its cache holds fewer; this replay does not)."""
     waiting = lengths[::-1]
     left, context = np.zeros(0, int), np.zeros(0, int)
     sizes = graph_sizes(slots)
     ms = tokens = 0.0
+    peak = 0
     tail_from = None
     tail = {}  # graph size -> [steps, ms]
     while len(waiting) or len(left):
@@ -58,6 +61,7 @@ def replay(lengths: list[int], slots: int, step_ms) -> dict:
                 tail_from = ms
         size = slots if waiting else min(n for n in sizes if n >= len(left))
         step = step_ms(size, int(context.sum()))
+        peak = max(peak, int((-(-(context + 1) // BLOCK_TOKENS)).sum()) * BLOCK_TOKENS)
         ms += step
         if tail_from is not None:
             tail.setdefault(size, [0, 0.0])
@@ -69,6 +73,7 @@ def replay(lengths: list[int], slots: int, step_ms) -> dict:
         left, context = left[keep], context[keep]
     return {"useful_tokens_per_second": round(tokens / ms * 1e3),
             "tail_seconds": round(float(ms - tail_from) / 1e3, 1), "seconds": round(float(ms) / 1e3, 1),
+            "peak_cache_tokens": peak,
             "tail_by_size": {size: {"steps": steps, "seconds": round(float(spent) / 1e3, 2)}
                              for size, (steps, spent) in sorted(tail.items(), reverse=True)}}
 
