@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
+from stages.core.cli import usable_cpus
 from tests import eval_data, magpie_data, tiny_model
 from tests.dvc_stages import project_pythonpath, stage_args
 
@@ -141,7 +142,7 @@ def main() -> None:
     result = {"date": datetime.date.today().isoformat(), "commit": args.commit,
               "command": " ".join(["python -m bench.filter_speed", *sys.argv[1:]]),
               "rows_in": funnel["rows_in"], "rows_out": funnel["rows_out"], "parquet_gib": round(gib, 2),
-              "tokenizer": args.tokenizer, "cpus": len(os.sched_getaffinity(0)), "machine": platform.machine(),
+              "tokenizer": args.tokenizer, "cpus": usable_cpus(), "machine": platform.machine(),
               "filter_by_workers": {str(k): v for k, v in runs.items()}, "outputs_identical": True,
               "stratify": stratify_run,
               "total_seconds_by_workers": {str(k): round(v["seconds"] + stratify_run["seconds"], 1)

@@ -17,6 +17,7 @@ import yaml
 
 from stages.core import params
 from stages.core.base_model import load_tokenizer
+from stages.core.cli import usable_cpus
 from stages.data.magpie import split_response
 from stages.filter import OUTPUT_SCHEMA
 from tests import magpie_data, tiny_model
@@ -67,7 +68,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """-n auto (in addopts): a worker per core plus one, at most 4 (tests wait on the processes they start, on
     dvc and on the shared build: the extra worker fills those gaps); none for the GPU run, whose tests share
     one GPU."""
-    return 0 if gpu_run(config) else min(4, len(os.sched_getaffinity(0)) + 1)
+    return 0 if gpu_run(config) else min(4, usable_cpus() + 1)
 
 
 @pytest.fixture(scope="session")

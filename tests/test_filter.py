@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from stages import filter as filter_stage
+from stages.core.cli import usable_cpus
 from stages.core.prompts import encode_pairs, example_texts
 from stages.data import screening
 from stages.data.magpie import SchemaError, split_response
@@ -393,7 +394,7 @@ def test_a_tokenizer_that_fails_to_load_while_workers_read_stops_them_and_writes
 
 
 def test_auto_workers_are_the_cores_this_process_may_use_but_one_for_a_small_input():
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cpus()
     assert screening.worker_count("auto", 1_000 * screening.PART_ROWS) == cores
     assert screening.worker_count("auto", 2 * screening.PART_ROWS) == min(2, cores)
     assert screening.worker_count("auto", screening.PART_ROWS - 1) == 1  # a start would cost more than it saves

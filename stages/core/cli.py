@@ -27,6 +27,16 @@ def cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: its CPU affinity where the system keeps one (Linux; a container's or a
+    scheduler's share), else every core (macOS has no os.sched_getaffinity)."""
+    if hasattr(os, "process_cpu_count"):  # Python 3.13+: the affinity, or PYTHON_CPU_COUNT where set
+        return os.process_cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _stop(signum, frame):
     raise Stopped
 

@@ -353,7 +353,7 @@ def worker_count(workers: int | str, rows: int) -> int:
     thousands of rows: a small input is screened in this process."""
     if workers != "auto":
         return workers
-    return max(1, min(len(os.sched_getaffinity(0)), rows // PART_ROWS))
+    return max(1, min(cli.usable_cpus(), rows // PART_ROWS))
 
 
 _WORKER: dict = {}  # a screening process's arguments, set once as it starts, and its token counter

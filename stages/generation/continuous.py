@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from stages.core.cli import cause
+from stages.core.cli import cause, usable_cpus
 from stages.generation import paged_attention
 from stages.generation import top_p as top_p_kernels
 
@@ -29,7 +28,7 @@ BLOCK_TOKENS = 512  # tokens of a KV-cache block: a response wastes half of one 
 # fastest of 256-2048 at 8 slots x 8k tokens, within 3% of 1024-2048 at 256-512 slots)
 # Threads compiling the attention kernel's variants (a partition size per graph size: 13 at 1,024 slots, ~0.5-1 s
 # each) before the first step; 0: each compiled at its first launch, one after another
-COMPILE_THREADS = min(16, len(os.sched_getaffinity(0)))
+COMPILE_THREADS = min(16, usable_cpus())
 SMALLEST_GRAPH = 8  # slots of the smallest decode graph; once no prompt waits, the batch shrinks to fit
 
 

@@ -90,3 +90,27 @@ def test_every_stage_option_says_what_it_is_and_its_default(stage, capsys, monke
     options = re.findall(r"^  (--[a-z-]+) ", text, flags=re.M)
     assert options and len(re.findall(r"\(default: [^)]+\)", text)) == len(options)
     assert all(re.search(rf"^  {option} \S+\s+(in|out|in/out): ", text, flags=re.M) for option in options), text
+
+
+@pytest.mark.parametrize("has", [("process_cpu_count", "sched_getaffinity"), ("sched_getaffinity",), ()])
+def test_usable_cpus_is_this_process_s_share_where_the_system_keeps_one_else_every_core(has, monkeypatch):
+    from stages.core import cli
+
+    for name in ("process_cpu_count", "sched_getaffinity"):
+        monkeypatch.delattr(os, name, raising=False)
+    if "process_cpu_count" in has:
+        monkeypatch.setattr(os, "process_cpu_count", lambda: 3, raising=False)
+    if "sched_getaffinity" in has:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert cli.usable_cpus() == (3 if "process_cpu_count" in has else 2 if has else 64)
+
+
+def test_the_generation_engine_and_the_filter_import_where_there_is_no_cpu_affinity():
+    """macOS has no os.sched_getaffinity: the README's laptop smoke run imports both."""
+    code = ("import os; del os.sched_getaffinity; os.__dict__.pop('process_cpu_count', None)\n"
+            "from stages.generation import continuous; from stages.data import screening\n"
+            "print(continuous.COMPILE_THREADS, screening.worker_count('auto', 10**9))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(min(16, os.cpu_count())), str(os.cpu_count())]
