@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    assert top_p.available(torch.device("cuda"), torch.bfloat16), "the top-p kernels do not run here"
+    assert top_p.available(torch.device("cuda"), torch.bfloat16, VOCAB), "the top-p kernels do not run here"
     results = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
                "commit": args.commit, "command": "python -m bench.decode_kernels", "attention": [], "sampling": []}
     for case in filter(None, args.attention.split(",")):

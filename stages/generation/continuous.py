@@ -481,7 +481,8 @@ class ContinuousBatcher:
         if eight_bit and self.attention == "triton":  # its 8-bit tiles lie in one block
             block = -(-block // paged_attention.TILE) * paged_attention.TILE
         self.cache = BlockCache(config, slots, length, block, cache_tokens, kv_dtype, self.device)
-        kernel = kernels and temperature > 0 and top_p_kernels.available(self.device, model.dtype)
+        vocab = self.head.weight.shape[0]  # the logits' width: the top-p kernels are checked at it
+        kernel = kernels and temperature > 0 and top_p_kernels.available(self.device, model.dtype, vocab)
         self.sample = sampler(temperature, top_p, kernel=kernel)
         # each slot's next input token: the token a decode step just drew, read back by run()
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)

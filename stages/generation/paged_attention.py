@@ -18,6 +18,7 @@ time a layer; bench/results/kernel-partitions-*).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -214,10 +215,14 @@ def verified(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit:
     """The kernel against plain attention on small caches (3 slots of two blocks, scattered: 80-token blocks,
     one ending inside a tile; 256-token ones, in partitions of half a block and of whole blocks; 8-bit, with its
     wide tiles too, over whole blocks and 384-token partitions across 512-token blocks), from the same rounded
-    inputs; False, and a warning, if it fails or differs."""
+    inputs; False, and a warning, if it fails or differs. The cases' kernels are compiled side by side first."""
+    cases = (((256, 128, TILE), (256, 512, WIDE_TILE), (512, 384, WIDE_TILE)) if eight_bit
+             else ((80, 80, TILE), (256, 128, TILE), (256, 256, TILE)))
     try:
-        for block, part, tile in (((256, 128, TILE), (256, 512, WIDE_TILE), (512, 384, WIDE_TILE)) if eight_bit
-                                  else ((80, 80, TILE), (256, 128, TILE), (256, 256, TILE))):
+        with compiling(len(cases)) as mode:
+            for case in cases if mode else ():
+                _error(device, dtype, head_dim, eight_bit, *case, warm=True)
+        for block, part, tile in cases:
             error = _error(device, dtype, head_dim, eight_bit, block, part, tile)
             if not error < 2e-2:  # bf16's rounding of the output is below 1e-2 here
                 raise ArithmeticError(f"it differs from plain attention by {error:.3g} (blocks of {block}, "
@@ -229,8 +234,8 @@ def verified(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit:
 
 
 def _error(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: bool, block: int, part: int,
-           tile: int) -> float:
-    """verified()'s case: the kernel's largest difference from plain attention."""
+           tile: int, warm: bool = False) -> float:
+    """verified()'s case: the kernel's largest difference from plain attention (warm: compile its kernels, 0)."""
     generator = torch.Generator(device=device).manual_seed(0)
     slots, per_slot, kv_heads, heads = 3, 2, 2, 12
     keys, values = (torch.randn(1 + slots * per_slot, block, kv_heads, head_dim, device=device,
@@ -242,7 +247,9 @@ def _error(device: torch.device, dtype: torch.dtype, head_dim: int, eight_bit: b
     (keys, key_scales), (values, value_scales) = (quantize(t) if eight_bit else (t, None) for t in (keys, values))
     stored = value_layout(values) if eight_bit else values
     result = _attend(query, keys, stored, table, positions, scale, key_scales, value_scales, part, tile,
-                     longest_first(positions)).float()  # the order a decode step gives it
+                     longest_first(positions), warm).float()  # the order a decode step gives it
+    if warm:
+        return 0.0
     cached = [dequantize(tensor, scales, torch.float32)[table].flatten(1, 2).repeat_interleave(
         heads // kv_heads, dim=2) for tensor, scales in ((keys, key_scales), (values, value_scales))]
     # [slots, tokens, heads, head_dim]
@@ -360,17 +367,28 @@ def precompile(sizes: list[int], heads: int, dtype: torch.dtype, keys: torch.Ten
     steps pass (their first `size` rows): the launches then find them compiled. Triton's AsyncCompileMode;
     without it (older Triton) or with threads < 1, nothing: the launches compile them one after another.
     Returns how many kernels it compiled."""
-    if triton is None or not hasattr(triton, "AsyncCompileMode") or threads < 1:
-        return 0
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(threads) as pool, triton.AsyncCompileMode(pool) as compiling:
-        for size in sizes:  # the arguments as a step passes them: the same specialization (dtypes, alignments)
+    with compiling(threads) as mode:
+        for size in sizes if mode else ():  # the arguments as a step passes them: the same specialization
             query = torch.empty(size, heads, keys.shape[-1], dtype=dtype, device=keys.device)
             order = torch.empty(size, dtype=torch.int32, device=keys.device)  # as longest_first gives it
             _decode(query, keys, values, table[:size], positions[:size], 1.0, key_scales, value_scales, order,
                     warm=True)
-        return len(getattr(compiling, "future_kernels", ()))  # the compiles it asked for (Triton 3.6's name)
+        return len(getattr(mode, "future_kernels", ()))  # the compiles it asked for (Triton 3.6's name)
+
+
+@contextlib.contextmanager
+def compiling(threads: int):
+    """Within it, the kernels a warm launch (_attend's warm) asks for compile `threads` at a time, and all are
+    compiled when it ends (Triton's AsyncCompileMode; Triton releases the GIL while it compiles). Yields the
+    mode, or None where Triton lacks it (older Triton, none) or threads < 1: then nothing is to be launched
+    warm, and each kernel compiles at its first launch."""
+    if triton is None or not hasattr(triton, "AsyncCompileMode") or threads < 1:
+        yield None
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool, triton.AsyncCompileMode(pool) as mode:
+        yield mode
 
 
 @paged_decode.register_fake

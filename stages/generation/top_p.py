@@ -127,24 +127,26 @@ else:
         tl.store(part_index + row * CHUNKS + chunk, tl.sum(tl.where(tl.arange(0, TILE) == lane, winner, 0), 0))
 
 
-def available(device: torch.device, dtype: torch.dtype) -> bool:
+def available(device: torch.device, dtype: torch.dtype, vocab: int) -> bool:
     """The kernels run here, and right: a CUDA GPU, a bf16 model (their keys are bf16 logits), and on a few
-    rows they keep and draw what the sorted reference keeps (checked once per process)."""
+    rows of `vocab` logits (the model's) they keep and draw what the sorted reference keeps (checked once per
+    process and vocabulary)."""
     if device.type != "cuda" or dtype != torch.bfloat16 or triton is None:
         return False
-    return verified(device)
+    return verified(device, vocab)
 
 
 @functools.cache
-def verified(device: torch.device) -> bool:
-    """The kernels against the sorted reference (kept_shares) on a row of ties that straddle the cut and a
-    row over two chunks of the vocabulary: the same share of each token kept, and draws only of kept tokens;
-    False, and a warning, if they fail or differ."""
+def verified(device: torch.device, vocab: int) -> bool:
+    """The kernels against the sorted reference (kept_shares) on two rows of `vocab` logits, one of ties that
+    straddle the cut, one random: the same share of each token kept, and draws only of kept tokens; False, and
+    a warning, if they fail or differ. At the model's vocabulary the kernels it compiles are the ones its
+    decode steps launch (their chunk count is compiled in), so a fresh machine compiles them once, not twice."""
     try:
         temperature, top_p = 0.6, 0.8
-        logits = torch.full((2, CHUNK + 300), -30.0)
+        logits = torch.full((2, max(vocab, 11)), -30.0)
         logits[0, :11] = torch.tensor([5.0, 5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 0.5])
-        logits[1] = torch.randn(CHUNK + 300, generator=torch.Generator().manual_seed(0))
+        logits[1] = torch.randn(logits.shape[1], generator=torch.Generator().manual_seed(0))
         logits = logits.bfloat16()
         expected = kept_shares(logits.float(), temperature, top_p)
         _, bounds, shares, _ = _cut(logits.to(device), math.log2(math.e) / temperature, top_p)

@@ -129,7 +129,7 @@ def test_the_kernels_are_used_only_where_they_match_their_references_on_a_small_
     device = torch.device(DEVICE)
     assert paged_attention.verified.__wrapped__(device, torch.bfloat16, 16)
     assert paged_attention.verified.__wrapped__(device, torch.bfloat16, 16, eight_bit=True)
-    assert top_p.verified.__wrapped__(device)
+    assert top_p.verified.__wrapped__(device, 2 * top_p.CHUNK + 300)  # over three chunks
     monkeypatch.setattr(paged_attention, "_attend", lambda query, *args: torch.zeros_like(query))
     assert not paged_attention.verified.__wrapped__(device, torch.bfloat16, 16)
     assert "differs from plain attention" in caplog.text
@@ -140,7 +140,7 @@ def test_the_kernels_are_used_only_where_they_match_their_references_on_a_small_
         return maxes, bounds, torch.ones(2, device=device), tiles
 
     monkeypatch.setattr(top_p, "_cut", ties_all_kept)
-    assert not top_p.verified.__wrapped__(device)
+    assert not top_p.verified.__wrapped__(device, 2 * top_p.CHUNK + 300)
     assert "differ from the sorted reference" in caplog.text
 
 
