@@ -108,7 +108,7 @@ def test_usable_cpus_is_this_process_s_share_where_the_system_keeps_one_else_eve
 
 def test_the_generation_engine_and_the_filter_import_where_there_is_no_cpu_affinity():
     """macOS has no os.sched_getaffinity: the README's laptop smoke run imports both."""
-    code = ("import os; del os.sched_getaffinity; os.__dict__.pop('process_cpu_count', None)\n"
+    code = ("import os; [os.__dict__.pop(name, None) for name in ('sched_getaffinity', 'process_cpu_count')]\n"
             "from stages.generation import continuous; from stages.data import screening\n"
             "print(continuous.COMPILE_THREADS, screening.worker_count('auto', 10**9))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
