@@ -6,8 +6,10 @@ Types are strict (no "yes" for a bool, no bool for an int, no "2e-4" string for 
 is accepted, and stored, as a float.
 """
 
+import difflib
 import functools
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -25,6 +27,19 @@ INPUT_QUALITIES = ("very poor", "poor", "average", "good", "excellent")
 EVAL_FORMATS = ("gsm8k", "math500")
 HELDOUT = "heldout"  # the evaluation set made from our own test split
 MODELS = BASE, FINETUNED = ("base", "finetuned")  # the two models every evaluation compares
+# transformers' SchedulerType and OptimizerNames (5.17; tests/core/test_params.py holds them to the installed
+# transformers): a typo fails with the rest of params.yaml, not when training starts, and without importing it here
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+              "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+              "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+              "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+              "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+              "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
+              "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
+              "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
 
 
 class ParamsError(StageError):
@@ -40,10 +55,21 @@ def _only(ok, what: str) -> PlainValidator:
     return PlainValidator(check)
 
 
+def _one_of(names: tuple[str, ...], what: str) -> PlainValidator:
+    """Accept one of names, else fail naming `what` and the closest name (a typo's likely fix)."""
+    def check(value):
+        if type(value) is str and value in names:
+            return value
+        close = difflib.get_close_matches(str(value), names, n=1)
+        raise ValueError(f"must be {what}" + (f" (the closest: {close[0]!r})" if close else ""))
+    return PlainValidator(check)
+
+
 Positive = Annotated[StrictInt, Field(gt=0)]
 AutoOrPositive = Annotated[int | Literal["auto"], _only(lambda v: v == "auto" or (type(v) is int and v > 0),
                                                         "must be 'auto' or a positive integer")]
 NonEmpty = Field(min_length=1)
+SCIENTIFIC = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\s*")  # 2e-4: YAML 1.1 reads it as text
 
 
 def _problems(error: pydantic.ValidationError, section: str) -> str:
@@ -58,8 +84,18 @@ def _problems(error: pydantic.ValidationError, section: str) -> str:
         else:
             what = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"][0].lower() + e["msg"][1:]
             got = "" if isinstance(e["input"], dict | ArgsKwargs) else f", got {e['input']!r}"
+            if e["type"] == "float_type" and isinstance(e["input"], str) and SCIENTIFIC.fullmatch(e["input"]):
+                got += f" (YAML reads {e['input']} as text: write it with a dot, {_dotted(e['input'])})"
             problems.append(f"{key}: {what}{got}")
     return "params: " + "; ".join(problems)
+
+
+def _dotted(text: str) -> str:
+    """2e-4 -> 2.0e-4, 1e5 -> 1.0e+5: the spelling YAML 1.1 (PyYAML) reads as a float (a dot, a signed exponent)."""
+    mantissa, _, exponent = text.strip().lower().partition("e")
+    if exponent and exponent[0] not in "+-":
+        exponent = "+" + exponent
+    return (mantissa if "." in mantissa else mantissa + ".0") + (f"e{exponent}" if exponent else "")
 
 
 def _section(section: str):
@@ -151,9 +187,9 @@ class TrainParams:
     learning_rate: Annotated[StrictFloat, Field(gt=0)]
     epochs: Annotated[StrictFloat, Field(gt=0)]
     warmup: Annotated[StrictFloat, Field(ge=0, lt=1)]  # fraction of the optimizer steps
-    lr_scheduler: str
-    weight_decay: StrictFloat
-    optimizer: str
+    lr_scheduler: Annotated[str, _one_of(LR_SCHEDULERS, "a schedule transformers knows (SchedulerType)")]
+    weight_decay: Annotated[StrictFloat, Field(ge=0)]
+    optimizer: Annotated[str, _one_of(OPTIMIZERS, "an optimizer transformers knows (OptimizerNames)")]
     eval_every_steps: Positive
     max_val_rows: Positive | None  # None: all
     early_stopping_patience: Annotated[StrictInt, Field(ge=0)]  # 0: off
@@ -162,6 +198,13 @@ class TrainParams:
     gradient_checkpointing: StrictBool | Literal["auto"]  # auto: off when it fits in GPU memory
     num_gpus: Positive
     merge_16bit: StrictBool
+
+    @pydantic.model_validator(mode="after")
+    def _micro_batches_fill_a_step(self):
+        if self.micro_batch_size != "auto" and self.sequences_per_step % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide sequences_per_step="
+                             f"{self.sequences_per_step} (and, with several GPUs, sequences_per_step / GPUs)")
+        return self
 
 
 @_section("eval_data.<set>")
@@ -215,7 +258,9 @@ def read(path: str | Path = PARAMS_FILE) -> dict:
     except FileNotFoundError as e:
         raise ParamsError(f"params: {path} not found (run from the project root)") from e
     except yaml.YAMLError as e:
-        raise ParamsError(f"params: {path} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ParamsError(f"params: {where} is not valid YAML: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"params: {path} must hold a mapping of sections")
     return raw
@@ -244,9 +289,15 @@ def check_all(path: str | Path = PARAMS_FILE) -> None:
     before it touches anything (core/cli.py), so the first stage that runs catches a params error anywhere
     (a typo in eval.sets fails in seconds, not after training)."""
     raw = read(path)
-    for section in (*SECTIONS, "eval_data", "seed"):
+    known = (*SECTIONS, "eval_data", "seed")
+    for section in known:
         if section not in raw:
             raise ParamsError(f"params: section '{section}' missing in {path}")
+    for section in raw:
+        if section not in known:
+            close = difflib.get_close_matches(str(section), known, n=1)
+            raise ParamsError(f"params: unknown section '{section}' in {path}" + (
+                f" (did you mean '{close[0]}'?)" if close else f"; the sections: {', '.join(known)}"))
     sections = {name: build(cls, raw[name], name) for name, cls in SECTIONS.items()}
     eval_data = build(dict[str, EvalSetParams], raw["eval_data"], "eval_data")
     build(StrictInt, raw["seed"], "seed")

@@ -142,3 +142,47 @@ def test_eval_samples_naming_an_unknown_set_is_one_line(tmp_path):
     with pytest.raises(params.ParamsError, match=r"^params: eval\.samples names 'math50', which is no evaluation set; "
                                                  r"use heldout, gsm8k, math500 or 'default'$"):
         params.check_all(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(("key", "value", "said"), [
+    ("lr_scheduler", "linaer", r"train\.lr_scheduler: must be a schedule transformers knows .*closest: 'linear'"),
+    ("optimizer", "adamw_9bit", r"train\.optimizer: must be an optimizer transformers knows .*closest: 'adamw_8bit'"),
+    ("weight_decay", -0.5, r"train\.weight_decay: input should be greater than or equal to 0"),
+    ("micro_batch_size", 3, r"micro_batch_size=3 must divide sequences_per_step=16"),
+    ("learning_rate", "2e-4", r"got '2e-4' \(YAML reads 2e-4 as text: write it with a dot, 2\.0e-4\)"),
+])
+def test_train_values_that_would_fail_only_once_training_starts_fail_with_params(key, value, said):
+    raw = params.read(ROOT / "params.yaml")["train"] | {key: value}
+    with pytest.raises(params.ParamsError, match=said) as raised:
+        params.build(params.TrainParams, raw, "train")
+    assert "\n" not in str(raised.value)
+
+
+def test_the_schedules_and_optimizers_params_accepts_are_the_installed_transformers_own():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    assert set(params.LR_SCHEDULERS) == {s.value for s in SchedulerType}
+    assert set(params.OPTIMIZERS) == {o.value for o in OptimizerNames}
+
+
+@pytest.mark.parametrize(("extra", "said"), [("evl:\n  limit: 2\n", r"unknown section 'evl' in .*did you mean 'eval'"),
+                                             ("sede: 7\n", r"unknown section 'sede' in .*did you mean 'seed'"),
+                                             ("notes: x\n", r"unknown section 'notes' in .*the sections: data, model")])
+def test_an_unknown_section_of_params_yaml_is_named(tmp_path, extra, said):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text() + extra)
+    with pytest.raises(params.ParamsError, match=said):
+        params.check_all(path)
+
+
+def test_a_yaml_syntax_error_is_one_line_with_the_file_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    at = next(k for k, line in enumerate(lines) if line.strip().startswith("r:"))
+    lines[at] = "    r: [8"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(params.ParamsError) as raised:
+        params.check_all(path)
+    message = str(raised.value)
+    assert "\n" not in message and re.match(rf"params: {re.escape(str(path))}:\d+:\d+ is not valid YAML: ", message)
