@@ -40,11 +40,10 @@ def experiments(project: Path) -> dict[str, dict]:
             for rev in exp["revs"]}
 
 
-def readme_show_command() -> list[str]:
-    """The smoke run's `dvc exp show` line in the README, its comment dropped."""
-    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
-                if line.startswith("dvc exp show --md --drop"))
-    return shlex.split(line, comments=True)
+def readme_line(start: str) -> str:
+    """The smoke run's line of the README that begins with `start`, as a shell gets it (its comment dropped)."""
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(start))
+    return line.split(" # ")[0].strip()
 
 
 def test_smoke_command_leaves_the_checkout_untouched_and_its_experiment_shows_and_can_be_kept(tmp_path):
@@ -66,19 +65,19 @@ def test_smoke_command_leaves_the_checkout_untouched_and_its_experiment_shows_an
     assert data["params"]["params.yaml"]["data"]["model"]["name"] == str(overrides["model.name"])
     evaluation = data["metrics"]["metrics/eval/gsm8k/accuracy.json"]["data"]
     assert {"base", "finetuned", "delta", "low", "high"} <= set(evaluation)
-    show = readme_show_command()
-    assert show[:3] == ["dvc", "exp", "show"]
+    show = shlex.split(readme_line("dvc exp show --md --drop"))
     shown = dvc(project, *show[1:]).stdout  # the README's table of the experiment shows its accuracy per set
     assert all(f"metrics/eval/{name}/accuracy.json:{column}" in shown for name in ("gsm8k", "heldout", "math500")
                for column in ("base", "finetuned", "delta", "low", "high"))  # the delta with its interval
 
-    dvc(project, "exp", "branch", name, "smoke-run")
-    kept = json.loads(sh(project, "git", "show", "smoke-run:metrics/eval/gsm8k/accuracy.json").stdout)
+    # the README's way to keep the experiment and see its outputs, then to go back and drop it
+    sh(project, "bash", "-c", readme_line("dvc exp branch NAME smoke").replace("NAME", name))
+    kept = json.loads((project / "metrics" / "eval" / "gsm8k" / "accuracy.json").read_text())
     assert kept == evaluation
-    assert sh(project, "git", "rev-parse", "HEAD").stdout == head
-    assert sh(project, "git", "status", "--porcelain").stdout == ""
-
-    sh(project, "git", "checkout", "-q", "smoke-run")  # the README's way to see a kept experiment's outputs
-    dvc(project, "checkout")
     assert (project / "release" / "README.md").is_file() and (project / "models" / "adapter").is_dir()
     assert sh(project, "git", "status", "--porcelain").stdout == ""  # no gigabytes waiting for a `git add -A`
+    sh(project, "bash", "-c", readme_line("git checkout - && ").replace("NAME", name))
+    assert sh(project, "git", "rev-parse", "HEAD").stdout == head and experiments(project) == {}
+    assert sh(project, "git", "branch", "--list", "smoke").stdout == ""
+    assert sh(project, "git", "status", "--porcelain").stdout == ""
+    assert not (project / "models" / "adapter").exists()
