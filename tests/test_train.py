@@ -336,11 +336,14 @@ def test_auto_micro_batch_follows_gpu_memory(memory_gib, expected):
     assert train_choices.micro_batch_size(config, memory_gib) == expected
 
 
-def test_micro_batch_must_divide_the_sequences_per_step():
+def test_micro_batch_must_divide_each_process_s_share_of_the_sequences_per_step():
+    """params checks that it divides sequences_per_step; the share of each of the run's processes is known here."""
     config = params.load("train", ROOT / "params.yaml")
-    config = params.TrainParams(**{**config.__dict__, "micro_batch_size": 3})
-    with pytest.raises(train_choices.TrainError, match="micro_batch_size=3"):
-        train_choices.micro_batch_size(config, None)
+    config = params.TrainParams(**{**config.__dict__, "micro_batch_size": 4})  # 16 sequences a step
+    assert train_choices.micro_batch_size(config, None, processes=2) == 4
+    divides = "micro_batch_size=4 must divide sequences_per_step / processes = 2"
+    with pytest.raises(train_choices.TrainError, match=divides):
+        train_choices.micro_batch_size(config, None, processes=8)
 
 
 def test_an_empty_train_split_is_a_clear_error_and_leaves_no_adapter(project):
