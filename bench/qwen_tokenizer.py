@@ -14,8 +14,8 @@ byte-level); special tokens and chat template are the R1-Distill ones of tests/t
 
 from __future__ import annotations
 
+import argparse
 import base64
-import sys
 from pathlib import Path
 
 from tests import tiny_model
@@ -49,4 +49,9 @@ def build(ranks_file: Path, out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(build(Path(sys.argv[1]), Path(sys.argv[2])))
+    parser = argparse.ArgumentParser(prog="python -m bench.qwen_tokenizer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ranks", type=Path, help="qwen.tiktoken, Qwen's rank file")
+    parser.add_argument("out", type=Path, help="the tokenizer's folder, written")
+    args = parser.parse_args()
+    print(build(args.ranks, args.out))

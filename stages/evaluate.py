@@ -192,5 +192,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main, kept="the generations of every (model, set) that finished, in data/eval/generations/; `dvc repro` "
-            "generates only the rest")
+    cli.run(main, kept="the generations of every (model, set) that finished, in its --generations folder "
+            "(data/eval/generations/ in dvc.yaml); a run with the same folder generates only the rest")

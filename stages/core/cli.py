@@ -8,9 +8,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
+IN_GIT = ("metrics", "reports")  # the stages' outputs kept in git, not in DVC's cache
 RESTARTS = "nothing: its outputs are written whole when it finishes, so `dvc repro` runs it again"
 
 
@@ -46,8 +48,14 @@ def restore_hint() -> str:
     stage = os.environ.get("DVC_STAGE")  # set by DVC for every stage command it runs
     if not stage:
         return ""
-    return (f" (DVC removed {stage}'s previous outputs before running it: `dvc checkout {stage}` brings back the "
-            "cached ones, `git checkout -- metrics reports` the metrics and reports kept in git)")
+    try:  # the folders of those kept in git: a checkout naming a folder git does not track restores nothing
+        listed = subprocess.run(["git", "ls-files", "--", *IN_GIT], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        listed = ""
+    folders = [folder for folder in IN_GIT if any(path.startswith(f"{folder}/") for path in listed.split())]
+    in_git = f", `git checkout -- {' '.join(folders)}` the {' and '.join(folders)} kept in git" if folders else ""
+    return f" (DVC removed {stage}'s previous outputs before running it: `dvc checkout {stage}` brings back the " \
+           f"cached ones{in_git})"
 
 
 def run(main, argv: list[str] | None = None, kept: str = RESTARTS, check_params: bool = True) -> None:

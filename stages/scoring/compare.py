@@ -135,7 +135,8 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m stages.scoring.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", help="the run compared against: a git revision, an experiment name or 'workspace'")
     parser.add_argument("b", help="the run compared")
     parser.add_argument("--repo", type=Path, default=Path("."), help="the project (default: here)")

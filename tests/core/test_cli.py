@@ -75,8 +75,15 @@ def test_under_dvc_a_failed_stage_says_how_to_get_its_previous_outputs_back(tmp_
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     result = run_stage(tmp_path, "stratify", DVC_STAGE="stratify")  # no data/filtered.parquet
     assert result.returncode == 2
-    assert "`dvc checkout stratify` brings back the cached ones" in result.stderr
+    assert "`dvc checkout stratify` brings back the cached ones)" in result.stderr  # no git repo: nothing in git
     assert "dvc checkout" not in run_stage(tmp_path, "stratify").stderr  # not under DVC: nothing was removed
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "data.json").write_text("{}")
+    for command in (["init", "-q"], ["add", "metrics"]):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True)
+    # the folders git holds, only: naming one it does not (reports) would make the whole checkout fail
+    assert ("`dvc checkout stratify` brings back the cached ones, `git checkout -- metrics` the metrics kept in git)"
+            in run_stage(tmp_path, "stratify", DVC_STAGE="stratify").stderr)
 
 
 @pytest.mark.parametrize("stage", ["fetch", "fetch_eval", "filter", "stratify", "train", "evaluate", "report",
