@@ -311,3 +311,9 @@ def check_all(path: str | Path = PARAMS_FILE) -> None:
     if unknown:
         raise ParamsError(f"params: eval.samples names {', '.join(map(repr, unknown))}, which is no evaluation set; "
                           f"use {', '.join([HELDOUT, *eval_data])} or 'default'")
+
+
+if __name__ == "__main__":  # python -m stages.core.params: params.yaml checked as every stage checks it first
+    from stages.core import cli
+
+    cli.run(lambda argv: log.info("%s: every section, and the rules across them, hold", PARAMS_FILE))

@@ -1,5 +1,8 @@
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -186,3 +189,15 @@ def test_a_yaml_syntax_error_is_one_line_with_the_file_line_and_column(tmp_path)
         params.check_all(path)
     message = str(raised.value)
     assert "\n" not in message and re.match(rf"params: {re.escape(str(path))}:\d+:\d+ is not valid YAML: ", message)
+
+
+def test_params_yaml_can_be_checked_alone_as_a_stage_checks_it(tmp_path):
+    check = [sys.executable, "-m", "stages.core.params"]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    done = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "params.yaml: every section, and the rules across them, hold" in done.stderr
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("seed: 42", "seed: x"))
+    done = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "seed: input should be a valid integer, got 'x'" in done.stderr
