@@ -58,6 +58,16 @@ def restore_hint() -> str:
            f"cached ones{in_git})"
 
 
+def _close_progress_bars() -> int:
+    """Close the progress bars a stop left open (train's, evaluate's), as they stand: else each is drawn again
+    as the process exits, after the stop line. How many it closed."""
+    tqdm = sys.modules.get("tqdm")
+    bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()))
+    for bar in bars:
+        bar.close()
+    return len(bars)
+
+
 def run(main, argv: list[str] | None = None, kept: str = RESTARTS, check_params: bool = True) -> None:
     """Run a stage's main: params checked first (unless check_params is off: processes a stage starts), errors
     and stops as one line. kept: what a stop leaves for the next run (train's checkpoints, evaluate's sets)."""
@@ -76,6 +86,7 @@ def run(main, argv: list[str] | None = None, kept: str = RESTARTS, check_params:
         sys.exit(2)
     except (KeyboardInterrupt, Stopped) as e:
         signum = signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT
-        sys.stderr.write("\n")  # off the progress bar's line, which a stop interrupts
+        if not _close_progress_bars():  # a closed bar ends its line
+            sys.stderr.write("\n")  # off the line a stop interrupts
         log.error("%s: stopped by %s; kept %s", stage, signal.Signals(signum).name, kept)
         sys.exit(128 + signum)  # the shell's code for a process ended by that signal, which DVC reports as such
