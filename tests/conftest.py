@@ -168,7 +168,7 @@ def train_project(tmp_path: Path, model_dir: Path, monkeypatch, max_seq_length: 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["model"].update(name=str(model_dir), max_seq_length=max_seq_length)
     raw["train"].update({"epochs": 2, "eval_every_steps": 2, "sequences_per_step": 4, "learning_rate": 1.0e-3,
-                         **train})
+                         "max_steps": -1, **train})  # max_steps pinned: a checkout with an experiment applied has a cap
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     write_splits(tmp_path, magpie_data.clean_rows(24), magpie_data.clean_rows(6, start=500))
     monkeypatch.chdir(tmp_path)
