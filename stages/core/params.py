@@ -290,14 +290,14 @@ def check_all(path: str | Path = PARAMS_FILE) -> None:
     (a typo in eval.sets fails in seconds, not after training)."""
     raw = read(path)
     known = (*SECTIONS, "eval_data", "seed")
-    for section in known:
-        if section not in raw:
-            raise ParamsError(f"params: section '{section}' missing in {path}")
-    for section in raw:
+    for section in raw:  # first: a misspelt section is also a missing one, and its name says more
         if section not in known:
             close = difflib.get_close_matches(str(section), known, n=1)
             raise ParamsError(f"params: unknown section '{section}' in {path}" + (
                 f" (did you mean '{close[0]}'?)" if close else f"; the sections: {', '.join(known)}"))
+    for section in known:
+        if section not in raw:
+            raise ParamsError(f"params: section '{section}' missing in {path}")
     sections = {name: build(cls, raw[name], name) for name, cls in SECTIONS.items()}
     eval_data = build(dict[str, EvalSetParams], raw["eval_data"], "eval_data")
     build(StrictInt, raw["seed"], "seed")

@@ -177,6 +177,9 @@ def test_an_unknown_section_of_params_yaml_is_named(tmp_path, extra, said):
     path.write_text((ROOT / "params.yaml").read_text() + extra)
     with pytest.raises(params.ParamsError, match=said):
         params.check_all(path)
+    path.write_text((ROOT / "params.yaml").read_text().replace("\neval:", "\nevl:"))  # renamed: eval is missing too
+    with pytest.raises(params.ParamsError, match=r"unknown section 'evl' in .*did you mean 'eval'"):
+        params.check_all(path)
 
 
 def test_a_yaml_syntax_error_is_one_line_with_the_file_line_and_column(tmp_path):
