@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=Path, required=True,
                         help="out: every graded generation of both models")
     parser.add_argument("--metrics", type=Path, required=True,
-                        help="out: per-set counts (problems, samples, generations)")
+                        help="out: per-set counts (problems, samples_per_problem, heldout_without_gold)")
     args = parser.parse_args(argv)
 
     config = params.load("eval")

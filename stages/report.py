@@ -151,8 +151,8 @@ def markers_figure(deltas: pd.DataFrame, set_names: list[str]):
 
 def training_figure(curves: Path) -> dict:
     """training.png (bytes): train and validation loss and the learning rate per optimizer step, from dvclive's TSVs
-    (train's metrics/train/plots/metrics); none when training left no loss curve there. Static, so
-    `dvc plots show` loads nothing from the network."""
+    (train's metrics/train/plots/metrics); none when training left no loss curve there. A PNG, readable without
+    a network."""
     panels = {"loss": {"train": curves / "loss.tsv", "validation": curves / "eval" / "loss.tsv"},
               "learning_rate": {"learning rate": curves / "learning_rate.tsv"}}
     if not panels["loss"]["train"].is_file():

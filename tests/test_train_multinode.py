@@ -4,6 +4,7 @@ as nodes share models/ on a network filesystem."""
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -160,3 +161,11 @@ def test_every_process_resumes_from_rank_0s_checkpoint_or_all_stop_in_one_line(t
         "missing train: checkpoints/checkpoint-2, which global rank 0 resumes from, is missing on the node of "
         "process(es) [1]; put checkpoints on a filesystem every node shares (or delete it on rank 0's node to start "
         "over)"] * 2
+
+
+def test_the_several_machines_command_in_the_docs_runs_the_train_stage_as_dvc_yaml_does():
+    """docs/multi-gpu.md's torchrun line is typed by hand on each machine: its stage arguments are dvc.yaml's."""
+    text = (ROOT / "docs" / "multi-gpu.md").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if "torchrun" in line and "-m stages.train" in line)
+    words = shlex.split(line)
+    assert words[words.index("stages.train") + 1:] == stage_args("train")
