@@ -339,7 +339,7 @@ def test_auto_micro_batch_follows_gpu_memory(memory_gib, expected):
 def test_micro_batch_must_divide_each_process_s_share_of_the_sequences_per_step():
     """params checks that it divides sequences_per_step; the share of each of the run's processes is known here."""
     config = params.load("train", ROOT / "params.yaml")
-    config = params.TrainParams(**{**config.__dict__, "micro_batch_size": 4})  # 16 sequences a step
+    config = params.TrainParams(**{**config.__dict__, "sequences_per_step": 16, "micro_batch_size": 4})
     assert train_choices.micro_batch_size(config, None, processes=2) == 4
     divides = "micro_batch_size=4 must divide sequences_per_step / processes = 2"
     with pytest.raises(train_choices.TrainError, match=divides):

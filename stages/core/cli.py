@@ -30,8 +30,8 @@ def cause(error: BaseException) -> str:
 
 
 def usable_cpus() -> int:
-    """The cores this process may run on: its CPU affinity where the system keeps one (Linux; a container's or a
-    scheduler's share), else every core (macOS has no os.sched_getaffinity)."""
+    """The cores this process may run on: its CPU affinity where the system keeps one (Linux: a cpuset, taskset or
+    a scheduler's binding; not a CPU quota), else every core (macOS has no os.sched_getaffinity)."""
     if hasattr(os, "process_cpu_count"):  # Python 3.13+: the affinity, or PYTHON_CPU_COUNT where set
         return os.process_cpu_count() or 1
     if hasattr(os, "sched_getaffinity"):
@@ -49,10 +49,12 @@ def restore_hint() -> str:
     if not stage:
         return ""
     try:  # the folders of those kept in git: a checkout naming a folder git does not track restores nothing
-        listed = subprocess.run(["git", "ls-files", "--", *IN_GIT], capture_output=True, text=True, timeout=10).stdout
+        listed = subprocess.run(["git", "ls-files", "-z", "--", *IN_GIT], capture_output=True, text=True,
+                                timeout=10).stdout.split("\0")
     except (OSError, subprocess.SubprocessError):
-        listed = ""
-    folders = [folder for folder in IN_GIT if any(path.startswith(f"{folder}/") for path in listed.split())]
+        listed = []
+    folders = [folder for folder in IN_GIT  # a placeholder (.gitkeep) restores nothing
+               if any(path.startswith(f"{folder}/") and not path.endswith("/.gitkeep") for path in listed)]
     in_git = f", `git checkout -- {' '.join(folders)}` the {' and '.join(folders)} kept in git" if folders else ""
     return f" (DVC removed {stage}'s previous outputs before running it: `dvc checkout {stage}` brings back the " \
            f"cached ones{in_git})"

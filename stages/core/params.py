@@ -60,7 +60,7 @@ def _one_of(names: tuple[str, ...], what: str) -> PlainValidator:
     def check(value):
         if type(value) is str and value in names:
             return value
-        close = difflib.get_close_matches(str(value), names, n=1)
+        close = difflib.get_close_matches(value, names, n=1) if type(value) is str else []
         raise ValueError(f"must be {what}" + (f" (the closest: {close[0]!r})" if close else ""))
     return PlainValidator(check)
 
@@ -85,7 +85,9 @@ def _problems(error: pydantic.ValidationError, section: str) -> str:
             what = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"][0].lower() + e["msg"][1:]
             got = "" if isinstance(e["input"], dict | ArgsKwargs) else f", got {e['input']!r}"
             if e["type"] == "float_type" and isinstance(e["input"], str) and SCIENTIFIC.fullmatch(e["input"]):
-                got += f" (YAML reads {e['input']} as text: write it with a dot, {_dotted(e['input'])})"
+                text, dotted = e["input"].strip(), _dotted(e["input"])
+                got = f", got {text!r} " + (f"(YAML reads {text} as text: write it with a dot, {dotted})"
+                                             if dotted != text else "(text: write it without quotes)")
             problems.append(f"{key}: {what}{got}")
     return "params: " + "; ".join(problems)
 
@@ -258,12 +260,22 @@ def read(path: str | Path = PARAMS_FILE) -> dict:
     except FileNotFoundError as e:
         raise ParamsError(f"params: {path} not found (run from the project root)") from e
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ParamsError(f"params: {where} is not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        raise ParamsError(f"params: {_yaml_problem(path, e)}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"params: {path} must hold a mapping of sections")
     return raw
+
+
+def _yaml_problem(path: Path, error: yaml.YAMLError) -> str:
+    """A YAML syntax error as one line, at the place it began (an unclosed quote's line, not the file's end)."""
+    context, problem = getattr(error, "context", None), getattr(error, "problem", None)
+    context_mark, problem_mark = getattr(error, "context_mark", None), getattr(error, "problem_mark", None)
+    mark = context_mark or problem_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    said = ", ".join(filter(None, [context, problem])) or str(error)
+    if context_mark and problem_mark and problem_mark.line != context_mark.line:
+        said += f" (line {problem_mark.line + 1})"
+    return f"{where} is not valid YAML: {' '.join(said.split())}"
 
 
 def load(section: str, path: str | Path = PARAMS_FILE):
@@ -292,8 +304,9 @@ def check_all(path: str | Path = PARAMS_FILE) -> None:
     known = (*SECTIONS, "eval_data", "seed")
     for section in raw:  # first: a misspelt section is also a missing one, and its name says more
         if section not in known:
-            close = difflib.get_close_matches(str(section), known, n=1)
-            raise ParamsError(f"params: unknown section '{section}' in {path}" + (
+            close = difflib.get_close_matches(section, known, n=1) if type(section) is str else []
+            read_as = "" if type(section) is str else f" (a key YAML reads as {type(section).__name__}: quote it)"
+            raise ParamsError(f"params: unknown section '{section}'{read_as} in {path}" + (
                 f" (did you mean '{close[0]}'?)" if close else f"; the sections: {', '.join(known)}"))
     for section in known:
         if section not in raw:
@@ -313,7 +326,18 @@ def check_all(path: str | Path = PARAMS_FILE) -> None:
                           f"use {', '.join([HELDOUT, *eval_data])} or 'default'")
 
 
-if __name__ == "__main__":  # python -m stages.core.params: params.yaml checked as every stage checks it first
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stages.core.params",
+                                     description="Check a params file as every stage checks it before it runs.")
+    parser.add_argument("path", nargs="?", type=Path, default=Path(PARAMS_FILE), help="default: %(default)s")
+    path = parser.parse_args(argv).path
+    check_all(path)
+    logging.getLogger("stages.params").info("%s: every section, and the rules across them, hold", path)
+
+
+if __name__ == "__main__":
     from stages.core import cli
 
-    cli.run(lambda argv: log.info("%s: every section, and the rules across them, hold", PARAMS_FILE))
+    cli.run(main, check_params=False)

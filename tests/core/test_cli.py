@@ -82,9 +82,12 @@ def test_under_dvc_a_failed_stage_says_how_to_get_its_previous_outputs_back(tmp_
     assert "`dvc checkout stratify` brings back the cached ones)" in result.stderr  # no git repo: nothing in git
     assert "dvc checkout" not in run_stage(tmp_path, "stratify").stderr  # not under DVC: nothing was removed
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "data.json").write_text("{}")
+    (tmp_path / "metrics" / ".gitkeep").write_text("")
     for command in (["init", "-q"], ["add", "metrics"]):
         subprocess.run(["git", *command], cwd=tmp_path, check=True)
+    assert "cached ones)" in run_stage(tmp_path, "stratify", DVC_STAGE="stratify").stderr  # .gitkeep restores nothing
+    (tmp_path / "metrics" / "data.json").write_text("{}")
+    subprocess.run(["git", "add", "metrics"], cwd=tmp_path, check=True)
     # the folders git holds, only: naming one it does not (reports) would make the whole checkout fail
     assert ("`dvc checkout stratify` brings back the cached ones, `git checkout -- metrics` the metrics kept in git)"
             in run_stage(tmp_path, "stratify", DVC_STAGE="stratify").stderr)

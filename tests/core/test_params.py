@@ -153,9 +153,11 @@ def test_eval_samples_naming_an_unknown_set_is_one_line(tmp_path):
     ("weight_decay", -0.5, r"train\.weight_decay: input should be greater than or equal to 0"),
     ("micro_batch_size", 3, r"micro_batch_size=3 must divide sequences_per_step=16"),
     ("learning_rate", "2e-4", r"got '2e-4' \(YAML reads 2e-4 as text: write it with a dot, 2\.0e-4\)"),
+    ("learning_rate", "2.0e-4", r"got '2\.0e-4' \(text: write it without quotes\)"),  # "2.0e-4", quoted
+    ("lr_scheduler", None, r"train\.lr_scheduler: must be a schedule transformers knows \(SchedulerType\), got None"),
 ])
 def test_train_values_that_would_fail_only_once_training_starts_fail_with_params(key, value, said):
-    raw = params.read(ROOT / "params.yaml")["train"] | {key: value}
+    raw = params.read(ROOT / "params.yaml")["train"] | {"sequences_per_step": 16, key: value}
     with pytest.raises(params.ParamsError, match=said) as raised:
         params.build(params.TrainParams, raw, "train")
     assert "\n" not in str(raised.value)
@@ -170,6 +172,7 @@ def test_the_schedules_and_optimizers_params_accepts_are_the_installed_transform
 
 
 @pytest.mark.parametrize(("extra", "said"), [("evl:\n  limit: 2\n", r"unknown section 'evl' in .*did you mean 'eval'"),
+                                             ("on: 1\n", r"section 'True' \(a key YAML reads as bool: quote it\)"),
                                              ("sede: 7\n", r"unknown section 'sede' in .*did you mean 'seed'"),
                                              ("notes: x\n", r"unknown section 'notes' in .*the sections: data, model")])
 def test_an_unknown_section_of_params_yaml_is_named(tmp_path, extra, said):
@@ -191,7 +194,13 @@ def test_a_yaml_syntax_error_is_one_line_with_the_file_line_and_column(tmp_path)
     with pytest.raises(params.ParamsError) as raised:
         params.check_all(path)
     message = str(raised.value)
-    assert "\n" not in message and re.match(rf"params: {re.escape(str(path))}:\d+:\d+ is not valid YAML: ", message)
+    assert "\n" not in message and message.startswith(f"params: {path}:{at + 1}:8 is not valid YAML: ")
+    lines[at] = '    r: "8'  # a quote left open: found at the file's end, told where it began
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(params.ParamsError, match=rf"params: {re.escape(str(path))}:{at + 1}:\d+ is not valid YAML: "
+                                                 r"while scanning a quoted scalar, found unexpected end of stream "
+                                                 rf"\(line {len(lines) + 1}\)$"):
+        params.check_all(path)
 
 
 def test_params_yaml_can_be_checked_alone_as_a_stage_checks_it(tmp_path):
@@ -200,7 +209,8 @@ def test_params_yaml_can_be_checked_alone_as_a_stage_checks_it(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     done = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "params.yaml: every section, and the rules across them, hold" in done.stderr
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("seed: 42", "seed: x"))
-    done = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    bad = tmp_path / "bad.yaml"  # another file, named
+    bad.write_text(re.sub(r"(?m)^seed: .*$", "seed: x", (ROOT / "params.yaml").read_text()))
+    done = subprocess.run([*check, str(bad)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "seed: input should be a valid integer, got 'x'" in done.stderr
