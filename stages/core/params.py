@@ -259,6 +259,8 @@ def read(path: str | Path = PARAMS_FILE) -> dict:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as e:
         raise ParamsError(f"params: {path} not found (run from the project root)") from e
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"params: {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"params: {_yaml_problem(path, e)}") from None
     if not isinstance(raw, dict):

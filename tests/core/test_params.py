@@ -185,6 +185,13 @@ def test_an_unknown_section_of_params_yaml_is_named(tmp_path, extra, said):
         params.check_all(path)
 
 
+def test_a_params_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes((ROOT / "params.yaml").read_bytes() + b"# \xe9t\xe9 (Latin-1)\n")
+    with pytest.raises(params.ParamsError, match=r"is not UTF-8 text \(byte \d+: invalid continuation byte\); save"):
+        params.check_all(path)
+
+
 def test_a_yaml_syntax_error_is_one_line_with_the_file_line_and_column(tmp_path):
     path = tmp_path / "params.yaml"
     lines = (ROOT / "params.yaml").read_text().splitlines()
