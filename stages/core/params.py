@@ -55,13 +55,19 @@ def _only(ok, what: str) -> PlainValidator:
     return PlainValidator(check)
 
 
+def _closest(value, names) -> str | None:
+    """The name most like value (a typo's likely fix), if it is text and one is close."""
+    close = difflib.get_close_matches(value, names, n=1) if type(value) is str else []
+    return close[0] if close else None
+
+
 def _one_of(names: tuple[str, ...], what: str) -> PlainValidator:
     """Accept one of names, else fail naming `what` and the closest name (a typo's likely fix)."""
     def check(value):
         if type(value) is str and value in names:
             return value
-        close = difflib.get_close_matches(value, names, n=1) if type(value) is str else []
-        raise ValueError(f"must be {what}" + (f" (the closest: {close[0]!r})" if close else ""))
+        close = _closest(value, names)
+        raise ValueError(f"must be {what}" + (f" (the closest: {close!r})" if close else ""))
     return PlainValidator(check)
 
 
@@ -306,10 +312,10 @@ def check_all(path: str | Path = PARAMS_FILE) -> None:
     known = (*SECTIONS, "eval_data", "seed")
     for section in raw:  # first: a misspelt section is also a missing one, and its name says more
         if section not in known:
-            close = difflib.get_close_matches(section, known, n=1) if type(section) is str else []
+            close = _closest(section, known)
             read_as = "" if type(section) is str else f" (a key YAML reads as {type(section).__name__}: quote it)"
             raise ParamsError(f"params: unknown section '{section}'{read_as} in {path}" + (
-                f" (did you mean '{close[0]}'?)" if close else f"; the sections: {', '.join(known)}"))
+                f" (did you mean '{close}'?)" if close else f"; the sections: {', '.join(known)}"))
     for section in known:
         if section not in raw:
             raise ParamsError(f"params: section '{section}' missing in {path}")
